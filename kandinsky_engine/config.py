@@ -1,0 +1,175 @@
+"""Job configuration: one documented pydantic model per concern, loaded from YAML.
+
+`load_config(path, overrides)` is the single place where defaults are resolved; the CLI's
+`--set a.b=value` overrides are parsed as YAML scalars and applied before validation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TINY = "tiny"
+HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
+HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
+
+
+class _Strict(BaseModel):
+    # A typo in a YAML key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Where the weights come from and how they run."""
+
+    prior: str = Field(
+        TINY,
+        description="Prior pipeline: 'tiny' (built offline), a local diffusers-layout directory, "
+        f"or a hub id such as '{HUB_PRIOR}'.",
+    )
+    decoder: str = Field(
+        TINY,
+        description=f"Decoder pipeline (U-Net + MoVQ): 'tiny', a local directory, or a hub id such as '{HUB_DECODER}'.",
+    )
+    device: str = Field("cpu", description="torch device for every stage: 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Weights and activations dtype. float16/bfloat16 need a GPU."
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("KANDINSKY_CACHE", str(Path.home() / ".cache" / "kandinsky-engine")),
+        description="Local cache for built or downloaded models (env KANDINSKY_CACHE).",
+    )
+
+    @model_validator(mode="after")
+    def _half_needs_gpu(self):
+        if self.dtype != "float32" and not self.device.startswith("cuda"):
+            raise ValueError(f"model.dtype={self.dtype} needs a cuda device, got model.device={self.device!r}")
+        return self
+
+
+class StageConfig(_Strict):
+    """Scheduling of one model stage: a pool of actors that keep the model resident."""
+
+    batch_size: int = Field(4, ge=1, description="Rows per call of the stage.")
+    actors: int = Field(1, ge=1, description="Actor pool size (model replicas).")
+    num_cpus: float = Field(
+        0.25,
+        gt=0,
+        description="Ray CPUs reserved per actor: a scheduling share, not a thread count. The actors of all "
+        "stages may reserve at most (cluster CPUs - 1); the default fits three stages on 2 CPUs.",
+    )
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per actor (fractions share one GPU).")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads per actor; default max(1, round(num_cpus)). Ray sets "
+        "OMP_NUM_THREADS from num_cpus, so the engine sets this explicitly.",
+    )
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, round(self.num_cpus))
+
+
+class GenerationDefaults(_Strict):
+    """Job-level generation parameters; a manifest column of the same name overrides per row.
+
+    Defaults are those of the diffusers reference pipelines.
+    """
+
+    seed: int = Field(0, ge=0, description="Job seed: a row without `seed` gets one derived from (seed, id).")
+    negative_prompt: str | None = Field(
+        None, description="Negative prompt; None means the zero-image embedding, as in diffusers."
+    )
+    width: int = Field(512, ge=1, description="Output width in pixels.")
+    height: int = Field(512, ge=1, description="Output height in pixels.")
+    num_inference_steps: int = Field(100, ge=1, description="Decoder (U-Net) denoising steps.")
+    guidance_scale: float = Field(4.0, description="Decoder classifier-free guidance; > 1 enables it.")
+    prior_num_inference_steps: int = Field(25, ge=1, description="Prior denoising steps.")
+    prior_guidance_scale: float = Field(4.0, description="Prior classifier-free guidance; > 1 enables it.")
+
+
+class InputConfig(_Strict):
+    """The manifest: Parquet file, directory or glob."""
+
+    manifest: str = Field(..., description="Path or URL of the Parquet manifest (file, directory or glob).")
+    rows_per_block: int | None = Field(
+        None,
+        ge=1,
+        description="Rows per Ray block after reading; default the largest stage batch size. Small blocks "
+        "let the stages overlap (a small manifest is otherwise read as one block and the stages run one after another).",
+    )
+
+
+class OutputConfig(_Strict):
+    """Where and how results are written."""
+
+    path: str = Field(..., description="Output prefix; images and metadata go to PATH/data/, the summary to PATH/_SUCCESS.json.")
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the `image` column.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
+    rows_per_shard: int = Field(1000, ge=1, description="Upper bound on rows in one Parquet shard.")
+    size_policy: Literal["crop", "round_up", "reject"] = Field(
+        "crop",
+        description="Sizes that are not multiples of 64: the model works at the next multiple of 64 "
+        "(as diffusers does); 'crop' centre-crops back to the requested size, 'round_up' keeps the larger "
+        "image, 'reject' refuses such rows at validation.",
+    )
+
+
+class JobConfig(_Strict):
+    """A whole batch job."""
+
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    # On a GPU box give each stage num_gpus (fractions share one GPU) and larger batches.
+    prior: StageConfig = Field(default_factory=StageConfig, description="Diffusion prior actors.")
+    decoder: StageConfig = Field(default_factory=StageConfig, description="U-Net decoder actors.")
+    movq: StageConfig = Field(default_factory=StageConfig, description="MoVQ decode + image encoding actors.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to attach to; default RAY_ADDRESS, else a local cluster is started."
+    )
+
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key.sub=value, got {item!r}")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig:
+    """Read YAML, apply overrides, validate. Relative local paths resolve against the YAML's folder."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    cfg = JobConfig.model_validate(apply_overrides(data, list(overrides)))
+    base = path.resolve().parent
+    cfg.input.manifest = _resolve_local(cfg.input.manifest, base)
+    cfg.output.path = _resolve_local(cfg.output.path, base)
+    for field in ("prior", "decoder"):
+        value = getattr(cfg.model, field)
+        if value.startswith((".", "/")):
+            setattr(cfg.model, field, _resolve_local(value, base))
+    return cfg
+
+
+def _resolve_local(value: str, base: Path) -> str:
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())

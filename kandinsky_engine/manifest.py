@@ -1,0 +1,140 @@
+"""Manifest discovery and validation, run in the driver before any model loads.
+
+Errors name the file, the column and the row id (or the row number where the id itself is bad),
+and all problems found are reported together, so a bad manifest is fixed in one round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import JobConfig
+
+REQUIRED = {"id": "string", "prompt": "string"}
+OPTIONAL = {
+    "negative_prompt": "string",
+    "seed": "integer",
+    "width": "integer",
+    "height": "integer",
+    "num_inference_steps": "integer",
+    "prior_num_inference_steps": "integer",
+    "guidance_scale": "number",
+    "prior_guidance_scale": "number",
+}
+MINIMUM = {"seed": 0, "width": 1, "height": 1, "num_inference_steps": 1, "prior_num_inference_steps": 1}
+MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be run; the message lists every problem found."""
+
+
+@dataclass
+class Manifest:
+    files: list[str]  # fully qualified paths, sorted: the order rows are read in
+    num_rows: int
+    columns: list[str]
+    filesystem: fsspec.AbstractFileSystem
+
+
+def _type_ok(kind: str, t: pa.DataType) -> bool:
+    if kind == "string":
+        return pa.types.is_string(t) or pa.types.is_large_string(t)
+    if kind == "integer":
+        return pa.types.is_integer(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def find_files(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """A file, a directory (every *.parquet below it) or a glob -> sorted list of files."""
+    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    if any(ch in path for ch in "*?["):
+        files = fs.glob(path)
+    elif fs.isdir(path):
+        files = [f for f in fs.find(path) if f.endswith(".parquet")]
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise ManifestError(f"manifest {location}: no such file or directory")
+    if not files:
+        raise ManifestError(f"manifest {location}: no Parquet files found")
+    return fs, sorted(fs.unstrip_protocol(f) if "://" in location else f for f in files)
+
+
+def validate_manifest(config: JobConfig, storage_options: dict | None = None) -> Manifest:
+    fs, files = find_files(config.input.manifest, storage_options)
+    problems: list[str] = []
+    first_seen: dict[str, str] = {}
+    total = 0
+    columns: set[str] = set()
+    for name in files:
+        try:
+            with fs.open(name, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                # Only the columns checked here: the manifest may also carry large image bytes.
+                wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
+                table = parquet.read(columns=wanted)
+                columns.update(parquet.schema_arrow.names)
+        except Exception as exc:  # unreadable / not Parquet
+            problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: {exc})")
+            continue
+        total += table.num_rows
+        problems += _check_table(name, table, config, first_seen)
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise ManifestError("invalid manifest:\n  " + "\n  ".join(shown) + more)
+    if total == 0:
+        raise ManifestError(f"manifest {config.input.manifest}: no rows")
+    return Manifest(files=files, num_rows=total, columns=sorted(columns), filesystem=fs)
+
+
+def _check_table(name: str, table: pa.Table, config: JobConfig, first_seen: dict[str, str]) -> list[str]:
+    problems = []
+    schema = table.schema
+    for column in REQUIRED:
+        if column not in schema.names:
+            problems.append(f"{name}: missing required column '{column}'")
+    for column, kind in {**REQUIRED, **OPTIONAL}.items():
+        if column in schema.names and not _type_ok(kind, schema.field(column).type):
+            problems.append(f"{name}: column '{column}' must be {kind}, got {schema.field(column).type}")
+    if problems or "id" not in schema.names:
+        return problems
+
+    ids = table.column("id").to_pylist()
+    for row, row_id in enumerate(ids):
+        if row_id is None or row_id == "":
+            problems.append(f"{name}: column 'id' is null or empty at row {row}")
+        elif row_id in first_seen:
+            problems.append(f"{name}: duplicate id {row_id!r} (first in {first_seen[row_id]})")
+        else:
+            first_seen[row_id] = name
+    for row in _null_rows(table, "prompt"):
+        problems.append(f"{name}: column 'prompt' is null at id {ids[row]!r}")
+    for column, low in MINIMUM.items():
+        if column in schema.names:
+            bad = pc.less(table.column(column), low).to_pylist()
+            problems += [
+                f"{name}: column '{column}' must be >= {low}, got {table.column(column)[r].as_py()} at id {ids[r]!r}"
+                for r, is_bad in enumerate(bad) if is_bad
+            ]
+    if config.output.size_policy == "reject":
+        for column in ("width", "height"):
+            values = table.column(column).to_pylist() if column in schema.names else [None] * len(ids)
+            default = getattr(config.defaults, column)
+            problems += [
+                f"{name}: column '{column}' is {v if v is not None else default}, not a multiple of 64 "
+                f"(output.size_policy=reject) at id {ids[r]!r}"
+                for r, v in enumerate(values) if (v if v is not None else default) % 64
+            ]
+    return problems
+
+
+def _null_rows(table: pa.Table, column: str) -> list[int]:
+    mask = pc.is_null(table.column(column)).to_pylist()
+    return [r for r, is_null in enumerate(mask) if is_null]

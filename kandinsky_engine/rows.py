@@ -1,0 +1,78 @@
+"""Per-row generation parameters: job defaults filled in, seeds derived, rows grouped.
+
+A batch is a dict of numpy columns (Ray Data's "numpy" batch format). Every stage reads the
+resolved columns below, so the stages never look at job defaults themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+
+from .config import GenerationDefaults
+
+# Resolved parameter columns and their numpy dtypes. A manifest may carry any of them.
+PARAM_COLUMNS = {
+    "negative_prompt": object,
+    "seed": np.int64,
+    "width": np.int64,
+    "height": np.int64,
+    "num_inference_steps": np.int64,
+    "guidance_scale": np.float64,
+    "prior_num_inference_steps": np.int64,
+    "prior_guidance_scale": np.float64,
+}
+
+
+def derive_seed(job_seed: int, row_id: str) -> int:
+    """Seed of a row without one: a hash of (job seed, id), so it depends on nothing else.
+
+    63 bits, so it fits a signed int64 Parquet column and `torch.Generator.manual_seed`.
+    """
+    digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def resolve_params(batch: dict[str, np.ndarray], defaults: GenerationDefaults) -> dict[str, np.ndarray]:
+    """Fill every PARAM_COLUMNS column: the row's value where present and not null, else the default."""
+    n = len(batch["id"])
+    out = dict(batch)
+    for name, dtype in PARAM_COLUMNS.items():
+        column = batch.get(name)
+        if name == "seed":
+            default = [derive_seed(defaults.seed, str(i)) for i in batch["id"]]
+        else:
+            default = [getattr(defaults, name)] * n
+        if column is None:
+            values = default
+        else:
+            values = [d if _is_null(v) else v for v, d in zip(column, default)]
+        out[name] = np.asarray(values, dtype=dtype)
+    return out
+
+
+def _is_null(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def group_rows(batch: dict[str, np.ndarray], key) -> dict[tuple, np.ndarray]:
+    """Indices of the rows that share `key(i)`: each group runs as one homogeneous sub-batch."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(len(batch["id"])):
+        groups[key(i)].append(i)
+    return {k: np.asarray(v) for k, v in groups.items()}
+
+
+def generators(seeds) -> list:
+    """One CPU generator per row: noise never depends on the device or on batch-mates."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def latent_size(height: int, width: int, scale_factor: int) -> tuple[int, int]:
+    """diffusers' `downscale_height_and_width`: round the image up to a multiple of scale_factor**2,
+    return the latent size (image / scale_factor)."""
+    return -(-height // scale_factor**2) * scale_factor, -(-width // scale_factor**2) * scale_factor

@@ -1,0 +1,67 @@
+"""Shared fixtures: the tiny model (built once per session), manifests, configs, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from kandinsky_engine.config import JobConfig  # noqa: E402
+from kandinsky_engine.tiny import ensure_tiny_model  # noqa: E402
+
+FAST = dict(num_inference_steps=2, prior_num_inference_steps=2, width=64, height=64, seed=7)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    cache = tmp_path_factory.mktemp("model-cache")
+    ensure_tiny_model(cache)
+    return str(cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(model_cache) -> Path:
+    return ensure_tiny_model(model_cache)
+
+
+def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+def make_config(model_cache: str, manifest: str, out: str, **sections) -> JobConfig:
+    data = {
+        "input": {"manifest": manifest},
+        "output": {"path": out},
+        "model": {"cache_dir": model_cache},
+        "defaults": dict(FAST),
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return JobConfig.model_validate(data)
+
+
+def batch_of(rows: list[dict], config: JobConfig) -> dict[str, np.ndarray]:
+    """A resolved numpy batch, as Ray Data hands it to the first stage."""
+    from kandinsky_engine.rows import resolve_params
+
+    columns = {k: np.array([r.get(k) for r in rows], dtype=object) for k in {k for r in rows for k in r}}
+    return resolve_params(columns, config.defaults)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every pipeline test (start-up costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

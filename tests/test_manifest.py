@@ -1,0 +1,94 @@
+"""Manifest problems are found before any model loads, and named by file, column and id."""
+
+import pyarrow as pa
+import pytest
+
+from jobs.cli import main
+from kandinsky_engine.manifest import ManifestError, validate_manifest
+from tests.conftest import make_config, write_manifest
+
+GOOD = [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}]
+
+
+def check(tmp_path, rows, schema=None, **sections):
+    path = write_manifest(tmp_path / "m.parquet", rows, schema)
+    return validate_manifest(make_config(str(tmp_path / "cache"), path, str(tmp_path / "out"), **sections))
+
+
+def test_good_manifest(tmp_path):
+    manifest = check(tmp_path, GOOD)
+    assert manifest.num_rows == 2 and manifest.files == [str(tmp_path / "m.parquet")]
+
+
+@pytest.mark.parametrize(
+    "rows, schema, expected",
+    [
+        ([{"id": "a"}], None, ["missing required column 'prompt'"]),
+        ([{"id": 1, "prompt": "x"}], None, ["column 'id' must be string", "int64"]),
+        ([{"id": "a", "prompt": "x", "seed": 1.5}], None, ["column 'seed' must be integer", "double"]),
+        ([{"id": "a", "prompt": "x", "guidance_scale": "high"}], None, ["column 'guidance_scale' must be number"]),
+        ([{"id": None, "prompt": "x"}], pa.schema([("id", pa.string()), ("prompt", pa.string())]),
+         ["column 'id' is null or empty at row 0"]),
+        ([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}], None, ["duplicate id 'a'"]),
+        ([{"id": "a", "prompt": None}], pa.schema([("id", pa.string()), ("prompt", pa.string())]),
+         ["column 'prompt' is null at id 'a'"]),
+        ([{"id": "a", "prompt": "x", "width": 0}], None, ["column 'width' must be >= 1, got 0 at id 'a'"]),
+        ([{"id": "a", "prompt": "x", "height": -64}], None, ["column 'height' must be >= 1"]),
+        ([{"id": "a", "prompt": "x", "num_inference_steps": 0}], None, ["column 'num_inference_steps' must be >= 1"]),
+        ([{"id": "s", "prompt": "x", "prior_num_inference_steps": 0}], None, ["'prior_num_inference_steps'", "id 's'"]),
+        ([{"id": "a", "prompt": "x", "seed": -1}], None, ["column 'seed' must be >= 0"]),
+    ],
+)
+def test_bad_manifests_name_file_column_and_row(tmp_path, rows, schema, expected):
+    with pytest.raises(ManifestError) as err:
+        check(tmp_path, rows, schema)
+    message = str(err.value)
+    assert "m.parquet" in message
+    for part in expected:
+        assert part in message
+
+
+def test_duplicates_across_files_name_both(tmp_path):
+    write_manifest(tmp_path / "dir" / "part-0.parquet", GOOD)
+    write_manifest(tmp_path / "dir" / "part-1.parquet", [{"id": "b", "prompt": "again"}])
+    config = make_config(str(tmp_path / "cache"), str(tmp_path / "dir"), str(tmp_path / "out"))
+    with pytest.raises(ManifestError, match=r"part-1.parquet: duplicate id 'b' \(first in .*part-0.parquet\)"):
+        validate_manifest(config)
+
+
+def test_directory_and_glob(tmp_path):
+    for i in range(3):
+        write_manifest(tmp_path / "dir" / f"part-{i}.parquet", [{"id": f"r{i}", "prompt": "p"}])
+    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "dir" / "part-[01].parquet"), str(tmp_path / "out"))
+    assert validate_manifest(cfg).num_rows == 2
+    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "dir"), str(tmp_path / "out"))
+    assert validate_manifest(cfg).num_rows == 3
+
+
+def test_reject_policy_refuses_sizes_off_the_64_grid(tmp_path):
+    with pytest.raises(ManifestError, match="'width' is 100, not a multiple of 64"):
+        check(tmp_path, [{"id": "a", "prompt": "x", "width": 100}], output={"size_policy": "reject"})
+    check(tmp_path, [{"id": "a", "prompt": "x", "width": 100}])  # the default policy crops instead
+
+
+def test_missing_and_unreadable_manifests(tmp_path):
+    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "nope.parquet"), str(tmp_path / "out"))
+    with pytest.raises(ManifestError, match="no such file"):
+        validate_manifest(cfg)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "bad.parquet"), str(tmp_path / "out"))
+    with pytest.raises(ManifestError, match="bad.parquet: cannot read as Parquet"):
+        validate_manifest(cfg)
+
+
+def test_cli_fails_fast_without_starting_ray(tmp_path, capsys):
+    import ray
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "width": 0}])
+    (tmp_path / "job.yaml").write_text(f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\n")
+    was_running = ray.is_initialized()
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "error: invalid manifest" in err and "'width'" in err and "id 'a'" in err
+    assert ray.is_initialized() == was_running
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,65 @@
+"""The tiny model and the loading path that real weights take."""
+
+import shutil
+
+import pytest
+import torch
+
+from jobs.cli import main
+from kandinsky_engine.config import ModelConfig
+from kandinsky_engine.models import load_module, resolve_source
+from kandinsky_engine.tiny import build_tokenizer
+
+
+def test_tiny_model_cli_writes_loadable_diffusers_dirs(tmp_path):
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    assert main(["tiny-model", str(tmp_path / "tiny")]) == 0
+    prior = KandinskyV22PriorPipeline.from_pretrained(tmp_path / "tiny" / "prior")
+    decoder = KandinskyV22Pipeline.from_pretrained(tmp_path / "tiny" / "decoder")
+    assert decoder.movq_scale_factor == 8  # four MoVQ blocks, like the real one
+    assert not prior.prior.training and not decoder.unet.training
+    files = [p for p in (tmp_path / "tiny").rglob("*") if p.is_file()]
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 5  # 2 encoders, prior, U-Net, MoVQ
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+
+
+def test_tiny_model_is_seeded(tmp_path):
+    main(["tiny-model", str(tmp_path / "a")])
+    main(["tiny-model", str(tmp_path / "b")])
+    for part in ("prior/prior", "decoder/unet", "decoder/movq"):
+        a = (tmp_path / "a" / part / "diffusion_pytorch_model.safetensors").read_bytes()
+        assert a == (tmp_path / "b" / part / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("prompt", ["Красный кот", "一只红色的猫", "🐱🚀✨", "naïve café", "عربى", "\u200b\t\n"])
+def test_offline_tokenizer_accepts_any_unicode(prompt):
+    tokenizer = build_tokenizer()
+    ids = tokenizer(prompt).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.unk_token_id not in ids[1:-1]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == " ".join(prompt.split()).lower()
+
+
+def test_local_directory_source_and_errors(tiny_root, tmp_path):
+    from diffusers import VQModel
+
+    model = ModelConfig(decoder=str(tiny_root / "decoder"), cache_dir=str(tmp_path))
+    movq = load_module(VQModel, model, "decoder", "movq")
+    assert not movq.training and movq.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        resolve_source(str(tmp_path), "decoder", str(tmp_path))
+
+
+def test_pickle_weights_are_refused(tiny_root, tmp_path):
+    from diffusers import VQModel
+
+    copy = tmp_path / "decoder"
+    shutil.copytree(tiny_root / "decoder", copy)
+    weights = copy / "movq" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), copy / "movq" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(EnvironmentError):
+        load_module(VQModel, ModelConfig(decoder=str(copy), cache_dir=str(tmp_path)), "decoder", "movq")

@@ -1,0 +1,35 @@
+import numpy as np
+
+from kandinsky_engine.config import GenerationDefaults
+from kandinsky_engine.rows import derive_seed, group_rows, latent_size, resolve_params
+
+
+def test_derived_seed_depends_only_on_job_seed_and_id():
+    assert derive_seed(0, "a") == derive_seed(0, "a")
+    assert derive_seed(0, "a") != derive_seed(0, "b")
+    assert derive_seed(0, "a") != derive_seed(1, "a")
+    assert 0 <= derive_seed(5, "x" * 10_000) < 2**63
+
+
+def test_row_values_override_defaults_and_nulls_fall_back():
+    defaults = GenerationDefaults(seed=3, width=64, guidance_scale=4.0)
+    batch = {
+        "id": np.array(["a", "b"], dtype=object),
+        "prompt": np.array(["p", "q"], dtype=object),
+        "seed": np.array([11, None], dtype=object),
+        "width": np.array([128.0, np.nan]),  # Arrow int column with a null arrives as float NaN
+    }
+    out = resolve_params(batch, defaults)
+    assert out["seed"].tolist() == [11, derive_seed(3, "b")]
+    assert out["width"].tolist() == [128, 64] and out["width"].dtype == np.int64
+    assert out["guidance_scale"].tolist() == [4.0, 4.0]
+    assert out["negative_prompt"].tolist() == [None, None]
+    assert out["prompt"] is batch["prompt"]
+
+
+def test_grouping_and_latent_sizes():
+    batch = {"id": np.array(["a", "b", "c"]), "w": np.array([64, 128, 64])}
+    groups = group_rows(batch, lambda i: (int(batch["w"][i]),))
+    assert {k: v.tolist() for k, v in groups.items()} == {(64,): [0, 2], (128,): [1]}
+    assert latent_size(64, 128, 8) == (8, 16)
+    assert latent_size(720, 512, 8) == (96, 64)  # 720 rounds up to 768, as diffusers does

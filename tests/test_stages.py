@@ -1,0 +1,78 @@
+"""Stage classes called directly on plain dicts: no Ray."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kandinsky_engine import DecoderStage, MovqStage, PriorStage
+from tests.conftest import batch_of, make_config
+
+ROWS = [
+    {"id": "a", "prompt": "a cat", "extra": "kept"},
+    {"id": "b", "prompt": "a dog", "negative_prompt": "blur", "width": 128, "extra": "too"},
+]
+
+
+@pytest.fixture(scope="module")
+def config(model_cache, tmp_path_factory):
+    return make_config(model_cache, "m.parquet", str(tmp_path_factory.mktemp("out")))
+
+
+@pytest.fixture(scope="module")
+def prior_out(config):
+    return PriorStage(config)(batch_of(ROWS, config))
+
+
+@pytest.fixture(scope="module")
+def decoder_out(config, prior_out):
+    return DecoderStage(config)(prior_out)
+
+
+def test_prior_adds_embeddings(prior_out):
+    assert prior_out["image_embeds"].shape == (2, 32) and prior_out["image_embeds"].dtype == np.float32
+    assert prior_out["negative_image_embeds"].shape == (2, 32)
+    assert prior_out["extra"].tolist() == ["kept", "too"]
+    assert np.isfinite(prior_out["image_embeds"]).all()
+
+
+def test_decoder_latents_follow_each_rows_size(decoder_out):
+    shapes = [lat.shape for lat in decoder_out["latents"]]
+    assert shapes == [(4, 8, 8), (4, 8, 16)]  # 64x64 and 64 high x 128 wide, MoVQ factor 8
+    assert "image_embeds" not in decoder_out
+
+
+@pytest.mark.parametrize("fmt, pil", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_movq_encodes_requested_format(config, decoder_out, fmt, pil):
+    stage = MovqStage(config.model_copy(update={"output": config.output.model_copy(update={"image_format": fmt})}))
+    out = stage(decoder_out)
+    assert "latents" not in out
+    images = [Image.open(io.BytesIO(b)) for b in out["image"]]
+    assert [im.format for im in images] == [pil, pil]
+    assert [im.size for im in images] == [(64, 64), (128, 64)]
+    assert out["prior_model"].tolist() == ["tiny", "tiny"]
+
+
+@pytest.mark.parametrize("policy, size", [("crop", (100, 72)), ("round_up", (128, 128))])
+def test_size_policy(config, policy, size):
+    cfg = config.model_copy(update={"output": config.output.model_copy(update={"size_policy": policy})})
+    batch = DecoderStage(cfg)(PriorStage(cfg)(batch_of([{"id": "z", "prompt": "x", "width": 100, "height": 72}], cfg)))
+    out = MovqStage(cfg)(batch)
+    assert Image.open(io.BytesIO(out["image"][0])).size == size
+    assert (out["image_width"][0], out["image_height"][0]) == size
+    assert (out["width"][0], out["height"][0]) == (100, 72)  # the request is kept too
+
+
+def test_crop_is_centred(config):
+    from kandinsky_engine.movq import centre_crop
+
+    image = np.arange(8 * 8).reshape(8, 8)
+    assert centre_crop(image, 4, 6).tolist() == image[2:6, 1:7].tolist()
+
+
+@pytest.mark.parametrize("stage", [PriorStage, DecoderStage, MovqStage])
+def test_missing_columns_name_the_stage(config, stage):
+    instance = stage.__new__(stage)  # the column check runs before any model is touched
+    with pytest.raises(ValueError, match=f"{stage.__name__}: batch lacks columns"):
+        instance({"id": np.array(["a"])})
