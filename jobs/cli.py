@@ -17,12 +17,16 @@ def _config(args):
 def cmd_run(args) -> int:
     from jobs.run import run_job
 
-    summary = run_job(_config(args), address=args.address, overwrite=args.overwrite, limit=args.limit)
+    config = _config(args)
+    summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit)
     print(
         f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s), "
         f"{summary['wall_time_s']:.1f}s ({summary['images_per_s']:.2f} images/s; "
         f"Ray start-up {summary['ray_startup_s']:.1f}s)"
     )
+    if summary["failed_rows"]:
+        print(f"{summary['failed_rows']} row(s) failed: see {config.output.path.rstrip('/')}/errors/", file=sys.stderr)
+        return 1
     return 0
 
 

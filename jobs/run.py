@@ -55,36 +55,41 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
 
     import ray
 
-    from pipelines.text2img import IO_CPUS, build_text2img, check_resources
+    from pipelines.generate import IO_CPUS, build_generation, check_resources
+    from pipelines.sink import ShardSink
 
-    check_resources(config, ray.cluster_resources())
+    check_resources(config, manifest, ray.cluster_resources())
 
     log.info("manifest: %d rows in %d file(s)", manifest.num_rows, len(manifest.files))
     started = time.perf_counter()
-    ds = build_text2img(config, manifest, limit=limit)
-    data_dir = f"{config.output.path.rstrip('/')}/data"
-    ds.write_parquet(
-        data_dir, max_rows_per_file=config.output.rows_per_shard, ray_remote_args={"num_cpus": IO_CPUS}
-    )
+    ds = build_generation(config, manifest, limit=limit)
+    ds.write_datasink(ShardSink(config.output), ray_remote_args={"num_cpus": IO_CPUS})
     wall = time.perf_counter() - started
     summary = write_summary(config, fs, root, wall, ray_startup_s)
     expected = min(manifest.num_rows, limit or manifest.num_rows)
-    if summary["rows"] != expected:
-        raise RuntimeError(f"wrote {summary['rows']} rows, expected {expected}")
+    if summary["rows"] + summary["failed_rows"] != expected:
+        raise RuntimeError(f"wrote {summary['rows']} + {summary['failed_rows']} failed rows, expected {expected}")
     return summary
+
+
+def list_shards(fs, folder: str) -> list[dict]:
+    shards = []
+    for path in sorted(fs.glob(f"{folder}/*.parquet")):
+        with fs.open(path, "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        shards.append({"file": path.rsplit("/", 1)[-1], "rows": rows, "bytes": fs.size(path)})
+    return shards
 
 
 def write_summary(config: JobConfig, fs, root: str, wall: float, ray_startup_s: float) -> dict:
     """`_SUCCESS.json`, written last: its presence means every shard listed in it is complete."""
-    shards = []
-    for path in sorted(fs.glob(f"{root}/data/*.parquet")):
-        with fs.open(path, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        shards.append({"file": path.rsplit("/", 1)[-1], "rows": rows, "bytes": fs.size(path)})
+    shards, errors = list_shards(fs, f"{root}/data"), list_shards(fs, f"{root}/errors")
     total = sum(s["rows"] for s in shards)
     summary = {
         "rows": total,
+        "failed_rows": sum(s["rows"] for s in errors),
         "shards": shards,
+        "error_shards": errors,
         "wall_time_s": round(wall, 3),
         "images_per_s": round(total / wall, 4) if wall else None,
         "ray_startup_s": round(ray_startup_s, 3),

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TINY = "tiny"
 HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
+# Tasks this engine runs so far, all on the standard decoder.
+TASKS = ("text2img", "img2img")
 
 
 class _Strict(BaseModel):
@@ -80,6 +82,7 @@ class GenerationDefaults(_Strict):
     Defaults are those of the diffusers reference pipelines.
     """
 
+    task: Literal[TASKS] = Field("text2img", description=f"Task of rows without a `task` column: one of {TASKS}.")
     seed: int = Field(0, ge=0, description="Job seed: a row without `seed` gets one derived from (seed, id).")
     negative_prompt: str | None = Field(
         None, description="Negative prompt; None means the zero-image embedding, as in diffusers."
@@ -90,6 +93,9 @@ class GenerationDefaults(_Strict):
     guidance_scale: float = Field(4.0, description="Decoder classifier-free guidance; > 1 enables it.")
     prior_num_inference_steps: int = Field(25, ge=1, description="Prior denoising steps.")
     prior_guidance_scale: float = Field(4.0, description="Prior classifier-free guidance; > 1 enables it.")
+    strength: float = Field(
+        0.3, ge=0, le=1, description="img2img: how much of the init image is re-noised (1 = ignore it), as diffusers."
+    )
 
 
 class InputConfig(_Strict):
@@ -101,6 +107,12 @@ class InputConfig(_Strict):
         ge=1,
         description="Rows per Ray block after reading; default the largest stage batch size. Small blocks "
         "let the stages overlap (a small manifest is otherwise read as one block and the stages run one after another).",
+    )
+
+
+    max_image_pixels: int = Field(
+        8192 * 8192, ge=1, description="Input images above this many pixels are refused (decompression bombs), "
+        "checked from the header before decoding."
     )
 
 
@@ -128,6 +140,9 @@ class JobConfig(_Strict):
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     # On a GPU box give each stage num_gpus (fractions share one GPU) and larger batches.
     prior: StageConfig = Field(default_factory=StageConfig, description="Diffusion prior actors.")
+    encode: StageConfig = Field(
+        default_factory=StageConfig, description="MoVQ encoder actors (init images; only when a row needs one)."
+    )
     decoder: StageConfig = Field(default_factory=StageConfig, description="U-Net decoder actors.")
     movq: StageConfig = Field(default_factory=StageConfig, description="MoVQ decode + image encoding actors.")
     ray_address: str | None = Field(

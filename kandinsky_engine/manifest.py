@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import JobConfig
+from .config import TASKS, JobConfig
 
 REQUIRED = {"id": "string", "prompt": "string"}
 OPTIONAL = {
@@ -25,7 +25,12 @@ OPTIONAL = {
     "prior_num_inference_steps": "integer",
     "guidance_scale": "number",
     "prior_guidance_scale": "number",
+    "task": "string",
+    "strength": "number",
+    "image_uri": "string",
+    "image_bytes": "binary",
 }
+IMAGE_TASKS = {"img2img"}  # tasks that need an init image (image_uri or image_bytes)
 MINIMUM = {"seed": 0, "width": 1, "height": 1, "num_inference_steps": 1, "prior_num_inference_steps": 1}
 MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
 
@@ -39,12 +44,15 @@ class Manifest:
     files: list[str]  # fully qualified paths, sorted: the order rows are read in
     num_rows: int
     columns: list[str]
+    tasks: set[str]  # tasks present, after job defaults
     filesystem: fsspec.AbstractFileSystem
 
 
 def _type_ok(kind: str, t: pa.DataType) -> bool:
     if kind == "string":
         return pa.types.is_string(t) or pa.types.is_large_string(t)
+    if kind == "binary":
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
     if kind == "integer":
         return pa.types.is_integer(t)
     return pa.types.is_integer(t) or pa.types.is_floating(t)
@@ -70,6 +78,7 @@ def validate_manifest(config: JobConfig, storage_options: dict | None = None) ->
     fs, files = find_files(config.input.manifest, storage_options)
     problems: list[str] = []
     first_seen: dict[str, str] = {}
+    tasks: set[str] = set()
     total = 0
     columns: set[str] = set()
     for name in files:
@@ -77,13 +86,18 @@ def validate_manifest(config: JobConfig, storage_options: dict | None = None) ->
             with fs.open(name, "rb") as f:
                 parquet = pq.ParquetFile(f)
                 # Only the columns checked here: the manifest may also carry large image bytes.
-                wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
+                wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names and c != "image_bytes"]
+                if "image_bytes" in parquet.schema_arrow.names:
+                    wanted.append("image_bytes")  # needed for the has-an-image check; bytes stay in Arrow buffers
                 table = parquet.read(columns=wanted)
                 columns.update(parquet.schema_arrow.names)
         except Exception as exc:  # unreadable / not Parquet
             problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: {exc})")
             continue
         total += table.num_rows
+        tasks.update(table.column("task").drop_null().unique().to_pylist() if "task" in table.column_names else [])
+        if "task" not in table.column_names or table.column("task").null_count:
+            tasks.add(config.defaults.task)
         problems += _check_table(name, table, config, first_seen)
     if problems:
         shown = problems[:MAX_REPORTED]
@@ -91,7 +105,7 @@ def validate_manifest(config: JobConfig, storage_options: dict | None = None) ->
         raise ManifestError("invalid manifest:\n  " + "\n  ".join(shown) + more)
     if total == 0:
         raise ManifestError(f"manifest {config.input.manifest}: no rows")
-    return Manifest(files=files, num_rows=total, columns=sorted(columns), filesystem=fs)
+    return Manifest(files=files, num_rows=total, columns=sorted(columns), tasks=tasks, filesystem=fs)
 
 
 def _check_table(name: str, table: pa.Table, config: JobConfig, first_seen: dict[str, str]) -> list[str]:
@@ -123,6 +137,7 @@ def _check_table(name: str, table: pa.Table, config: JobConfig, first_seen: dict
                 f"{name}: column '{column}' must be >= {low}, got {table.column(column)[r].as_py()} at id {ids[r]!r}"
                 for r, is_bad in enumerate(bad) if is_bad
             ]
+    problems += _check_tasks(name, table, config, ids)
     if config.output.size_policy == "reject":
         for column in ("width", "height"):
             values = table.column(column).to_pylist() if column in schema.names else [None] * len(ids)
@@ -132,6 +147,24 @@ def _check_table(name: str, table: pa.Table, config: JobConfig, first_seen: dict
                 f"(output.size_policy=reject) at id {ids[r]!r}"
                 for r, v in enumerate(values) if (v if v is not None else default) % 64
             ]
+    return problems
+
+
+def _check_tasks(name: str, table: pa.Table, config: JobConfig, ids: list) -> list[str]:
+    schema = table.schema
+    tasks = table.column("task").to_pylist() if "task" in schema.names else [None] * len(ids)
+    tasks = [t if t is not None else config.defaults.task for t in tasks]
+    problems = [f"{name}: column 'task' is {t!r}, expected one of {TASKS}, at id {ids[r]!r}"
+                for r, t in enumerate(tasks) if t not in TASKS]
+    if "strength" in schema.names:
+        problems += [f"{name}: column 'strength' must be within [0, 1], got {v} at id {ids[r]!r}"
+                     for r, v in enumerate(table.column("strength").to_pylist()) if v is not None and not 0 <= v <= 1]
+    has_image = [False] * len(ids)
+    for column in ("image_uri", "image_bytes"):
+        if column in schema.names:
+            has_image = [h or v for h, v in zip(has_image, pc.is_valid(table.column(column)).to_pylist())]
+    problems += [f"{name}: task {t!r} needs an 'image_uri' or 'image_bytes' value, missing at id {ids[r]!r}"
+                 for r, t in enumerate(tasks) if t in IMAGE_TASKS and not has_image[r]]
     return problems
 
 

@@ -7,11 +7,12 @@ import io
 import numpy as np
 
 from .config import JobConfig
+from .inputs import unpack
 from .models import load_module, model_identity
-from .rows import group_rows
+from .rows import failed, group_rows, latent_size
 
 REQUIRED = ("id", "width", "height", "latents")
-INTERNAL = ("latents", "image_embeds", "negative_image_embeds")
+INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "image_bytes")
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -53,6 +54,7 @@ class MovqStage:
         torch.set_num_threads(config.movq.threads())
         self.device = torch.device(config.model.device)
         self.movq = load_module(VQModel, config.model, "decoder", "movq")
+        self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         self.output = config.output
         self.identity = model_identity(config.model)
 
@@ -64,15 +66,24 @@ class MovqStage:
             raise ValueError(f"MovqStage: batch lacks columns {missing}")
         n = len(batch["id"])
         pixels: list = [None] * n
-        latents = batch["latents"]
+        ok = ~failed(batch)
+        shape = lambda i: (self.movq.config.latent_channels,
+                           *latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor))
         with torch.inference_mode():
-            for shape, idx in group_rows(batch, lambda i: tuple(latents[i].shape)).items():
-                z = torch.from_numpy(np.stack(latents[idx])).to(self.device, self.movq.dtype)  # (n, 4, H/8, W/8)
-                decoded = self.movq.decode(z, force_not_quantize=True)["sample"]  # (n, 3, H, W)
-                for i, image in zip(idx, to_uint8(decoded)):
+            for (key_ok, latent_shape), idx in group_rows(batch, lambda i: (bool(ok[i]), shape(i))).items():
+                if not key_ok:
+                    continue
+                z = np.stack([unpack(batch["latents"][i], latent_shape) for i in idx])  # (n, 4, H/8, W/8)
+                decoded = self.movq.decode(torch.from_numpy(z).to(self.device, self.movq.dtype), force_not_quantize=True)
+                for i, image in zip(idx, to_uint8(decoded["sample"])):  # (n, 3, H, W) -> (H, W, 3) uint8
                     pixels[i] = image
         images, widths, heights = [], [], []
         for i, image in enumerate(pixels):
+            if image is None:  # failed upstream: no image, the writer sends the row to errors/
+                images.append(None)
+                widths.append(None)
+                heights.append(None)
+                continue
             if self.output.size_policy == "crop":
                 image = centre_crop(image, int(batch["height"][i]), int(batch["width"][i]))
             images.append(encode_image(np.ascontiguousarray(image), self.output.image_format, self.output.quality))
@@ -80,8 +91,8 @@ class MovqStage:
             widths.append(image.shape[1])
         out = {k: v for k, v in batch.items() if k not in INTERNAL}
         out["image"] = np.array(images, dtype=object)
-        out["image_width"] = np.array(widths, dtype=np.int64)
-        out["image_height"] = np.array(heights, dtype=np.int64)
+        out["image_width"] = np.array(widths, dtype=object)
+        out["image_height"] = np.array(heights, dtype=object)
         for key, value in self.identity.items():
             out[key] = np.array([value] * n, dtype=object)
         return out

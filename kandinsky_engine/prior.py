@@ -6,7 +6,7 @@ import numpy as np
 
 from .config import JobConfig
 from .models import load_asset, load_module
-from .rows import generators, group_rows
+from .rows import generators, group_rows, is_null
 
 REQUIRED = ("id", "prompt", "negative_prompt", "seed", "prior_num_inference_steps", "prior_guidance_scale")
 
@@ -71,7 +71,7 @@ class PriorStage:
         # item with "" as unconditional text and takes the cached zero embedding as its negative.
         texts, uncond, spans = [], [], []
         for i in idx:
-            neg = batch["negative_prompt"][i]
+            neg = None if is_null(batch["negative_prompt"][i]) else batch["negative_prompt"][i]
             items = [str(batch["prompt"][i])] + ([] if neg is None else [str(neg)])
             start = len(texts)
             texts += items

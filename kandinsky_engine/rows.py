@@ -15,6 +15,7 @@ from .config import GenerationDefaults
 
 # Resolved parameter columns and their numpy dtypes. A manifest may carry any of them.
 PARAM_COLUMNS = {
+    "task": object,
     "negative_prompt": object,
     "seed": np.int64,
     "width": np.int64,
@@ -23,7 +24,12 @@ PARAM_COLUMNS = {
     "guidance_scale": np.float64,
     "prior_num_inference_steps": np.int64,
     "prior_guidance_scale": np.float64,
+    "strength": np.float64,
 }
+# Per-row failure, set by the stage that failed; later stages pass such rows through untouched
+# and the writer sends them to errors/ instead of data/. "" means no error: Ray turns an object
+# column that is all None into float NaN between stages, while a string column stays a string.
+ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 
 
 def derive_seed(job_seed: int, row_id: str) -> int:
@@ -48,13 +54,27 @@ def resolve_params(batch: dict[str, np.ndarray], defaults: GenerationDefaults) -
         if column is None:
             values = default
         else:
-            values = [d if _is_null(v) else v for v, d in zip(column, default)]
+            values = [d if is_null(v) else v for v, d in zip(column, default)]
         out[name] = np.asarray(values, dtype=dtype)
+    for name in ERROR_COLUMNS:
+        out.setdefault(name, np.full(n, "", dtype=object))
     return out
 
 
-def _is_null(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+def failed(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean mask of rows that an earlier stage marked as failed."""
+    return np.array([bool(m) for m in batch["error_message"]], dtype=bool)
+
+
+def mark_failed(batch: dict[str, np.ndarray], i: int, stage: str, exc: BaseException) -> None:
+    batch["error_stage"][i] = stage
+    batch["error_type"][i] = type(exc).__name__
+    batch["error_message"][i] = str(exc)
+
+
+def is_null(value) -> bool:
+    """Null in a numpy batch: None, or the NaN (np.float32 on Ray 2.60) that Ray makes of an all-None object column."""
+    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
 
 
 def group_rows(batch: dict[str, np.ndarray], key) -> dict[tuple, np.ndarray]:

@@ -33,6 +33,9 @@ def tiny_root(model_cache) -> Path:
 
 def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if schema is None:  # from_pylist alone would take the columns of the first row only
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        rows = [{k: r.get(k) for k in keys} for r in rows]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return str(path)
 

@@ -119,3 +119,48 @@ def test_cli_run_and_unschedulable_plan(ray_cluster, model_cache, tmp_path, caps
     code = main(["run", str(tmp_path / "job.yaml"), "--overwrite", "--set", "decoder.num_cpus=2"])
     assert code == 2
     assert "stage actors reserve 2.5 CPUs (prior 1x0.25, decoder 1x2.0, movq 1x0.25)" in capsys.readouterr().err
+
+
+def test_mixed_tasks_from_uris_and_bytes_with_bad_rows(ray_cluster, model_cache, tmp_path):
+    """text2img and img2img rows in one job; images by URI and inline; bad images go to errors/."""
+    import io
+
+    from PIL import Image
+
+    def png(color, size=(80, 48)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "blue.png").write_bytes(png("blue"))
+    (tmp_path / "in" / "broken.png").write_bytes(png("red")[:40])
+    rows = [
+        {"id": "t2i", "prompt": "a cat"},
+        {"id": "by-uri", "prompt": "a cat", "task": "img2img", "image_uri": str(tmp_path / "in" / "blue.png"),
+         "strength": 0.5, "num_inference_steps": 4},
+        {"id": "by-file-url", "prompt": "a dog", "task": "img2img",
+         "image_uri": (tmp_path / "in" / "blue.png").as_uri(), "strength": 0.5, "num_inference_steps": 4},
+        {"id": "inline", "prompt": "Кот", "task": "img2img", "image_bytes": png("green"), "strength": 0.5,
+         "num_inference_steps": 4, "width": 128},
+        {"id": "missing", "prompt": "x", "task": "img2img", "image_uri": str(tmp_path / "in" / "nope.png")},
+        {"id": "truncated", "prompt": "x", "task": "img2img", "image_uri": str(tmp_path / "in" / "broken.png")},
+        {"id": "empty", "prompt": "x", "task": "img2img", "image_bytes": b""},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = make_config(model_cache, manifest, str(tmp_path / "out"))
+    summary = run_job(config)
+    assert summary["rows"] == 4 and summary["failed_rows"] == 3
+    data = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "data").to_pylist()}
+    assert set(data) == {"t2i", "by-uri", "by-file-url", "inline"}
+    assert decode(data["inline"]["image"]).shape == (64, 128, 3)
+    assert data["by-uri"]["task"] == "img2img" and data["by-uri"]["strength"] == 0.5
+    assert "image_bytes" not in data["inline"]
+    errors = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "errors").to_pylist()}
+    assert set(errors) == {"missing", "truncated", "empty"}
+    assert errors["missing"]["stage"] == "fetch_inputs" and "file not found" in errors["missing"]["message"]
+    assert "nope.png" in errors["missing"]["message"]
+    assert errors["truncated"]["stage"] == "MovqEncodeStage" and "not a decodable image" in errors["truncated"]["message"]
+    assert "empty file" in errors["empty"]["message"] and errors["empty"]["task"] == "img2img"
+    # No negative_prompt column at all: nulls in the output, not the string "nan".
+    assert {r["negative_prompt"] for r in data.values()} == {None}

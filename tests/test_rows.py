@@ -33,3 +33,10 @@ def test_grouping_and_latent_sizes():
     assert {k: v.tolist() for k, v in groups.items()} == {(64,): [0, 2], (128,): [1]}
     assert latent_size(64, 128, 8) == (8, 16)
     assert latent_size(720, 512, 8) == (96, 64)  # 720 rounds up to 768, as diffusers does
+
+
+def test_nulls_as_ray_hands_them_over():
+    from kandinsky_engine.rows import is_null
+
+    assert is_null(None) and is_null(float("nan")) and is_null(np.float32("nan")) and is_null(np.float64("nan"))
+    assert not is_null("") and not is_null("nan") and not is_null(0.0) and not is_null(b"")

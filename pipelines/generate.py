@@ -1,4 +1,4 @@
-"""Text-to-image: manifest -> resolve params -> prior pool -> decoder pool -> MoVQ pool.
+"""The generation plan: manifest -> resolve -> fetch inputs -> prior -> [MoVQ encode] -> decoder -> MoVQ.
 
 The builder only describes the lazy Ray Data plan; nothing runs until the caller writes it.
 """
@@ -10,6 +10,7 @@ from ray.data import ActorPoolStrategy, Dataset
 
 from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
 from kandinsky_engine.config import StageConfig
+from kandinsky_engine.inputs import IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.rows import resolve_params
 
@@ -29,14 +30,22 @@ def stage_args(stage: StageConfig) -> dict:
     )
 
 
-def check_resources(config: JobConfig, cluster: dict) -> None:
+def model_stages(config: JobConfig, manifest: Manifest) -> list[tuple[str, type, StageConfig]]:
+    """The actor stages this job needs, in order. MoVQ encoding only when some row has an image."""
+    stages = [("prior", PriorStage, config.prior)]
+    if manifest.tasks & set(IMAGE_TASKS):
+        stages.append(("encode", MovqEncodeStage, config.encode))
+    return stages + [("decoder", DecoderStage, config.decoder), ("movq", MovqStage, config.movq)]
+
+
+def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> None:
     """Refuse plans that Ray Data cannot schedule, instead of letting them hang.
 
     Actor pools hold their CPUs for the whole run, and Ray Data's file listing and read tasks
     need one whole CPU besides (measured on Ray 2.60: three actor pools reserving 1.5 of 2 CPUs
     stall silently). So the actors may reserve at most (cluster CPUs - 1).
     """
-    stages = {"prior": config.prior, "decoder": config.decoder, "movq": config.movq}
+    stages = {name: stage for name, _, stage in model_stages(config, manifest)}
     cpus = sum(s.num_cpus * s.actors for s in stages.values())
     gpus = sum(s.num_gpus * s.actors for s in stages.values())
     have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
@@ -58,13 +67,15 @@ def rows_per_block(config: JobConfig) -> int:
     return max(config.prior.batch_size, config.decoder.batch_size, config.movq.batch_size)
 
 
-def build_text2img(config: JobConfig, manifest: Manifest, limit: int | None = None) -> Dataset:
+def build_generation(config: JobConfig, manifest: Manifest, limit: int | None = None) -> Dataset:
     ds = ray.data.read_parquet(manifest.files, num_cpus=IO_CPUS)
     if limit:
         ds = ds.limit(limit)
     # Streaming split (not an all-to-all shuffle): a file is read as one block otherwise.
     ds = ds.repartition(target_num_rows_per_block=rows_per_block(config))
     ds = ds.map_batches(resolve_params, fn_kwargs={"defaults": config.defaults}, batch_format="numpy", num_cpus=IO_CPUS)
-    for stage_class, stage in ((PriorStage, config.prior), (DecoderStage, config.decoder), (MovqStage, config.movq)):
+    if manifest.tasks & set(IMAGE_TASKS):
+        ds = ds.map_batches(fetch_inputs, batch_format="numpy", num_cpus=IO_CPUS)
+    for _, stage_class, stage in model_stages(config, manifest):
         ds = ds.map_batches(stage_class, fn_constructor_kwargs={"config": config}, **stage_args(stage))
     return ds
