@@ -16,8 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TINY = "tiny"
 HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
-# Tasks this engine runs so far, all on the standard decoder.
-TASKS = ("text2img", "img2img")
+# Tasks, and which decoder runs them (a job loads one decoder; see models.decoder_kind).
+DECODER_TASKS = {
+    "standard": ("text2img", "img2img"),
+    "inpaint": ("inpaint",),
+}
+TASKS = tuple(t for tasks in DECODER_TASKS.values() for t in tasks)
 
 
 class _Strict(BaseModel):
@@ -35,7 +39,8 @@ class ModelConfig(_Strict):
     )
     decoder: str = Field(
         TINY,
-        description=f"Decoder pipeline (U-Net + MoVQ): 'tiny', a local directory, or a hub id such as '{HUB_DECODER}'.",
+        description="Decoder pipeline (U-Net + MoVQ): 'tiny' or 'tiny-inpaint', a local directory, or a hub id "
+        f"such as '{HUB_DECODER}' or '{HUB_DECODER}-inpaint'.",
     )
     device: str = Field("cpu", description="torch device for every stage: 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(

@@ -25,8 +25,10 @@ class DecoderStage:
     """Adds `latents` (packed float32 (4, H/8, W/8) per row) to a batch; drops the embeddings.
 
     text2img rows start from noise; img2img rows from their `init_latents`, noised to the first
-    of the timesteps that `strength` keeps. Rows that share (size, steps, guidance on/off, start
-    step) run as one sub-batch through the U-Net. Rows failed upstream pass through.
+    of the timesteps that `strength` keeps; inpaint rows from noise, with their masked image and
+    keep mask as extra U-Net channels and the known region blended back after every step. Rows
+    that share (size, steps, guidance on/off, task, start step) run as one sub-batch through the
+    U-Net. Rows failed upstream pass through.
     """
 
     def __init__(self, config: JobConfig):
@@ -40,6 +42,7 @@ class DecoderStage:
         self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler").config
         movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir), subfolder="movq")
         self.movq_scale_factor = 2 ** (len(movq_config["block_out_channels"]) - 1)
+        self.channels = movq_config["latent_channels"]  # the U-Net may take more (9 for inpainting)
         self.learned_variance = self.scheduler_config.get("variance_type") in ("learned", "learned_range")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -50,26 +53,26 @@ class DecoderStage:
             raise ValueError(f"DecoderStage: batch lacks columns {missing}")
         h, w = batch["height"], batch["width"]
         steps, guidance = batch["num_inference_steps"], batch["guidance_scale"]
-        start = {}
+        start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
         for i in np.flatnonzero(~failed(batch)):
             try:
-                start[i] = img2img_start(int(steps[i]), float(batch["strength"][i])) if batch["task"][i] == "img2img" else None
+                start[i] = img2img_start(int(steps[i]), float(batch["strength"][i])) if batch["task"][i] == "img2img" else 0
             except ValueError as exc:
                 mark_failed(batch, i, "DecoderStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.movq_scale_factor), int(steps[i]),
-                         bool(guidance[i] > 1), start.get(i, -1))
+                         bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
         latents = np.full(len(batch["id"]), None, dtype=object)
         with torch.inference_mode():
-            for (lh, lw, num_steps, cfg, t_start), idx in group_rows(batch, key).items():
-                idx = [i for i in idx if i in start]
-                if idx:
-                    for i, lat in zip(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, start[idx[0]])):
+            for (lh, lw, num_steps, cfg, task, t_start), idx in group_rows(batch, key).items():
+                if t_start >= 0:
+                    for i, lat in zip(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, task, t_start)):
                         latents[i] = pack(lat)
-        out = {k: v for k, v in batch.items() if k not in ("image_embeds", "negative_image_embeds", "init_latents")}
+        internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask")
+        out = {k: v for k, v in batch.items() if k not in internal}
         out["latents"] = latents
         return out
 
-    def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, t_start: int | None) -> np.ndarray:
+    def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, task: str, t_start: int) -> np.ndarray:
         import torch
         from diffusers import DDPMScheduler
         from diffusers.utils.torch_utils import randn_tensor
@@ -81,36 +84,55 @@ class DecoderStage:
             embeds = torch.cat([negative, embeds])  # (2n, D): unconditional half first, as diffusers
         scheduler = DDPMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(num_steps, device=self.device)
-        channels = self.unet.config.in_channels
+        channels = self.channels
         gens = generators(batch["seed"][idx])
         noise = torch.cat(
             [randn_tensor((1, channels, lh, lw), generator=g, device=self.device, dtype=dtype) for g in gens]
         )  # (n, C, H/8, W/8): each row's first draw from its own generator
-        timesteps = scheduler.timesteps
-        if t_start is None:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            timesteps = timesteps[t_start:]
-            init = torch.from_numpy(np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx]))
-            latents = scheduler.add_noise(init.to(self.device, dtype), noise, timesteps[:1].repeat(len(idx)))
+        timesteps = scheduler.timesteps[t_start:]
+        latents = noise * scheduler.init_noise_sigma
+        extra = None  # inpainting: per-row (image latents, keep mask), fed to the U-Net and blended in
+        if task in ("img2img", "inpaint"):
+            init = np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx])
+            init = torch.from_numpy(init).to(self.device, dtype)  # (n, C, h, w)
+        if task == "img2img":
+            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(idx)))
+        elif task == "inpaint":
+            keep = torch.from_numpy(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]))
+            keep = keep.to(self.device, dtype)  # (n, 1, h, w): 1 = keep the source
+            extra = torch.cat([init * keep, keep], dim=1)  # (n, C + 1, h, w): masked image, mask
+            extra = torch.cat([extra] * 2) if cfg else extra
         scales = [float(batch["guidance_scale"][i]) for i in idx]
 
-        for t in timesteps:
+        for step, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
+            if extra is not None:
+                model_input = torch.cat([model_input, extra], dim=1)  # (.., 2C + 1, h, w)
             pred = self.unet(
                 sample=model_input, timestep=t, encoder_hidden_states=None,
                 added_cond_kwargs={"image_embeds": embeds}, return_dict=False,
             )[0]  # (2n or n, 2C, H/8, W/8): noise and learned variance
-            noise, variance = pred.split(channels, dim=1)
+            pred_noise, pred_variance = pred.split(channels, dim=1)
             rows = []
             for r, (g, scale) in enumerate(zip(gens, scales)):
                 if cfg:
-                    uncond, text = noise[r], noise[r + len(gens)]
+                    uncond, text = pred_noise[r], pred_noise[r + len(gens)]
                     eps = (uncond + scale * (text - uncond))[None]
-                    var = variance[r + len(gens)][None]  # the text half's variance, as diffusers
+                    var = pred_variance[r + len(gens)][None]  # the text half's variance, as diffusers
                 else:
-                    eps, var = noise[r : r + 1], variance[r : r + 1]
+                    eps, var = pred_noise[r : r + 1], pred_variance[r : r + 1]
                 model_output = torch.cat([eps, var], dim=1) if self.learned_variance else eps
-                rows.append(scheduler.step(model_output, t, latents[r : r + 1], generator=g)[0])
+                row = scheduler.step(model_output, t, latents[r : r + 1], generator=g)[0]
+                if task == "inpaint":
+                    # Keep the known region: the source latents, noised to the next timestep. diffusers
+                    # blends every row with image[:1] / mask_image[:1] (the first row's); each row uses
+                    # its own here, which is what the pipeline means and equals it at batch size 1.
+                    known = init[r : r + 1]
+                    if step < len(timesteps) - 1:
+                        known = scheduler.add_noise(known, noise[r : r + 1], torch.tensor([timesteps[step + 1]]))
+                    row = keep[r : r + 1] * known + (1 - keep[r : r + 1]) * row
+                rows.append(row)
             latents = torch.cat(rows)
+        if task == "inpaint":
+            latents = keep * init + (1 - keep) * latents
         return latents.float().cpu().numpy()

@@ -1,4 +1,4 @@
-"""Input images of img2img rows: fetched from URIs, then MoVQ-encoded into init latents.
+"""Input images of img2img and inpaint rows: fetched from URIs, then MoVQ-encoded.
 
 `fetch_inputs` is plain I/O (a Ray task step); `MovqEncodeStage` keeps a MoVQ resident (an actor
 pool). A row whose image cannot be used is marked failed with the reason and skips later stages.
@@ -11,25 +11,30 @@ from collections import defaultdict
 import numpy as np
 
 from .config import JobConfig
-from .images import ImageInputError, decode_image, read_uri
+from .images import ImageInputError, decode_image, decode_mask, read_uri
+from .inpaint import image_tensor, keep_mask
 from .models import load_module
 from .rows import failed, is_null, latent_size, mark_failed
 
-IMAGE_TASKS = ("img2img",)
+IMAGE_TASKS = ("img2img", "inpaint")
+INPUTS = ("image", "mask")
 
 
 def fetch_inputs(batch: dict[str, np.ndarray], storage_options: dict | None = None) -> dict[str, np.ndarray]:
-    """Fill `image_bytes` from `image_uri` where a row has a URI and no inline bytes."""
+    """Fill `image_bytes` / `mask_bytes` from the `_uri` columns where a row has no inline bytes."""
     n = len(batch["id"])
-    uris = batch.get("image_uri", np.full(n, None, dtype=object))
-    data = np.array(batch.get("image_bytes", np.full(n, None, dtype=object)), dtype=object)
-    for i in np.flatnonzero(~failed(batch)):
-        if is_null(data[i]) and not is_null(uris[i]):
-            try:
-                data[i] = read_uri(str(uris[i]), storage_options)
-            except ImageInputError as exc:
-                mark_failed(batch, i, "fetch_inputs", ImageInputError(f"image_uri: {exc}"))
-    return {**batch, "image_bytes": data}
+    out = dict(batch)
+    for kind in INPUTS:
+        uris = batch.get(f"{kind}_uri", np.full(n, None, dtype=object))
+        data = np.array(batch.get(f"{kind}_bytes", np.full(n, None, dtype=object)), dtype=object)
+        for i in np.flatnonzero(~failed(batch)):
+            if is_null(data[i]) and not is_null(uris[i]):
+                try:
+                    data[i] = read_uri(str(uris[i]), storage_options)
+                except ImageInputError as exc:
+                    mark_failed(batch, i, "fetch_inputs", ImageInputError(f"{kind}_uri: {exc}"))
+        out[f"{kind}_bytes"] = data
+    return out
 
 
 def pack(latents: np.ndarray) -> bytes:
@@ -42,10 +47,11 @@ def unpack(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class MovqEncodeStage:
-    """Adds `init_latents` (packed (4, H/8, W/8) float32) for img2img rows; drops `image_bytes`.
+    """Adds `init_latents` (packed (4, H/8, W/8) float32) for img2img and inpaint rows, and
+    `keep_mask` (packed (1, H/8, W/8)) for inpaint rows; drops the input bytes.
 
-    The image is decoded (EXIF applied, any mode to RGB), resized to the row's working size and
-    encoded with the MoVQ encoder, as `KandinskyV22Img2ImgPipeline` does.
+    Images are decoded (EXIF applied, any mode to RGB), resized to the row's working size and
+    encoded with the MoVQ encoder, each task with its diffusers pipeline's preprocessing.
     """
 
     def __init__(self, config: JobConfig):
@@ -70,21 +76,14 @@ class MovqEncodeStage:
         import torch
 
         n = len(batch["id"])
-        init = np.full(n, None, dtype=object)
+        init, masks = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
         todo = [i for i in np.flatnonzero(~failed(batch)) if batch["task"][i] in IMAGE_TASKS]
         pixels = {}
         for i in todo:
-            data = batch["image_bytes"][i]
             try:
-                image = decode_image(b"" if is_null(data) else data, max_pixels=self.max_pixels)
+                pixels[i], masks[i] = self._prepare(batch, i)
             except ImageInputError as exc:
-                mark_failed(batch, i, "MovqEncodeStage", ImageInputError(f"image: {exc}"))
-                continue
-            # The working size is the 64-rounded output size, as for text2img; the size policy
-            # crops back afterwards. Height and width in the processor's order: diffusers 0.42
-            # calls preprocess(image, width, height), swapping them for non-square sizes.
-            h, w = (s * self.scale_factor for s in latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor))
-            pixels[i] = self.processor.preprocess(image, height=h, width=w)  # (1, 3, H, W) in [-1, 1]
+                mark_failed(batch, i, "MovqEncodeStage", exc)
         by_shape = defaultdict(list)
         for i, x in pixels.items():
             by_shape[tuple(x.shape)].append(i)
@@ -94,6 +93,28 @@ class MovqEncodeStage:
                 latents = self.movq.encode(x)["latents"].float().cpu().numpy()  # (n, 4, H/8, W/8), unquantised
                 for i, lat in zip(rows, latents):
                     init[i] = pack(lat)
-        out = {k: v for k, v in batch.items() if k != "image_bytes"}
-        out["init_latents"] = init
+        out = {k: v for k, v in batch.items() if k not in ("image_bytes", "mask_bytes")}
+        out["init_latents"], out["keep_mask"] = init, masks
         return out
+
+    def _decode(self, batch, i: int, kind: str):
+        data = batch[f"{kind}_bytes"][i]
+        decode = decode_mask if kind == "mask" else decode_image
+        try:
+            return decode(b"" if is_null(data) else data, max_pixels=self.max_pixels)
+        except ImageInputError as exc:
+            raise ImageInputError(f"{kind}: {exc}") from None
+
+    def _prepare(self, batch, i: int):
+        """-> ((1, 3, H, W) pixels in [-1, 1], packed keep mask or None) for row i."""
+        # The working size is the 64-rounded output size, as for text2img; the size policy crops
+        # back afterwards.
+        lh, lw = latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
+        h, w = lh * self.scale_factor, lw * self.scale_factor
+        image = self._decode(batch, i, "image")
+        if batch["task"][i] == "img2img":
+            # Height and width in the processor's order: diffusers 0.42 calls
+            # preprocess(image, width, height), swapping them for non-square sizes.
+            return self.processor.preprocess(image, height=h, width=w), None
+        mask = keep_mask(self._decode(batch, i, "mask"), w, h, (lh, lw))
+        return image_tensor(image, w, h), pack(mask.numpy())

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import TASKS, JobConfig
+from .models import supported_tasks
 
 REQUIRED = {"id": "string", "prompt": "string"}
 OPTIONAL = {
@@ -29,8 +30,11 @@ OPTIONAL = {
     "strength": "number",
     "image_uri": "string",
     "image_bytes": "binary",
+    "mask_uri": "string",
+    "mask_bytes": "binary",
 }
-IMAGE_TASKS = {"img2img"}  # tasks that need an init image (image_uri or image_bytes)
+# Inputs each task needs, each given as `{input}_uri` or `{input}_bytes`.
+TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask")}
 MINIMUM = {"seed": 0, "width": 1, "height": 1, "num_inference_steps": 1, "prior_num_inference_steps": 1}
 MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
 
@@ -76,6 +80,7 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
 
 def validate_manifest(config: JobConfig, storage_options: dict | None = None) -> Manifest:
     fs, files = find_files(config.input.manifest, storage_options)
+    allowed = supported_tasks(config.model)  # reads the decoder's U-Net config only
     problems: list[str] = []
     first_seen: dict[str, str] = {}
     tasks: set[str] = set()
@@ -86,9 +91,8 @@ def validate_manifest(config: JobConfig, storage_options: dict | None = None) ->
             with fs.open(name, "rb") as f:
                 parquet = pq.ParquetFile(f)
                 # Only the columns checked here: the manifest may also carry large image bytes.
-                wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names and c != "image_bytes"]
-                if "image_bytes" in parquet.schema_arrow.names:
-                    wanted.append("image_bytes")  # needed for the has-an-image check; bytes stay in Arrow buffers
+                # Inline image bytes are read too (for the has-an-input check) but stay in Arrow buffers.
+                wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
                 table = parquet.read(columns=wanted)
                 columns.update(parquet.schema_arrow.names)
         except Exception as exc:  # unreadable / not Parquet
@@ -98,7 +102,7 @@ def validate_manifest(config: JobConfig, storage_options: dict | None = None) ->
         tasks.update(table.column("task").drop_null().unique().to_pylist() if "task" in table.column_names else [])
         if "task" not in table.column_names or table.column("task").null_count:
             tasks.add(config.defaults.task)
-        problems += _check_table(name, table, config, first_seen)
+        problems += _check_table(name, table, config, first_seen, allowed)
     if problems:
         shown = problems[:MAX_REPORTED]
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
@@ -108,7 +112,9 @@ def validate_manifest(config: JobConfig, storage_options: dict | None = None) ->
     return Manifest(files=files, num_rows=total, columns=sorted(columns), tasks=tasks, filesystem=fs)
 
 
-def _check_table(name: str, table: pa.Table, config: JobConfig, first_seen: dict[str, str]) -> list[str]:
+def _check_table(
+    name: str, table: pa.Table, config: JobConfig, first_seen: dict[str, str], allowed: tuple[str, ...]
+) -> list[str]:
     problems = []
     schema = table.schema
     for column in REQUIRED:
@@ -137,7 +143,7 @@ def _check_table(name: str, table: pa.Table, config: JobConfig, first_seen: dict
                 f"{name}: column '{column}' must be >= {low}, got {table.column(column)[r].as_py()} at id {ids[r]!r}"
                 for r, is_bad in enumerate(bad) if is_bad
             ]
-    problems += _check_tasks(name, table, config, ids)
+    problems += _check_tasks(name, table, config, ids, allowed)
     if config.output.size_policy == "reject":
         for column in ("width", "height"):
             values = table.column(column).to_pylist() if column in schema.names else [None] * len(ids)
@@ -150,21 +156,27 @@ def _check_table(name: str, table: pa.Table, config: JobConfig, first_seen: dict
     return problems
 
 
-def _check_tasks(name: str, table: pa.Table, config: JobConfig, ids: list) -> list[str]:
+def _check_tasks(name: str, table: pa.Table, config: JobConfig, ids: list, allowed: tuple[str, ...]) -> list[str]:
     schema = table.schema
     tasks = table.column("task").to_pylist() if "task" in schema.names else [None] * len(ids)
     tasks = [t if t is not None else config.defaults.task for t in tasks]
-    problems = [f"{name}: column 'task' is {t!r}, expected one of {TASKS}, at id {ids[r]!r}"
-                for r, t in enumerate(tasks) if t not in TASKS]
+    problems = []
+    for r, task in enumerate(tasks):
+        if task not in TASKS:
+            problems.append(f"{name}: column 'task' is {task!r}, expected one of {TASKS}, at id {ids[r]!r}")
+        elif task not in allowed:
+            problems.append(f"{name}: task {task!r} needs another decoder than model.decoder={config.model.decoder!r} "
+                            f"(which runs {', '.join(allowed)}), at id {ids[r]!r}")
     if "strength" in schema.names:
         problems += [f"{name}: column 'strength' must be within [0, 1], got {v} at id {ids[r]!r}"
                      for r, v in enumerate(table.column("strength").to_pylist()) if v is not None and not 0 <= v <= 1]
-    has_image = [False] * len(ids)
-    for column in ("image_uri", "image_bytes"):
-        if column in schema.names:
-            has_image = [h or v for h, v in zip(has_image, pc.is_valid(table.column(column)).to_pylist())]
-    problems += [f"{name}: task {t!r} needs an 'image_uri' or 'image_bytes' value, missing at id {ids[r]!r}"
-                 for r, t in enumerate(tasks) if t in IMAGE_TASKS and not has_image[r]]
+    for kind in ("image", "mask"):
+        present = [False] * len(ids)
+        for column in (f"{kind}_uri", f"{kind}_bytes"):
+            if column in schema.names:
+                present = [p or v for p, v in zip(present, pc.is_valid(table.column(column)).to_pylist())]
+        problems += [f"{name}: task {t!r} needs a '{kind}_uri' or '{kind}_bytes' value, missing at id {ids[r]!r}"
+                     for r, t in enumerate(tasks) if kind in TASK_INPUTS.get(t, ()) and not present[r]]
     return problems
 
 

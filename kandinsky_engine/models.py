@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import TINY, ModelConfig
+from .config import DECODER_TASKS, TINY, ModelConfig
 from .tiny import ensure_tiny_model
 
 
 def resolve_source(source: str, part: str, cache_dir: str) -> str:
-    """`part` is 'prior' or 'decoder': the subdirectory of the tiny model to use."""
+    """`part` is 'prior' or 'decoder'. 'tiny' names the tiny model's directory for that part;
+    'tiny-inpaint' its inpainting decoder."""
     if source == TINY:
         return str(ensure_tiny_model(cache_dir) / part)
+    if source.startswith(TINY + "-"):
+        variant = ensure_tiny_model(cache_dir) / f"{part}{source[len(TINY):]}"
+        if not variant.exists():
+            raise ValueError(f"unknown tiny model variant {source!r} for model.{part}")
+        return str(variant)
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "model_index.json").exists():
@@ -42,6 +48,20 @@ def load_module(cls, model: ModelConfig, part: str, subfolder: str):
 def load_asset(cls, model: ModelConfig, part: str, subfolder: str):
     """Load a weightless component: tokenizer, scheduler or image processor."""
     return cls.from_pretrained(resolve_source(getattr(model, part), part, model.cache_dir), subfolder=subfolder)
+
+
+def decoder_kind(model: ModelConfig) -> str:
+    """Which decoder `model.decoder` is, from its U-Net config alone (no weights loaded)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir), subfolder="unet")
+    if unet.get("in_channels") == 9:
+        return "inpaint"
+    return "standard"
+
+
+def supported_tasks(model: ModelConfig) -> tuple[str, ...]:
+    return DECODER_TASKS[decoder_kind(model)]
 
 
 def model_identity(model: ModelConfig) -> dict:

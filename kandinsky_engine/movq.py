@@ -12,7 +12,7 @@ from .models import load_module, model_identity
 from .rows import failed, group_rows, latent_size
 
 REQUIRED = ("id", "width", "height", "latents")
-INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "image_bytes")
+INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "image_bytes", "mask_bytes")
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 

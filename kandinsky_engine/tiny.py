@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "1"  # bump when the architecture below changes, so cached copies are rebuilt
+TINY_VERSION = "2"  # bump when the architecture below changes, so cached copies are rebuilt
 EMBED_DIM = 32  # CLIP projection dim == prior embedding dim == U-Net encoder_hid_dim
 
 
@@ -170,16 +170,25 @@ def build_decoder_scheduler():
     )
 
 
+# Decoder variants: directory name -> U-Net arguments. The inpainting U-Net takes 9 input
+# channels (latents, masked-image latents, mask), like kandinsky-2-2-decoder-inpaint.
+DECODER_VARIANTS = {
+    "decoder": dict(in_channels=4),
+    "decoder-inpaint": dict(in_channels=9),
+}
+
+
 def write_tiny_model(root: str | os.PathLike) -> Path:
-    """Write `root/prior` and `root/decoder` as diffusers-layout, safetensors directories."""
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+    """Write `root/prior` and `root/decoder*` as diffusers-layout, safetensors directories."""
+    from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     KandinskyV22PriorPipeline(**build_prior_components()).save_pretrained(root / "prior", safe_serialization=True)
-    KandinskyV22Pipeline(
-        unet=build_unet(), scheduler=build_decoder_scheduler(), movq=build_movq()
-    ).save_pretrained(root / "decoder", safe_serialization=True)
+    pipelines = {"decoder": KandinskyV22Pipeline, "decoder-inpaint": KandinskyV22InpaintPipeline}
+    for name, unet_args in DECODER_VARIANTS.items():
+        pipeline = pipelines[name](unet=build_unet(**unet_args), scheduler=build_decoder_scheduler(), movq=build_movq())
+        pipeline.save_pretrained(root / name, safe_serialization=True)
     (root / "tiny.json").write_text(json.dumps({"tiny_version": TINY_VERSION}))
     return root
 

@@ -164,3 +164,35 @@ def test_mixed_tasks_from_uris_and_bytes_with_bad_rows(ray_cluster, model_cache,
     assert "empty file" in errors["empty"]["message"] and errors["empty"]["task"] == "img2img"
     # No negative_prompt column at all: nulls in the output, not the string "nan".
     assert {r["negative_prompt"] for r in data.values()} == {None}
+
+
+def test_inpaint_job_with_masks_by_uri_and_inline(ray_cluster, model_cache, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    photo = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    (tmp_path / "mask.png").write_bytes(png(mask))
+    rows = [
+        {"id": "uri-mask", "prompt": "a hat", "task": "inpaint", "image_bytes": photo,
+         "mask_uri": str(tmp_path / "mask.png")},
+        {"id": "inline-mask", "prompt": "a dog", "task": "inpaint", "image_bytes": photo, "mask_bytes": png(mask.T)},
+        {"id": "bad-mask", "prompt": "x", "task": "inpaint", "image_bytes": photo, "mask_bytes": b"\x89PNG broken"},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = make_config(model_cache, manifest, str(tmp_path / "out"), model={"decoder": "tiny-inpaint"})
+    summary = run_job(config)
+    assert (summary["rows"], summary["failed_rows"]) == (2, 1)
+    data = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "data").to_pylist()}
+    assert {k: decode(v["image"]).shape for k, v in data.items()} == {"uri-mask": (64, 64, 3), "inline-mask": (64, 64, 3)}
+    assert data["uri-mask"]["decoder_model"] == "tiny-inpaint"
+    error = pq.read_table(tmp_path / "out" / "errors").to_pylist()[0]
+    assert error["id"] == "bad-mask" and error["message"].startswith("mask: not a decodable image")

@@ -10,13 +10,19 @@ from tests.conftest import make_config, write_manifest
 GOOD = [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}]
 
 
-def check(tmp_path, rows, schema=None, **sections):
-    path = write_manifest(tmp_path / "m.parquet", rows, schema)
-    return validate_manifest(make_config(str(tmp_path / "cache"), path, str(tmp_path / "out"), **sections))
+@pytest.fixture
+def check(tmp_path, model_cache):
+    """Validate `rows` as a one-file manifest (validation also reads the decoder's U-Net config)."""
+
+    def validate(rows, schema=None, **sections):
+        path = write_manifest(tmp_path / "m.parquet", rows, schema)
+        return validate_manifest(make_config(model_cache, path, str(tmp_path / "out"), **sections))
+
+    return validate
 
 
-def test_good_manifest(tmp_path):
-    manifest = check(tmp_path, GOOD)
+def test_good_manifest(tmp_path, check):
+    manifest = check(GOOD)
     assert manifest.num_rows == 2 and manifest.files == [str(tmp_path / "m.parquet")]
 
 
@@ -39,53 +45,55 @@ def test_good_manifest(tmp_path):
         ([{"id": "a", "prompt": "x", "seed": -1}], None, ["column 'seed' must be >= 0"]),
     ],
 )
-def test_bad_manifests_name_file_column_and_row(tmp_path, rows, schema, expected):
+def test_bad_manifests_name_file_column_and_row(check, rows, schema, expected):
     with pytest.raises(ManifestError) as err:
-        check(tmp_path, rows, schema)
+        check(rows, schema)
     message = str(err.value)
     assert "m.parquet" in message
     for part in expected:
         assert part in message
 
 
-def test_duplicates_across_files_name_both(tmp_path):
+def test_duplicates_across_files_name_both(tmp_path, check, model_cache):
     write_manifest(tmp_path / "dir" / "part-0.parquet", GOOD)
     write_manifest(tmp_path / "dir" / "part-1.parquet", [{"id": "b", "prompt": "again"}])
-    config = make_config(str(tmp_path / "cache"), str(tmp_path / "dir"), str(tmp_path / "out"))
+    config = make_config(model_cache, str(tmp_path / "dir"), str(tmp_path / "out"))
     with pytest.raises(ManifestError, match=r"part-1.parquet: duplicate id 'b' \(first in .*part-0.parquet\)"):
         validate_manifest(config)
 
 
-def test_directory_and_glob(tmp_path):
+def test_directory_and_glob(tmp_path, check, model_cache):
     for i in range(3):
         write_manifest(tmp_path / "dir" / f"part-{i}.parquet", [{"id": f"r{i}", "prompt": "p"}])
-    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "dir" / "part-[01].parquet"), str(tmp_path / "out"))
+    cfg = make_config(model_cache, str(tmp_path / "dir" / "part-[01].parquet"), str(tmp_path / "out"))
     assert validate_manifest(cfg).num_rows == 2
-    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "dir"), str(tmp_path / "out"))
+    cfg = make_config(model_cache, str(tmp_path / "dir"), str(tmp_path / "out"))
     assert validate_manifest(cfg).num_rows == 3
 
 
-def test_reject_policy_refuses_sizes_off_the_64_grid(tmp_path):
+def test_reject_policy_refuses_sizes_off_the_64_grid(check):
     with pytest.raises(ManifestError, match="'width' is 100, not a multiple of 64"):
-        check(tmp_path, [{"id": "a", "prompt": "x", "width": 100}], output={"size_policy": "reject"})
-    check(tmp_path, [{"id": "a", "prompt": "x", "width": 100}])  # the default policy crops instead
+        check([{"id": "a", "prompt": "x", "width": 100}], output={"size_policy": "reject"})
+    check([{"id": "a", "prompt": "x", "width": 100}])  # the default policy crops instead
 
 
-def test_missing_and_unreadable_manifests(tmp_path):
-    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "nope.parquet"), str(tmp_path / "out"))
+def test_missing_and_unreadable_manifests(tmp_path, check, model_cache):
+    cfg = make_config(model_cache, str(tmp_path / "nope.parquet"), str(tmp_path / "out"))
     with pytest.raises(ManifestError, match="no such file"):
         validate_manifest(cfg)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    cfg = make_config(str(tmp_path / "cache"), str(tmp_path / "bad.parquet"), str(tmp_path / "out"))
+    cfg = make_config(model_cache, str(tmp_path / "bad.parquet"), str(tmp_path / "out"))
     with pytest.raises(ManifestError, match="bad.parquet: cannot read as Parquet"):
         validate_manifest(cfg)
 
 
-def test_cli_fails_fast_without_starting_ray(tmp_path, capsys):
+def test_cli_fails_fast_without_starting_ray(tmp_path, capsys, model_cache):
     import ray
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "width": 0}])
-    (tmp_path / "job.yaml").write_text(f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\n")
+    (tmp_path / "job.yaml").write_text(
+        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
+    )
     was_running = ray.is_initialized()
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err
