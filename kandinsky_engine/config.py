@@ -18,7 +18,7 @@ HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 # Tasks, and which decoder runs them (a job loads one decoder; see models.decoder_kind).
 DECODER_TASKS = {
-    "standard": ("text2img", "img2img"),
+    "standard": ("text2img", "img2img", "mix", "variation"),
     "inpaint": ("inpaint",),
 }
 TASKS = tuple(t for tasks in DECODER_TASKS.values() for t in tasks)
@@ -99,7 +99,8 @@ class GenerationDefaults(_Strict):
     prior_num_inference_steps: int = Field(25, ge=1, description="Prior denoising steps.")
     prior_guidance_scale: float = Field(4.0, description="Prior classifier-free guidance; > 1 enables it.")
     strength: float = Field(
-        0.3, ge=0, le=1, description="img2img: how much of the init image is re-noised (1 = ignore it), as diffusers."
+        0.3, ge=0, le=1, description="img2img and variation: the share of the schedule re-run from the input "
+        "(1 = ignore it), as diffusers."
     )
 
 

@@ -16,7 +16,8 @@ from .inpaint import image_tensor, keep_mask
 from .models import load_module
 from .rows import failed, is_null, latent_size, mark_failed
 
-IMAGE_TASKS = ("img2img", "inpaint")
+IMAGE_TASKS = ("img2img", "inpaint")  # tasks whose image the MoVQ encodes
+FETCH_TASKS = ("img2img", "inpaint", "variation", "mix")  # tasks that may name input files
 INPUTS = ("image", "mask")
 
 
@@ -34,7 +35,24 @@ def fetch_inputs(batch: dict[str, np.ndarray], storage_options: dict | None = No
                 except ImageInputError as exc:
                     mark_failed(batch, i, "fetch_inputs", ImageInputError(f"{kind}_uri: {exc}"))
         out[f"{kind}_bytes"] = data
+    if "mix" in batch:
+        out["mix"] = np.array(batch["mix"], dtype=object)
+        for i in np.flatnonzero(~failed(batch)):
+            if batch["task"][i] == "mix" and not is_null(batch["mix"][i]):
+                try:
+                    out["mix"][i] = [_fetch_mix_item(dict(item), storage_options) for item in batch["mix"][i]]
+                except ImageInputError as exc:
+                    mark_failed(batch, i, "fetch_inputs", exc)
     return out
+
+
+def _fetch_mix_item(item: dict, storage_options: dict | None) -> dict:
+    if is_null(item.get("image_bytes")) and not is_null(item.get("image_uri")):
+        try:
+            item["image_bytes"] = read_uri(str(item["image_uri"]), storage_options)
+        except ImageInputError as exc:
+            raise ImageInputError(f"mix image_uri: {exc}") from None
+    return item
 
 
 def pack(latents: np.ndarray) -> bytes:

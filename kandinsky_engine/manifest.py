@@ -32,9 +32,12 @@ OPTIONAL = {
     "image_bytes": "binary",
     "mask_uri": "string",
     "mask_bytes": "binary",
+    "mix": "list",
 }
 # Inputs each task needs, each given as `{input}_uri` or `{input}_bytes`.
-TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask")}
+TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "variation": ("image",)}
+MIX_ITEM = pa.struct([("text", pa.string()), ("image_uri", pa.string()), ("image_bytes", pa.binary()),
+                      ("weight", pa.float64())])
 MINIMUM = {"seed": 0, "width": 1, "height": 1, "num_inference_steps": 1, "prior_num_inference_steps": 1}
 MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
 
@@ -55,6 +58,8 @@ class Manifest:
 def _type_ok(kind: str, t: pa.DataType) -> bool:
     if kind == "string":
         return pa.types.is_string(t) or pa.types.is_large_string(t)
+    if kind == "list":
+        return pa.types.is_list(t) and pa.types.is_struct(t.value_type) and "weight" in [f.name for f in t.value_type]
     if kind == "binary":
         return pa.types.is_binary(t) or pa.types.is_large_binary(t)
     if kind == "integer":
@@ -177,6 +182,17 @@ def _check_tasks(name: str, table: pa.Table, config: JobConfig, ids: list, allow
                 present = [p or v for p, v in zip(present, pc.is_valid(table.column(column)).to_pylist())]
         problems += [f"{name}: task {t!r} needs a '{kind}_uri' or '{kind}_bytes' value, missing at id {ids[r]!r}"
                      for r, t in enumerate(tasks) if kind in TASK_INPUTS.get(t, ()) and not present[r]]
+    mixes = table.column("mix").to_pylist() if "mix" in schema.names else [None] * len(ids)
+    for r, (task, mix) in enumerate(zip(tasks, mixes)):
+        if task != "mix":
+            continue
+        if not mix:
+            problems.append(f"{name}: task 'mix' needs a non-empty 'mix' list, missing at id {ids[r]!r}")
+        for n, item in enumerate(mix or []):
+            sources = [k for k in ("text", "image_uri", "image_bytes") if item.get(k) is not None]
+            if len(sources) != 1 or item.get("weight") is None:
+                problems.append(f"{name}: column 'mix' item {n} needs exactly one of text, image_uri, image_bytes "
+                                f"and a weight, at id {ids[r]!r}")
     return problems
 
 

@@ -1,28 +1,53 @@
-"""PriorStage: prompt -> CLIP image embedding, with `KandinskyV22PriorPipeline` semantics."""
+"""PriorStage: rows -> CLIP image embeddings, with the semantics of `KandinskyV22PriorPipeline`
+(text2img and image tasks), its `interpolate` (mix) and `KandinskyV22PriorEmb2EmbPipeline` (variation)."""
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 
 from .config import JobConfig
+from .images import ImageInputError, decode_image
 from .models import load_asset, load_module
-from .rows import generators, group_rows, is_null
+from .rows import failed, generators, group_rows, is_null, mark_failed
 
-REQUIRED = ("id", "prompt", "negative_prompt", "seed", "prior_num_inference_steps", "prior_guidance_scale")
+REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "prior_num_inference_steps", "prior_guidance_scale")
+
+
+def strength_start(num_steps: int, strength: float) -> int:
+    """Index of the first timestep a strength keeps: diffusers' `get_timesteps`."""
+    init_steps = min(int(num_steps * strength), num_steps)
+    if init_steps < 1:
+        raise ValueError(f"strength {strength} x {num_steps} steps leaves no step to run")
+    return num_steps - init_steps
+
+
+def mix_items(value) -> list[dict]:
+    """The `mix` column of a row: [{text | image_uri | image_bytes, weight}, ...]."""
+    if is_null(value) or len(value) == 0:
+        raise ValueError("mix: needs a non-empty list of {text or image, weight}")
+    items = [dict(item) for item in value]
+    for n, item in enumerate(items):
+        sources = [k for k in ("text", "image_bytes") if not is_null(item.get(k))]
+        if len(sources) != 1 or is_null(item.get("weight")):
+            raise ValueError(f"mix[{n}]: needs exactly one of text or image, and a weight")
+    return items
 
 
 class PriorStage:
     """Adds `image_embeds` and `negative_image_embeds` (float32, (B, D)) to a batch.
 
-    Loads the CLIP text encoder, tokenizer, prior transformer and CLIP image encoder once and keeps
-    them resident. The zero-image embedding (the negative embedding of rows without a negative
-    prompt) is computed once here; diffusers recomputes it on every call.
+    Loads the CLIP text encoder, tokenizer, prior transformer and CLIP image encoder once. The
+    zero-image embedding (the negative of rows without a negative prompt) is computed once here;
+    diffusers recomputes it on every call.
     """
 
     def __init__(self, config: JobConfig):
         import torch
         from diffusers import PriorTransformer, UnCLIPScheduler
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+        from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                                  CLIPVisionModelWithProjection)
 
         torch.set_num_threads(config.prior.threads())
         model = config.model
@@ -32,6 +57,8 @@ class PriorStage:
         self.prior = load_module(PriorTransformer, model, "prior", "prior")
         self.scheduler_config = load_asset(UnCLIPScheduler, model, "prior", "scheduler").config
         self.image_encoder = load_module(CLIPVisionModelWithProjection, model, "prior", "image_encoder")
+        self.image_processor = load_asset(CLIPImageProcessor, model, "prior", "image_processor")
+        self.max_pixels = config.input.max_image_pixels
         self.embedding_dim = self.prior.config.embedding_dim
         size = self.image_encoder.config.image_size
         with torch.inference_mode():
@@ -47,51 +74,57 @@ class PriorStage:
         n = len(batch["id"])
         embeds = np.zeros((n, self.embedding_dim), np.float32)
         negative = np.zeros((n, self.embedding_dim), np.float32)
-        steps, guidance = batch["prior_num_inference_steps"], batch["prior_guidance_scale"]
-        groups = group_rows(batch, lambda i: (int(steps[i]), bool(guidance[i] > 1)))
+        todo = np.flatnonzero(~failed(batch))
         with torch.inference_mode():
-            for (num_steps, cfg), idx in groups.items():
-                embeds[idx], negative[idx] = self._generate(batch, idx, num_steps, cfg)
+            plain = [i for i in todo if batch["task"][i] not in ("mix", "variation")]
+            for i, (e, ne) in zip(plain, self._prompt_rows(batch, plain)):
+                embeds[i], negative[i] = e, ne
+            for task, method in (("variation", self._variation_row), ("mix", self._mix_rows)):
+                rows = [i for i in todo if batch["task"][i] == task]
+                if rows:
+                    for i, result in zip(rows, method(batch, rows)):
+                        if isinstance(result, Exception):
+                            mark_failed(batch, i, "PriorStage", result)
+                        else:
+                            embeds[i], negative[i] = result
         return {**batch, "image_embeds": embeds, "negative_image_embeds": negative}
 
-    def _encode(self, texts: list[str]):
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        out = self.text_encoder(tokens.input_ids.to(self.device))
-        return out.text_embeds, out.last_hidden_state, tokens.attention_mask.bool().to(self.device)
+    # -- one prior run over many rows ------------------------------------------------------
 
-    def _generate(self, batch, idx: np.ndarray, num_steps: int, cfg: bool):
+    def _run_prior(self, texts, negatives, gens, scales, num_steps: int, cfg: bool, init=None, t_start: int = 0):
+        """Run the prior once for several rows; returns [(embedding, negative embedding)] per row.
+
+        Like diffusers, a row with a negative prompt runs two items, [text, negative], whose
+        unconditional text is the negative prompt; a row without one runs one item with "" as
+        unconditional text and takes the cached zero embedding as its negative. `init` (emb2emb)
+        gives each row a (D,) image embedding to start from at timestep index `t_start`.
+        """
         import torch
         from diffusers import UnCLIPScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
-        # Like diffusers, a row with a negative prompt runs the prior on two items, [prompt,
-        # negative], whose unconditional text is the negative prompt; a row without one runs one
-        # item with "" as unconditional text and takes the cached zero embedding as its negative.
-        texts, uncond, spans = [], [], []
-        for i in idx:
-            neg = None if is_null(batch["negative_prompt"][i]) else batch["negative_prompt"][i]
-            items = [str(batch["prompt"][i])] + ([] if neg is None else [str(neg)])
-            start = len(texts)
-            texts += items
-            uncond += ["" if neg is None else str(neg)] * len(items)
-            spans.append(slice(start, len(texts)))
-        proj, hidden, mask = self._encode(texts)  # (M, D), (M, 77, H), (M, 77)
+        items, uncond, spans = [], [], []
+        for text, neg in zip(texts, negatives):
+            row_items = [text] + ([] if neg is None else [neg])
+            spans.append(slice(len(items), len(items) + len(row_items)))
+            items += row_items
+            uncond += ["" if neg is None else neg] * len(row_items)
+        proj, hidden, mask = self._encode(items)  # (M, D), (M, 77, H), (M, 77)
         if cfg:
             u_proj, u_hidden, u_mask = self._encode(uncond)
             proj, hidden, mask = torch.cat([u_proj, proj]), torch.cat([u_hidden, hidden]), torch.cat([u_mask, mask])
 
         scheduler = UnCLIPScheduler.from_config(self.scheduler_config)  # per call: never mutate shared state
         scheduler.set_timesteps(num_steps, device=self.device)
-        timesteps = scheduler.timesteps
-        gens = generators(batch["seed"][idx])
+        timesteps = scheduler.timesteps[t_start:]
         # Each row draws its (items, D) block from its own generator: the exact draw of the reference.
-        latents = torch.cat(
-            [randn_tensor((s.stop - s.start, self.embedding_dim), generator=g, device=self.device, dtype=proj.dtype)
-             for s, g in zip(spans, gens)]
-        ) * scheduler.init_noise_sigma
-        scales = [float(batch["prior_guidance_scale"][i]) for i in idx]
+        noise = [randn_tensor((s.stop - s.start, self.embedding_dim), generator=g, device=self.device, dtype=proj.dtype)
+                 for s, g in zip(spans, gens)]
+        if init is None:
+            latents = torch.cat(noise) * scheduler.init_noise_sigma
+        else:  # emb2emb: the raw image embedding, noised to the first kept timestep (no init_noise_sigma)
+            start = [e.to(self.device, proj.dtype).expand(s.stop - s.start, -1) for e, s in zip(init, spans)]
+            latents = scheduler.add_noise(torch.cat(start), torch.cat(noise), timesteps[:1].repeat(len(items)))
 
         for step, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
@@ -110,6 +143,103 @@ class PriorStage:
 
         latents = self.prior.post_process_latents(latents).float().cpu()
         zero = self.zero_embed[0].float().cpu()
-        embeds = torch.stack([latents[s.start] for s in spans])
-        negative = torch.stack([latents[s.start + 1] if s.stop - s.start == 2 else zero for s in spans])
-        return embeds.numpy(), negative.numpy()
+        return [(latents[s.start].numpy(), (latents[s.start + 1] if s.stop - s.start == 2 else zero).numpy())
+                for s in spans]
+
+    def _encode(self, texts: list[str]):
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        out = self.text_encoder(tokens.input_ids.to(self.device))
+        return out.text_embeds, out.last_hidden_state, tokens.attention_mask.bool().to(self.device)
+
+    def _encode_image(self, data) -> "torch.Tensor":
+        """Encoded image bytes -> (D,) CLIP image embedding, through the CLIP image processor."""
+        image = decode_image(b"" if is_null(data) else data, max_pixels=self.max_pixels)
+        pixels = self.image_processor(image, return_tensors="pt").pixel_values
+        return self.image_encoder(pixels.to(self.device, self.image_encoder.dtype))["image_embeds"][0]
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def _negative(self, batch, i):
+        value = batch["negative_prompt"][i]
+        return None if is_null(value) else str(value)
+
+    def _prompt_rows(self, batch, rows: list[int], init=None, starts=None) -> list:
+        """text2img-style rows (and variation rows when `init`/`starts` are given), sub-batched by
+        (steps, guidance on/off, start step)."""
+        steps, guidance = batch["prior_num_inference_steps"], batch["prior_guidance_scale"]
+        starts = starts or {}
+        results: dict[int, tuple] = {}
+        key = lambda k: (int(steps[rows[k]]), bool(guidance[rows[k]] > 1), starts.get(rows[k], 0))
+        for (num_steps, cfg, t_start), ks in group_rows({"id": np.array(rows)}, key).items():
+            group = [rows[k] for k in ks]
+            out = self._run_prior(
+                [str(batch["prompt"][i]) for i in group], [self._negative(batch, i) for i in group],
+                generators(batch["seed"][group]), [float(guidance[i]) for i in group], num_steps, cfg,
+                init=None if init is None else [init[i] for i in group], t_start=t_start,
+            )
+            results.update(zip(group, out))
+        return [results[i] for i in rows]
+
+    def _variation_row(self, batch, rows: list[int]) -> list:
+        """emb2emb: the row's image embedding, re-noised by `strength`, guided by its prompt."""
+        init, starts, results = {}, {}, {}
+        for i in rows:
+            try:
+                starts[i] = strength_start(int(batch["prior_num_inference_steps"][i]), float(batch["strength"][i]))
+                init[i] = self._encode_image(batch["image_bytes"][i])
+            except (ImageInputError, ValueError) as exc:
+                results[i] = type(exc)(f"image: {exc}") if isinstance(exc, ImageInputError) else exc
+        ok = [i for i in rows if i not in results]
+        results.update(zip(ok, self._prompt_rows(batch, ok, init=init, starts=starts)))
+        return [results[i] for i in rows]
+
+    def _mix_rows(self, batch, rows: list[int]) -> list:
+        """`interpolate`: sum of weight x embedding over the row's texts (each a prior run that
+        continues the row's generator, in order) and images (CLIP image embeddings); the negative
+        is the zero embedding, or the prior's embedding of the negative prompt."""
+        import torch
+
+        results, items, gens = {}, {}, {}
+        for i in rows:
+            try:
+                items[i] = mix_items(batch["mix"][i])
+                gens[i] = generators([batch["seed"][i]])[0]
+            except ValueError as exc:
+                results[i] = exc
+        total = {i: torch.zeros(self.embedding_dim) for i in items}
+        steps, guidance = batch["prior_num_inference_steps"], batch["prior_guidance_scale"]
+        # Round r runs the r-th text of every row at once; each row's generator advances in order.
+        texts = {i: [it for it in items[i] if not is_null(it.get("text"))] for i in items}
+        rounds = max((len(t) for t in texts.values()), default=0)
+        for r in range(rounds + 1):
+            # The last round is diffusers' `out_zero` run on "" with the negative prompt.
+            batch_rows = [i for i in items if i not in results and (r < len(texts[i]) or r == rounds)]
+            by_key = defaultdict(list)
+            for i in batch_rows:
+                if r == rounds and self._negative(batch, i) is None:
+                    continue  # negative = zero embedding; nothing else depends on this generator
+                by_key[(int(steps[i]), bool(guidance[i] > 1))].append(i)
+            for (num_steps, cfg), group in by_key.items():
+                text = lambda i: "" if r == rounds else str(texts[i][r]["text"])
+                out = self._run_prior([text(i) for i in group], [self._negative(batch, i) for i in group],
+                                      [gens[i] for i in group], [float(guidance[i]) for i in group], num_steps, cfg)
+                for i, (emb, neg) in zip(group, out):
+                    if r < rounds:
+                        total[i] += float(texts[i][r]["weight"]) * torch.from_numpy(emb)
+                    else:
+                        results[i] = neg
+        for i in items:
+            if isinstance(results.get(i), Exception):
+                continue
+            try:
+                for it in items[i]:
+                    if is_null(it.get("text")):
+                        total[i] += float(it["weight"]) * self._encode_image(it["image_bytes"]).float().cpu()
+            except ImageInputError as exc:
+                results[i] = ImageInputError(f"mix image: {exc}")
+                continue
+            negative = results.get(i)
+            results[i] = (total[i].numpy(), self.zero_embed[0].float().cpu().numpy() if negative is None else negative)
+        return [results[i] for i in rows]

@@ -10,7 +10,7 @@ from ray.data import ActorPoolStrategy, Dataset
 
 from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
 from kandinsky_engine.config import StageConfig
-from kandinsky_engine.inputs import IMAGE_TASKS, MovqEncodeStage, fetch_inputs
+from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.rows import resolve_params
 
@@ -74,7 +74,7 @@ def build_generation(config: JobConfig, manifest: Manifest, limit: int | None = 
     # Streaming split (not an all-to-all shuffle): a file is read as one block otherwise.
     ds = ds.repartition(target_num_rows_per_block=rows_per_block(config))
     ds = ds.map_batches(resolve_params, fn_kwargs={"defaults": config.defaults}, batch_format="numpy", num_cpus=IO_CPUS)
-    if manifest.tasks & set(IMAGE_TASKS):
+    if manifest.tasks & set(FETCH_TASKS):
         ds = ds.map_batches(fetch_inputs, batch_format="numpy", num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
         ds = ds.map_batches(stage_class, fn_constructor_kwargs={"config": config}, **stage_args(stage))

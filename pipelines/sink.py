@@ -18,6 +18,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from kandinsky_engine.config import OutputConfig
+from kandinsky_engine.manifest import MIX_ITEM
 from kandinsky_engine.rows import ERROR_COLUMNS
 
 # Fixed types for the engine's own columns: a block whose values are all null would otherwise
@@ -27,7 +28,8 @@ DATA_TYPES = {
     "seed": pa.int64(), "width": pa.int64(), "height": pa.int64(), "image_width": pa.int64(),
     "image_height": pa.int64(), "num_inference_steps": pa.int64(), "guidance_scale": pa.float64(),
     "prior_num_inference_steps": pa.int64(), "prior_guidance_scale": pa.float64(), "strength": pa.float64(),
-    "image_uri": pa.string(), "image": pa.binary(), "prior_model": pa.string(), "decoder_model": pa.string(),
+    "image_uri": pa.string(), "mask_uri": pa.string(), "image": pa.binary(), "prior_model": pa.string(),
+    "decoder_model": pa.string(), "mix": pa.list_(MIX_ITEM),
 }
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
                           ("error_type", pa.string()), ("message", pa.string())])

@@ -146,18 +146,27 @@ def test_mixed_tasks_from_uris_and_bytes_with_bad_rows(ray_cluster, model_cache,
         {"id": "missing", "prompt": "x", "task": "img2img", "image_uri": str(tmp_path / "in" / "nope.png")},
         {"id": "truncated", "prompt": "x", "task": "img2img", "image_uri": str(tmp_path / "in" / "broken.png")},
         {"id": "empty", "prompt": "x", "task": "img2img", "image_bytes": b""},
+        {"id": "variation", "prompt": "a cat", "task": "variation", "image_uri": str(tmp_path / "in" / "blue.png"),
+         "strength": 0.5, "prior_num_inference_steps": 4},
+        {"id": "mix", "prompt": "cat and blue", "task": "mix",
+         "mix": [{"text": "a cat", "weight": 0.4}, {"image_uri": str(tmp_path / "in" / "blue.png"), "weight": 0.6}]},
+        {"id": "mix-missing", "prompt": "x", "task": "mix",
+         "mix": [{"image_uri": str(tmp_path / "in" / "gone.png"), "weight": 1.0}]},
     ]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = make_config(model_cache, manifest, str(tmp_path / "out"))
     summary = run_job(config)
-    assert summary["rows"] == 4 and summary["failed_rows"] == 3
+    assert summary["rows"] == 6 and summary["failed_rows"] == 4
     data = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "data").to_pylist()}
-    assert set(data) == {"t2i", "by-uri", "by-file-url", "inline"}
+    assert set(data) == {"t2i", "by-uri", "by-file-url", "inline", "variation", "mix"}
+    assert [item["image_bytes"] for item in data["mix"]["mix"]] == [None, None]  # recipe kept, bytes dropped
+    assert data["mix"]["mix"][1]["image_uri"].endswith("blue.png")
     assert decode(data["inline"]["image"]).shape == (64, 128, 3)
     assert data["by-uri"]["task"] == "img2img" and data["by-uri"]["strength"] == 0.5
     assert "image_bytes" not in data["inline"]
     errors = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "errors").to_pylist()}
-    assert set(errors) == {"missing", "truncated", "empty"}
+    assert set(errors) == {"missing", "truncated", "empty", "mix-missing"}
+    assert errors["mix-missing"]["message"].startswith("mix image_uri: file not found")
     assert errors["missing"]["stage"] == "fetch_inputs" and "file not found" in errors["missing"]["message"]
     assert "nope.png" in errors["missing"]["message"]
     assert errors["truncated"]["stage"] == "MovqEncodeStage" and "not a decodable image" in errors["truncated"]["message"]
