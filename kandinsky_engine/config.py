@@ -20,6 +20,7 @@ HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 DECODER_TASKS = {
     "standard": ("text2img", "img2img", "mix", "variation"),
     "inpaint": ("inpaint",),
+    "controlnet": ("controlnet", "controlnet_img2img"),
 }
 TASKS = tuple(t for tasks in DECODER_TASKS.values() for t in tasks)
 
@@ -39,8 +40,14 @@ class ModelConfig(_Strict):
     )
     decoder: str = Field(
         TINY,
-        description="Decoder pipeline (U-Net + MoVQ): 'tiny' or 'tiny-inpaint', a local directory, or a hub id "
-        f"such as '{HUB_DECODER}' or '{HUB_DECODER}-inpaint'.",
+        description="Decoder pipeline (U-Net + MoVQ): 'tiny', 'tiny-inpaint' or 'tiny-controlnet', a local "
+        f"directory, or a hub id such as '{HUB_DECODER}', '{HUB_DECODER}-inpaint' or "
+        "'kandinsky-community/kandinsky-2-2-controlnet-depth'.",
+    )
+    depth: str = Field(
+        TINY,
+        description="Depth estimator for ControlNet rows without a hint: 'tiny', a local transformers directory, "
+        "or a hub id such as 'Intel/dpt-hybrid-midas'.",
     )
     device: str = Field("cpu", description="torch device for every stage: 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -64,10 +71,10 @@ class StageConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="Rows per call of the stage.")
     actors: int = Field(1, ge=1, description="Actor pool size (model replicas).")
     num_cpus: float = Field(
-        0.25,
+        0.2,
         gt=0,
         description="Ray CPUs reserved per actor: a scheduling share, not a thread count. The actors of all "
-        "stages may reserve at most (cluster CPUs - 1); the default fits three stages on 2 CPUs.",
+        "stages may reserve at most (cluster CPUs - 1); the default fits all five stages on 2 CPUs.",
     )
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per actor (fractions share one GPU).")
     torch_threads: int | None = Field(
@@ -111,8 +118,9 @@ class InputConfig(_Strict):
     rows_per_block: int | None = Field(
         None,
         ge=1,
-        description="Rows per Ray block after reading; default the largest stage batch size. Small blocks "
-        "let the stages overlap (a small manifest is otherwise read as one block and the stages run one after another).",
+        description="Rows per Ray block, the unit of work: blocks are formed in manifest order and each stage "
+        "splits a block into its own batch size, so a row's batch-mates never vary between runs. Default: the "
+        "largest stage batch size. Small blocks also let the stages overlap.",
     )
 
 
@@ -148,6 +156,9 @@ class JobConfig(_Strict):
     prior: StageConfig = Field(default_factory=StageConfig, description="Diffusion prior actors.")
     encode: StageConfig = Field(
         default_factory=StageConfig, description="MoVQ encoder actors (init images; only when a row needs one)."
+    )
+    hint: StageConfig = Field(
+        default_factory=StageConfig, description="ControlNet hint actors: depth estimation (only for ControlNet jobs)."
     )
     decoder: StageConfig = Field(default_factory=StageConfig, description="U-Net decoder actors.")
     movq: StageConfig = Field(default_factory=StageConfig, description="MoVQ decode + image encoding actors.")

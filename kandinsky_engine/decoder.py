@@ -13,6 +13,9 @@ REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "gui
             "image_embeds", "negative_image_embeds")
 
 
+STRENGTH_TASKS = ("img2img", "controlnet_img2img")  # start from the noised init image
+
+
 def img2img_start(num_steps: int, strength: float) -> int:
     """Index of the first timestep img2img runs: diffusers' `get_timesteps`."""
     init_steps = min(int(num_steps * strength), num_steps)
@@ -56,7 +59,8 @@ class DecoderStage:
         start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
         for i in np.flatnonzero(~failed(batch)):
             try:
-                start[i] = img2img_start(int(steps[i]), float(batch["strength"][i])) if batch["task"][i] == "img2img" else 0
+                start[i] = (img2img_start(int(steps[i]), float(batch["strength"][i]))
+                            if batch["task"][i] in STRENGTH_TASKS else 0)
             except ValueError as exc:
                 mark_failed(batch, i, "DecoderStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.movq_scale_factor), int(steps[i]),
@@ -67,7 +71,7 @@ class DecoderStage:
                 if t_start >= 0:
                     for i, lat in zip(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, task, t_start)):
                         latents[i] = pack(lat)
-        internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask")
+        internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels")
         out = {k: v for k, v in batch.items() if k not in internal}
         out["latents"] = latents
         return out
@@ -92,10 +96,17 @@ class DecoderStage:
         timesteps = scheduler.timesteps[t_start:]
         latents = noise * scheduler.init_noise_sigma
         extra = None  # inpainting: per-row (image latents, keep mask), fed to the U-Net and blended in
-        if task in ("img2img", "inpaint"):
+        cond = {"image_embeds": embeds}
+        if task in ("img2img", "inpaint", "controlnet_img2img"):
             init = np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx])
             init = torch.from_numpy(init).to(self.device, dtype)  # (n, C, h, w)
-        if task == "img2img":
+        if task in ("controlnet", "controlnet_img2img"):
+            size = (lh * self.movq_scale_factor, lw * self.movq_scale_factor, 3)
+            hint = np.stack([np.frombuffer(batch["hint_pixels"][i], np.uint8).reshape(size) for i in idx])
+            # diffusers' make_hint: uint8 (H, W, 3) -> float / 255 -> (3, H, W)
+            hint = (torch.from_numpy(hint).float() / 255.0).permute(0, 3, 1, 2).to(self.device, dtype)
+            cond["hint"] = torch.cat([hint, hint]) if cfg else hint
+        if task in STRENGTH_TASKS:
             latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(idx)))
         elif task == "inpaint":
             keep = torch.from_numpy(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]))
@@ -110,7 +121,7 @@ class DecoderStage:
                 model_input = torch.cat([model_input, extra], dim=1)  # (.., 2C + 1, h, w)
             pred = self.unet(
                 sample=model_input, timestep=t, encoder_hidden_states=None,
-                added_cond_kwargs={"image_embeds": embeds}, return_dict=False,
+                added_cond_kwargs=cond, return_dict=False,
             )[0]  # (2n or n, 2C, H/8, W/8): noise and learned variance
             pred_noise, pred_variance = pred.split(channels, dim=1)
             rows = []

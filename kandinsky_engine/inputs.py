@@ -16,9 +16,9 @@ from .inpaint import image_tensor, keep_mask
 from .models import load_module
 from .rows import failed, is_null, latent_size, mark_failed
 
-IMAGE_TASKS = ("img2img", "inpaint")  # tasks whose image the MoVQ encodes
-FETCH_TASKS = ("img2img", "inpaint", "variation", "mix")  # tasks that may name input files
-INPUTS = ("image", "mask")
+IMAGE_TASKS = ("img2img", "inpaint", "controlnet_img2img")  # tasks whose image the MoVQ encodes
+FETCH_TASKS = ("img2img", "inpaint", "variation", "mix", "controlnet", "controlnet_img2img")  # may name files
+INPUTS = ("image", "mask", "hint")
 
 
 def fetch_inputs(batch: dict[str, np.ndarray], storage_options: dict | None = None) -> dict[str, np.ndarray]:
@@ -130,9 +130,10 @@ class MovqEncodeStage:
         lh, lw = latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
         h, w = lh * self.scale_factor, lw * self.scale_factor
         image = self._decode(batch, i, "image")
-        if batch["task"][i] == "img2img":
+        if batch["task"][i] in ("img2img", "controlnet_img2img"):
             # Height and width in the processor's order: diffusers 0.42 calls
-            # preprocess(image, width, height), swapping them for non-square sizes.
+            # preprocess(image, width, height) in both img2img pipelines, swapping them for
+            # non-square sizes.
             return self.processor.preprocess(image, height=h, width=w), None
         mask = keep_mask(self._decode(batch, i, "mask"), w, h, (lh, lw))
         return image_tensor(image, w, h), pack(mask.numpy())

@@ -33,9 +33,12 @@ OPTIONAL = {
     "mask_uri": "string",
     "mask_bytes": "binary",
     "mix": "list",
+    "hint_uri": "string",
+    "hint_bytes": "binary",
 }
 # Inputs each task needs, each given as `{input}_uri` or `{input}_bytes`.
-TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "variation": ("image",)}
+TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "variation": ("image",),
+               "controlnet_img2img": ("image",)}
 MIX_ITEM = pa.struct([("text", pa.string()), ("image_uri", pa.string()), ("image_bytes", pa.binary()),
                       ("weight", pa.float64())])
 MINIMUM = {"seed": 0, "width": 1, "height": 1, "num_inference_steps": 1, "prior_num_inference_steps": 1}
@@ -175,13 +178,17 @@ def _check_tasks(name: str, table: pa.Table, config: JobConfig, ids: list, allow
     if "strength" in schema.names:
         problems += [f"{name}: column 'strength' must be within [0, 1], got {v} at id {ids[r]!r}"
                      for r, v in enumerate(table.column("strength").to_pylist()) if v is not None and not 0 <= v <= 1]
-    for kind in ("image", "mask"):
-        present = [False] * len(ids)
+    present = {}
+    for kind in ("image", "mask", "hint"):
+        present[kind] = [False] * len(ids)
         for column in (f"{kind}_uri", f"{kind}_bytes"):
             if column in schema.names:
-                present = [p or v for p, v in zip(present, pc.is_valid(table.column(column)).to_pylist())]
+                present[kind] = [p or v for p, v in zip(present[kind], pc.is_valid(table.column(column)).to_pylist())]
         problems += [f"{name}: task {t!r} needs a '{kind}_uri' or '{kind}_bytes' value, missing at id {ids[r]!r}"
-                     for r, t in enumerate(tasks) if kind in TASK_INPUTS.get(t, ()) and not present[r]]
+                     for r, t in enumerate(tasks) if kind in TASK_INPUTS.get(t, ()) and not present[kind][r]]
+    problems += [f"{name}: task 'controlnet' needs a hint (hint_uri/hint_bytes) or an image to estimate depth "
+                 f"from (image_uri/image_bytes), missing at id {ids[r]!r}"
+                 for r, t in enumerate(tasks) if t == "controlnet" and not (present["hint"][r] or present["image"][r])]
     mixes = table.column("mix").to_pylist() if "mix" in schema.names else [None] * len(ids)
     for r, (task, mix) in enumerate(zip(tasks, mixes)):
         if task != "mix":

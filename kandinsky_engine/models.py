@@ -13,8 +13,8 @@ from .tiny import ensure_tiny_model
 
 
 def resolve_source(source: str, part: str, cache_dir: str) -> str:
-    """`part` is 'prior' or 'decoder'. 'tiny' names the tiny model's directory for that part;
-    'tiny-inpaint' its inpainting decoder."""
+    """`part` is 'prior', 'decoder' or 'depth'. 'tiny' names the tiny model's directory for that
+    part; 'tiny-inpaint' and 'tiny-controlnet' its other decoders."""
     if source == TINY:
         return str(ensure_tiny_model(cache_dir) / part)
     if source.startswith(TINY + "-"):
@@ -24,7 +24,7 @@ def resolve_source(source: str, part: str, cache_dir: str) -> str:
         return str(variant)
     path = Path(source).expanduser()
     if path.exists():
-        if not (path / "model_index.json").exists():
+        if part != "depth" and not (path / "model_index.json").exists():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
         return str(path)
     return source  # a hub id; from_pretrained resolves it (needs network or a warm HF cache)
@@ -57,6 +57,8 @@ def decoder_kind(model: ModelConfig) -> str:
     unet = UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir), subfolder="unet")
     if unet.get("in_channels") == 9:
         return "inpaint"
+    if unet.get("addition_embed_type") == "image_hint":
+        return "controlnet"
     return "standard"
 
 

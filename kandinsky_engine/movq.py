@@ -12,7 +12,8 @@ from .models import load_module, model_identity
 from .rows import failed, group_rows, is_null, latent_size
 
 REQUIRED = ("id", "width", "height", "latents")
-INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "image_bytes", "mask_bytes")
+INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels",
+            "image_bytes", "mask_bytes", "hint_bytes")
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "2"  # bump when the architecture below changes, so cached copies are rebuilt
+TINY_VERSION = "3"  # bump when the architecture below changes, so cached copies are rebuilt
 EMBED_DIM = 32  # CLIP projection dim == prior embedding dim == U-Net encoder_hid_dim
 
 
@@ -171,24 +171,47 @@ def build_decoder_scheduler():
 
 
 # Decoder variants: directory name -> U-Net arguments. The inpainting U-Net takes 9 input
-# channels (latents, masked-image latents, mask), like kandinsky-2-2-decoder-inpaint.
+# channels (latents, masked-image latents, mask), like kandinsky-2-2-decoder-inpaint; the
+# ControlNet U-Net 8 (latents and the 4-channel output of its hint encoder), like
+# kandinsky-2-2-controlnet-depth.
 DECODER_VARIANTS = {
     "decoder": dict(in_channels=4),
     "decoder-inpaint": dict(in_channels=9),
+    "decoder-controlnet": dict(in_channels=8, addition_embed_type="image_hint"),
 }
+
+
+def build_depth_model():
+    """A tiny DPT depth estimator and its processor (what the depth-estimation pipeline runs)."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
+        patch_size=8, neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
+        is_hybrid=False, reassemble_factors=[4, 2, 1, 0.5],
+    )
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False, ensure_multiple_of=1)
+    return DPTForDepthEstimation(config).eval(), processor
 
 
 def write_tiny_model(root: str | os.PathLike) -> Path:
     """Write `root/prior` and `root/decoder*` as diffusers-layout, safetensors directories."""
-    from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
+    from diffusers import (KandinskyV22ControlnetPipeline, KandinskyV22InpaintPipeline, KandinskyV22Pipeline,
+                           KandinskyV22PriorPipeline)
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     KandinskyV22PriorPipeline(**build_prior_components()).save_pretrained(root / "prior", safe_serialization=True)
-    pipelines = {"decoder": KandinskyV22Pipeline, "decoder-inpaint": KandinskyV22InpaintPipeline}
+    pipelines = {"decoder": KandinskyV22Pipeline, "decoder-inpaint": KandinskyV22InpaintPipeline,
+                 "decoder-controlnet": KandinskyV22ControlnetPipeline}
     for name, unet_args in DECODER_VARIANTS.items():
         pipeline = pipelines[name](unet=build_unet(**unet_args), scheduler=build_decoder_scheduler(), movq=build_movq())
         pipeline.save_pretrained(root / name, safe_serialization=True)
+    depth, processor = build_depth_model()
+    depth.save_pretrained(root / "depth", safe_serialization=True)
+    processor.save_pretrained(root / "depth")
     (root / "tiny.json").write_text(json.dumps({"tiny_version": TINY_VERSION}))
     return root
 

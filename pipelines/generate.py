@@ -1,15 +1,17 @@
-"""The generation plan: manifest -> resolve -> fetch inputs -> prior -> [MoVQ encode] -> decoder -> MoVQ.
+"""The generation plan: manifest -> resolve -> [fetch inputs] -> prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ.
 
 The builder only describes the lazy Ray Data plan; nothing runs until the caller writes it.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
 from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
 from kandinsky_engine.config import StageConfig
+from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
 from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.rows import resolve_params
@@ -19,10 +21,40 @@ from kandinsky_engine.rows import resolve_params
 IO_CPUS = 0.25
 
 
-def stage_args(stage: StageConfig) -> dict:
-    """`map_batches` arguments of one model stage: its own pool of resident actors."""
+class Chunked:
+    """Runs a stage on one whole block at a time, in chunks of its batch size.
+
+    The block (rows_per_block rows, formed in manifest order) is the unit of work: a row always
+    shares its sub-batches with the same rows, whatever Ray bundles together, so reruns give
+    byte-identical images even though batch shape changes float results on CPU.
+    """
+
+    def __init__(self, stage_class, batch_size: int, **kwargs):
+        self.stage = stage_class(**kwargs)
+        self.batch_size = batch_size
+
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(block["id"])
+        if n <= self.batch_size:
+            return self.stage(block)
+        parts = [self.stage({k: v[i : i + self.batch_size] for k, v in block.items()})
+                 for i in range(0, n, self.batch_size)]
+        return {k: concat([p[k] for p in parts]) for k in parts[0]}
+
+
+def concat(columns: list[np.ndarray]) -> np.ndarray:
+    if any(c.dtype == object for c in columns):  # keep per-row objects (bytes, lists) as they are
+        out = np.empty(sum(len(c) for c in columns), dtype=object)
+        out[:] = [v for c in columns for v in c]
+        return out
+    return np.concatenate(columns)
+
+
+def stage_args(stage_class, stage: StageConfig, config: JobConfig) -> dict:
+    """`map_batches` arguments of one model stage: its own pool of resident actors, one block per call."""
     return dict(
-        batch_size=stage.batch_size,
+        fn_constructor_kwargs={"stage_class": stage_class, "batch_size": stage.batch_size, "config": config},
+        batch_size=None,  # the whole block: see Chunked
         batch_format="numpy",
         compute=ActorPoolStrategy(size=stage.actors),
         num_cpus=stage.num_cpus,
@@ -31,8 +63,10 @@ def stage_args(stage: StageConfig) -> dict:
 
 
 def model_stages(config: JobConfig, manifest: Manifest) -> list[tuple[str, type, StageConfig]]:
-    """The actor stages this job needs, in order. MoVQ encoding only when some row has an image."""
+    """The actor stages this job needs, in order: hints and MoVQ encoding only when some row needs them."""
     stages = [("prior", PriorStage, config.prior)]
+    if manifest.tasks & set(CONTROLNET_TASKS):
+        stages.append(("hint", HintStage, config.hint))
     if manifest.tasks & set(IMAGE_TASKS):
         stages.append(("encode", MovqEncodeStage, config.encode))
     return stages + [("decoder", DecoderStage, config.decoder), ("movq", MovqStage, config.movq)]
@@ -64,18 +98,22 @@ def rows_per_block(config: JobConfig) -> int:
     """One block per largest batch, so that every stage has work while the next one runs."""
     if config.input.rows_per_block:
         return config.input.rows_per_block
-    return max(config.prior.batch_size, config.decoder.batch_size, config.movq.batch_size)
+    stages = (config.prior, config.hint, config.encode, config.decoder, config.movq)
+    return max(stage.batch_size for stage in stages)
 
 
 def build_generation(config: JobConfig, manifest: Manifest, limit: int | None = None) -> Dataset:
     ds = ray.data.read_parquet(manifest.files, num_cpus=IO_CPUS)
+    # Blocks are the unit of work (see Chunked), so they must be formed the same way every run:
+    # in manifest order, of exactly rows_per_block rows. The split streams (no all-to-all
+    # shuffle); without it a small file is one block and the stages would not overlap.
+    ds.context.execution_options.preserve_order = True
     if limit:
         ds = ds.limit(limit)
-    # Streaming split (not an all-to-all shuffle): a file is read as one block otherwise.
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block(config))
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block(config), strict=True)
     ds = ds.map_batches(resolve_params, fn_kwargs={"defaults": config.defaults}, batch_format="numpy", num_cpus=IO_CPUS)
     if manifest.tasks & set(FETCH_TASKS):
         ds = ds.map_batches(fetch_inputs, batch_format="numpy", num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
-        ds = ds.map_batches(stage_class, fn_constructor_kwargs={"config": config}, **stage_args(stage))
+        ds = ds.map_batches(Chunked, **stage_args(stage_class, stage, config))
     return ds

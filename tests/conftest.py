@@ -60,6 +60,15 @@ def batch_of(rows: list[dict], config: JobConfig) -> dict[str, np.ndarray]:
     return resolve_params(columns, config.defaults)
 
 
+def run_chain(stages, rows: list[dict], until: int | None = None) -> dict[str, np.ndarray]:
+    """Run rows through a (config, [stage, ...]) chain directly, as the pipeline would, without Ray."""
+    config, chain = stages
+    batch = batch_of(rows, config)
+    for stage in chain[:until]:
+        batch = stage(batch)
+    return batch
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for every pipeline test (start-up costs seconds)."""

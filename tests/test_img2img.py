@@ -12,6 +12,7 @@ from PIL import Image
 from kandinsky_engine import DecoderStage, MovqStage, PriorStage
 from kandinsky_engine.inputs import MovqEncodeStage
 from tests.conftest import batch_of, make_config
+from tests.conftest import run_chain as run
 from tests.reference import Reference, decode, max_diff
 
 
@@ -40,13 +41,6 @@ def stages(model_cache, tmp_path_factory):
 def reference(tiny_root, stages):
     return Reference(tiny_root)
 
-
-def run(stages, rows):
-    config, chain = stages
-    batch = batch_of(rows, config)
-    for stage in chain:
-        batch = stage(batch)
-    return batch
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from PIL import Image
 from kandinsky_engine import DecoderStage, MovqStage, PriorStage
 from kandinsky_engine.inputs import MovqEncodeStage, unpack
 from tests.conftest import batch_of, make_config
+from tests.conftest import run_chain as run
 from tests.reference import Reference, decode, max_diff
 from tests.test_img2img import init_image, png
 
@@ -39,13 +40,6 @@ def pipe(tiny_root, stages):
     inpaint.set_progress_bar_config(disable=True)
     return reference, inpaint
 
-
-def run(stages, rows, until=None):
-    config, chain = stages
-    batch = batch_of(rows, config)
-    for stage in chain[:until]:
-        batch = stage(batch)
-    return batch
 
 
 def reference_images(pipe, resolved_rows, images, masks):

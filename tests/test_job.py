@@ -38,7 +38,10 @@ def read_output(path: str) -> dict[str, dict]:
 def first_run(ray_cluster, model_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job")
     manifest = write_manifest(tmp / "manifest.parquet", manifest_rows(14))
-    config = make_config(model_cache, manifest, str(tmp / "out"), output={"rows_per_shard": 5})
+    # Blocks of 6 rows, split by the stages into 2s, 4s and 3s: the rerun test below then shows
+    # that a row's batch-mates (and so its pixels) do not depend on how Ray bundles blocks.
+    config = make_config(model_cache, manifest, str(tmp / "out"), output={"rows_per_shard": 5},
+                         input={"rows_per_block": 6}, prior={"batch_size": 2}, movq={"batch_size": 3})
     summary = run_job(config)
     return config, summary, *read_output(config.output.path)
 
@@ -118,7 +121,7 @@ def test_cli_run_and_unschedulable_plan(ray_cluster, model_cache, tmp_path, caps
     # Actors reserving every CPU would stall Ray Data silently: refused up front instead.
     code = main(["run", str(tmp_path / "job.yaml"), "--overwrite", "--set", "decoder.num_cpus=2"])
     assert code == 2
-    assert "stage actors reserve 2.5 CPUs (prior 1x0.25, decoder 1x2.0, movq 1x0.25)" in capsys.readouterr().err
+    assert "stage actors reserve 2.4 CPUs (prior 1x0.2, decoder 1x2.0, movq 1x0.2)" in capsys.readouterr().err
 
 
 def test_mixed_tasks_from_uris_and_bytes_with_bad_rows(ray_cluster, model_cache, tmp_path):
@@ -205,3 +208,32 @@ def test_inpaint_job_with_masks_by_uri_and_inline(ray_cluster, model_cache, tmp_
     assert data["uri-mask"]["decoder_model"] == "tiny-inpaint"
     error = pq.read_table(tmp_path / "out" / "errors").to_pylist()[0]
     assert error["id"] == "bad-mask" and error["message"].startswith("mask: not a decodable image")
+
+
+def test_controlnet_job_with_given_and_estimated_hints(ray_cluster, model_cache, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    (tmp_path / "hint.png").write_bytes(png(1))
+    rows = [
+        {"id": "hint-uri", "prompt": "a robot", "task": "controlnet", "hint_uri": str(tmp_path / "hint.png")},
+        {"id": "depth", "prompt": "a cat", "task": "controlnet", "image_bytes": png(2)},
+        {"id": "c-img2img", "prompt": "a dog", "task": "controlnet_img2img", "image_bytes": png(3), "strength": 1.0},
+        {"id": "no-hint-file", "prompt": "x", "task": "controlnet", "hint_uri": str(tmp_path / "gone.png")},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = make_config(model_cache, manifest, str(tmp_path / "out"), model={"decoder": "tiny-controlnet"})
+    summary = run_job(config)
+    assert (summary["rows"], summary["failed_rows"]) == (3, 1)
+    data = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "data").to_pylist()}
+    assert set(data) == {"hint-uri", "depth", "c-img2img"}
+    assert all(decode(r["image"]).shape == (64, 64, 3) for r in data.values())
+    error = pq.read_table(tmp_path / "out" / "errors").to_pylist()[0]
+    assert error["id"] == "no-hint-file" and error["message"].startswith("hint_uri: file not found")

@@ -12,18 +12,21 @@ from kandinsky_engine.tiny import build_tokenizer
 
 
 def test_tiny_model_cli_writes_loadable_diffusers_dirs(tmp_path):
-    from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
+    from diffusers import (KandinskyV22ControlnetPipeline, KandinskyV22InpaintPipeline, KandinskyV22Pipeline,
+                           KandinskyV22PriorPipeline)
 
     assert main(["tiny-model", str(tmp_path / "tiny")]) == 0
     prior = KandinskyV22PriorPipeline.from_pretrained(tmp_path / "tiny" / "prior")
     decoder = KandinskyV22Pipeline.from_pretrained(tmp_path / "tiny" / "decoder")
     inpaint = KandinskyV22InpaintPipeline.from_pretrained(tmp_path / "tiny" / "decoder-inpaint")
     assert inpaint.unet.config.in_channels == 9
+    controlnet = KandinskyV22ControlnetPipeline.from_pretrained(tmp_path / "tiny" / "decoder-controlnet")
+    assert controlnet.unet.config.addition_embed_type == "image_hint"
     assert decoder.movq_scale_factor == 8  # four MoVQ blocks, like the real one
     assert not prior.prior.training and not decoder.unet.training
     files = [p for p in (tmp_path / "tiny").rglob("*") if p.is_file()]
-    # 2 encoders and the prior; U-Net and MoVQ for each of the two decoders
-    assert len([p for p in files if p.suffix == ".safetensors"]) == 7
+    # 2 encoders and the prior; U-Net and MoVQ for each of the three decoders; the depth model
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 10
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
 
 

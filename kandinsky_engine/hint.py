@@ -1,0 +1,81 @@
+"""HintStage: the ControlNet hint of each controlnet / controlnet_img2img row.
+
+A row's `hint` image (URI or bytes) is used as given; a row without one gets a depth map of its
+`image`, computed by a resident transformers depth estimator. The original Kandinsky ControlNet
+notebook, and diffusers' example `make_hint`, ran MiDaS/DPT by hand; here it is part of the job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import JobConfig
+from .images import ImageInputError, decode_image
+from .rows import failed, is_null, latent_size, mark_failed
+
+CONTROLNET_TASKS = ("controlnet", "controlnet_img2img")
+
+
+def hint_from_depth(depth) -> np.ndarray:
+    """Depth map (PIL 'L') -> (H, W, 3) uint8 hint: the grey map on three channels (diffusers' make_hint)."""
+    depth = np.array(depth)[:, :, None]
+    return np.concatenate([depth, depth, depth], axis=2)
+
+
+class HintStage:
+    """Adds `hint_pixels` (raw uint8 (H, W, 3) at the row's working size) for ControlNet rows."""
+
+    def __init__(self, config: JobConfig):
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation, pipeline
+
+        from .models import resolve_source, torch_dtype
+
+        torch.set_num_threads(config.hint.threads())
+        source = resolve_source(config.model.depth, "depth", config.model.cache_dir)
+        model = AutoModelForDepthEstimation.from_pretrained(
+            source, use_safetensors=True, dtype=torch_dtype(config.model.dtype)
+        ).to(config.model.device).eval()
+        # transformers' own depth-estimation pipeline: its resizing and min-max normalisation to
+        # an 8-bit map are exactly what diffusers' ControlNet example feeds the model.
+        self.depth = pipeline("depth-estimation", model=model, image_processor=AutoImageProcessor.from_pretrained(source),
+                              device=config.model.device)
+        self.scale_factor = 8  # MoVQ factor of every Kandinsky 2.2 decoder: the hint is at image size
+        self.max_pixels = config.input.max_image_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        n = len(batch["id"])
+        hints = np.full(n, None, dtype=object)
+        need_depth = {}
+        for i in np.flatnonzero(~failed(batch)):
+            if batch["task"][i] not in CONTROLNET_TASKS:
+                continue
+            lh, lw = latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
+            size = (lw * self.scale_factor, lh * self.scale_factor)  # PIL order: (W, H)
+            given = batch.get("hint_bytes", [None] * n)[i]
+            kind = "image" if is_null(given) else "hint"
+            data = batch["image_bytes"][i] if kind == "image" else given
+            try:
+                image = decode_image(b"" if is_null(data) else data, max_pixels=self.max_pixels)
+            except ImageInputError as exc:
+                mark_failed(batch, i, "HintStage", ImageInputError(f"{kind}: {exc}"))
+                continue
+            if image.size != size:
+                image = image.resize(size, resample=Image.BICUBIC)
+            if kind == "hint":
+                hints[i] = np.asarray(image).tobytes()
+            else:
+                need_depth[i] = image
+        if need_depth:
+            rows = list(need_depth)
+            for i, out in zip(rows, self._estimate([need_depth[i] for i in rows])):
+                hints[i] = hint_from_depth(out["depth"]).tobytes()
+        out = {k: v for k, v in batch.items() if k != "hint_bytes"}
+        out["hint_pixels"] = hints
+        return out
+
+    def _estimate(self, images: list) -> list[dict]:
+        results = self.depth(images)
+        return [results] if isinstance(results, dict) else results
