@@ -15,6 +15,42 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PROMPTS = ["a red cat", "Красный кот", "一只猫", "🐱 in space", "a harbour at dawn", "abstract bauhaus poster"]
+# The tiny decoder each task runs on.
+TASK_DECODER = {"text2img": "tiny", "img2img": "tiny", "mix": "tiny", "variation": "tiny",
+                "inpaint": "tiny-inpaint", "controlnet": "tiny-controlnet", "controlnet_img2img": "tiny-controlnet"}
+
+
+def png(array) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def task_rows(task: str, n: int, size: int) -> list[dict]:
+    """N rows of one task with synthetic inputs (noise images, a centred square mask)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+    rows = []
+    for i in range(n):
+        image = png(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        row = {"id": f"{task}-{i:05d}", "prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "task": task}
+        if task in ("img2img", "variation", "controlnet_img2img", "inpaint", "controlnet"):
+            row["image_bytes"] = image  # controlnet: its hint is estimated from this image
+        if task in ("img2img", "variation", "controlnet_img2img"):
+            row["strength"] = 0.6
+        if task == "inpaint":
+            row["mask_bytes"] = png(mask)
+        if task == "mix":
+            row["mix"] = [{"text": PROMPTS[(i + 1) % len(PROMPTS)], "weight": 0.5}, {"image_bytes": image, "weight": 0.5}]
+        rows.append(row)
+    return rows
 
 
 def diffusers_loop(root: Path, rows: list[dict], defaults) -> tuple[float, float]:
@@ -65,6 +101,18 @@ def run_bench(args) -> dict:
     job_s = time.perf_counter() - started
 
     load_s, loop_s = diffusers_loop(root, rows, config.defaults)
+    per_task = {}
+    tasks = list(TASK_DECODER) if args.tasks == "all" else (args.tasks or "").split(",")
+    for task in [t for t in tasks if t and t != "text2img"]:
+        manifest = work / f"manifest-{task}.parquet"
+        pq.write_table(pa.Table.from_pylist(task_rows(task, args.rows, args.size)), manifest)
+        task_data = apply_overrides({**data, "input": {"manifest": str(manifest)}, "output": {"path": str(work / task)},
+                                     "model": {"cache_dir": str(cache), "decoder": TASK_DECODER[task]}}, args.set or [])
+        started = time.perf_counter()
+        task_summary = run_job(JobConfig.model_validate(task_data), overwrite=True)
+        seconds = time.perf_counter() - started
+        per_task[task] = {"rows": task_summary["rows"], "failed": task_summary["failed_rows"],
+                          "ray_job_s": round(seconds, 2), "images_per_s": round(task_summary["rows"] / seconds, 3)}
     return {
         "rows": args.rows,
         "size": f"{args.size}x{args.size}",
@@ -77,4 +125,5 @@ def run_bench(args) -> dict:
         "diffusers_loop_s": round(loop_s, 2),
         "diffusers_images_per_s": round(args.rows / loop_s, 3),
         "ratio_ray_over_diffusers": round((summary["rows"] / job_s) / (args.rows / loop_s), 3),
+        "per_task_ray_job": per_task,
     }

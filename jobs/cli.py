@@ -50,7 +50,11 @@ def cmd_tiny_model(args) -> int:
 def cmd_bench(args) -> int:
     from jobs.bench import run_bench
 
-    print(json.dumps(run_bench(args), indent=2))
+    result = json.dumps(run_bench(args), indent=2)
+    print(result)
+    if args.output:  # Ray's worker logs share stdout: a file holds the figures alone
+        with open(args.output, "w") as f:
+            f.write(result + "\n")
     return 0
 
 
@@ -80,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=int, default=32)
     bench.add_argument("--steps", type=int, default=10, help="decoder steps (prior uses the same)")
     bench.add_argument("--size", type=int, default=64)
+    bench.add_argument("--output", metavar="FILE", help="also write the figures (JSON) to FILE")
+    bench.add_argument("--tasks", default="", metavar="T1,T2",
+                       help="also time the Ray job on N rows of each of these tasks (or 'all')")
     bench.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the job config, e.g. decoder.batch_size=8")
     bench.set_defaults(func=cmd_bench)

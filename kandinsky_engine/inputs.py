@@ -14,7 +14,7 @@ from .config import JobConfig
 from .images import ImageInputError, decode_image, decode_mask, read_uri
 from .inpaint import image_tensor, keep_mask
 from .models import load_module
-from .rows import failed, is_null, latent_size, mark_failed
+from .rows import failed, is_null, latent_size, mark_failed, object_column
 
 IMAGE_TASKS = ("img2img", "inpaint", "controlnet_img2img")  # tasks whose image the MoVQ encodes
 FETCH_TASKS = ("img2img", "inpaint", "variation", "mix", "controlnet", "controlnet_img2img")  # may name files
@@ -36,7 +36,7 @@ def fetch_inputs(batch: dict[str, np.ndarray], storage_options: dict | None = No
                     mark_failed(batch, i, "fetch_inputs", ImageInputError(f"{kind}_uri: {exc}"))
         out[f"{kind}_bytes"] = data
     if "mix" in batch:
-        out["mix"] = np.array(batch["mix"], dtype=object)
+        out["mix"] = object_column(batch["mix"])
         for i in np.flatnonzero(~failed(batch)):
             if batch["task"][i] == "mix" and not is_null(batch["mix"][i]):
                 try:

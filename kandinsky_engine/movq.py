@@ -9,7 +9,7 @@ import numpy as np
 from .config import JobConfig
 from .inputs import unpack
 from .models import load_module, model_identity
-from .rows import failed, group_rows, is_null, latent_size
+from .rows import failed, group_rows, is_null, latent_size, object_column
 
 REQUIRED = ("id", "width", "height", "latents")
 INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels",
@@ -92,11 +92,11 @@ class MovqStage:
             widths.append(image.shape[1])
         out = {k: v for k, v in batch.items() if k not in INTERNAL}
         if "mix" in out:  # keep the recipe, not the inline image bytes
-            out["mix"] = np.array([v if is_null(v) else [{**dict(item), "image_bytes": None} for item in v]
-                                   for v in out["mix"]] + [None], dtype=object)[:-1]
-        out["image"] = np.array(images, dtype=object)
-        out["image_width"] = np.array(widths, dtype=object)
-        out["image_height"] = np.array(heights, dtype=object)
+            out["mix"] = object_column(v if is_null(v) else [{**dict(item), "image_bytes": None} for item in v]
+                                       for v in out["mix"])
+        out["image"] = object_column(images)
+        out["image_width"] = object_column(widths)
+        out["image_height"] = object_column(heights)
         for key, value in self.identity.items():
-            out[key] = np.array([value] * n, dtype=object)
+            out[key] = object_column([value] * n)
         return out

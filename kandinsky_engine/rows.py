@@ -61,6 +61,16 @@ def resolve_params(batch: dict[str, np.ndarray], defaults: GenerationDefaults) -
     return out
 
 
+def object_column(values) -> np.ndarray:
+    """A 1-D object column, one cell per row. `np.array(rows, dtype=object)` would make a 2-D
+    array whenever every row holds a list (or array) of the same length."""
+    values = list(values)
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
 def failed(batch: dict[str, np.ndarray]) -> np.ndarray:
     """Boolean mask of rows that an earlier stage marked as failed."""
     return np.array([bool(m) for m in batch["error_message"]], dtype=bool)

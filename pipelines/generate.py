@@ -14,7 +14,7 @@ from kandinsky_engine.config import StageConfig
 from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
 from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
-from kandinsky_engine.rows import resolve_params
+from kandinsky_engine.rows import object_column, resolve_params
 
 # Reading, resolving and writing are light; giving them a fraction of a CPU keeps them
 # schedulable when the model actors hold every whole CPU of a small machine.
@@ -35,18 +35,22 @@ class Chunked:
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(block["id"])
-        if n <= self.batch_size:
-            return self.stage(block)
         parts = [self.stage({k: v[i : i + self.batch_size] for k, v in block.items()})
                  for i in range(0, n, self.batch_size)]
-        return {k: concat([p[k] for p in parts]) for k in parts[0]}
+        return {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
+
+
+def arrow_friendly(column: np.ndarray) -> np.ndarray:
+    """Ray hands a list<struct> cell (the `mix` column) over as a numpy array of dicts, which it
+    cannot turn back into Arrow (it would pickle the column); plain lists of dicts convert."""
+    if column.dtype == object and any(isinstance(v, np.ndarray) and v.dtype == object for v in column):
+        return object_column(list(v) if isinstance(v, np.ndarray) else v for v in column)
+    return column
 
 
 def concat(columns: list[np.ndarray]) -> np.ndarray:
     if any(c.dtype == object for c in columns):  # keep per-row objects (bytes, lists) as they are
-        out = np.empty(sum(len(c) for c in columns), dtype=object)
-        out[:] = [v for c in columns for v in c]
-        return out
+        return object_column(v for c in columns for v in c)
     return np.concatenate(columns)
 
 

@@ -57,3 +57,12 @@ def test_torch_threads_follow_num_cpus_unless_set():
     cfg = JobConfig.model_validate({"input": {"manifest": "m"}, "output": {"path": "o"},
                                     "decoder": {"num_cpus": 3}, "prior": {"num_cpus": 0.25, "torch_threads": 2}})
     assert cfg.decoder.threads() == 3 and cfg.prior.threads() == 2 and cfg.movq.threads() == 1
+
+
+@pytest.mark.parametrize("name", ["img2img", "inpaint", "mix", "variation", "controlnet"])
+def test_example_configs_are_valid_and_cover_their_task(name, model_cache):
+    from kandinsky_engine.manifest import validate_manifest
+
+    cfg = load_config(REPO / "configs" / "examples" / f"{name}.yaml", [f"model.cache_dir={model_cache}"])
+    manifest = validate_manifest(cfg)
+    assert name in manifest.tasks and manifest.num_rows >= 2
