@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
 from kandinsky_engine.models import resolve_source
+from kandinsky_engine.storage import url_to_fs
 
 log = logging.getLogger("kandinsky_engine")
 SUMMARY = "_SUCCESS.json"
@@ -24,7 +25,7 @@ class OutputExistsError(RuntimeError):
 
 
 def prepare_output(config: JobConfig, overwrite: bool) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(config.output.path)
+    fs, root = url_to_fs(config.output.path, config.storage_options)
     if fs.exists(root) and fs.ls(root):
         if not overwrite:
             raise OutputExistsError(
@@ -63,7 +64,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     log.info("manifest: %d rows in %d file(s)", manifest.num_rows, len(manifest.files))
     started = time.perf_counter()
     ds = build_generation(config, manifest, limit=limit)
-    ds.write_datasink(ShardSink(config.output), ray_remote_args={"num_cpus": IO_CPUS})
+    ds.write_datasink(ShardSink(config.output, config.storage_options), ray_remote_args={"num_cpus": IO_CPUS})
     wall = time.perf_counter() - started
     summary = write_summary(config, fs, root, wall, ray_startup_s)
     expected = min(manifest.num_rows, limit or manifest.num_rows)

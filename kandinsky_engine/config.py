@@ -165,6 +165,13 @@ class JobConfig(_Strict):
     ray_address: str | None = Field(
         None, description="Ray cluster to attach to; default RAY_ADDRESS, else a local cluster is started."
     )
+    storage_options: dict[str, dict] = Field(
+        default_factory=dict,
+        exclude=True,  # never in reports or _SUCCESS.json: may hold credentials
+        repr=False,
+        description="fsspec options per protocol, e.g. {s3: {endpoint_url: ..., key: ..., secret: ...}}; "
+        "applied to the manifest, input files and the output. Standard env vars (AWS_*) work too.",
+    )
 
 
 

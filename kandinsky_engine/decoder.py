@@ -7,21 +7,11 @@ import numpy as np
 from .config import JobConfig
 from .inputs import pack, unpack
 from .models import load_asset, load_module, resolve_source
-from .rows import failed, generators, group_rows, latent_size, mark_failed
+from .rows import failed, generators, group_rows, latent_size, mark_failed, strength_start
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
             "image_embeds", "negative_image_embeds")
-
-
 STRENGTH_TASKS = ("img2img", "controlnet_img2img")  # start from the noised init image
-
-
-def img2img_start(num_steps: int, strength: float) -> int:
-    """Index of the first timestep img2img runs: diffusers' `get_timesteps`."""
-    init_steps = min(int(num_steps * strength), num_steps)
-    if init_steps < 1:
-        raise ValueError(f"strength {strength} x num_inference_steps {num_steps} leaves no step to run")
-    return num_steps - init_steps
 
 
 class DecoderStage:
@@ -59,7 +49,7 @@ class DecoderStage:
         start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
         for i in np.flatnonzero(~failed(batch)):
             try:
-                start[i] = (img2img_start(int(steps[i]), float(batch["strength"][i]))
+                start[i] = (strength_start(int(steps[i]), float(batch["strength"][i]))
                             if batch["task"][i] in STRENGTH_TASKS else 0)
             except ValueError as exc:
                 mark_failed(batch, i, "DecoderStage", exc)

@@ -21,9 +21,10 @@ import threading
 import zlib
 from contextlib import contextmanager
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .storage import redact, url_to_fs
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: the neutral "paper" colour
 MASK_BACKGROUND = (0, 0, 0)  # transparent mask pixels become 0 = keep, so nothing is repainted by accident
@@ -48,23 +49,14 @@ class ImageInputError(ValueError):
 
 def read_uri(uri: str, storage_options: dict | None = None) -> bytes:
     """Whole file at a local path or fsspec URL (file://, s3://, ...) as bytes."""
-    options = storage_options or {}
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **options)
+        fs, path = url_to_fs(uri, storage_options)
         return fs.cat_file(path)
     except FileNotFoundError:
         raise ImageInputError(f"file not found: {uri}") from None
     except (OSError, ValueError, ImportError) as exc:
         # ImportError/ValueError: unknown protocol or missing backend (e.g. s3fs not installed).
-        raise ImageInputError(f"cannot read {uri}: {type(exc).__name__}: {_redact(str(exc), options)}") from None
-
-
-def _redact(message: str, options: dict) -> str:
-    # Backends sometimes echo their arguments; keep credentials out of row errors and logs.
-    for value in options.values():
-        if isinstance(value, str) and len(value) >= 4:
-            message = message.replace(value, "***")
-    return message
+        raise ImageInputError(f"cannot read {uri}: {type(exc).__name__}: {redact(str(exc), storage_options)}") from None
 
 
 @contextmanager

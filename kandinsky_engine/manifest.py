@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from .config import TASKS, JobConfig
 from .models import supported_tasks
+from .storage import redact, url_to_fs
 
 REQUIRED = {"id": "string", "prompt": "string"}
 OPTIONAL = {
@@ -72,7 +73,7 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
 
 def find_files(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """A file, a directory (every *.parquet below it) or a glob -> sorted list of files."""
-    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    fs, path = url_to_fs(location, storage_options)
     if any(ch in path for ch in "*?["):
         files = fs.glob(path)
     elif fs.isdir(path):
@@ -86,8 +87,8 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
     return fs, sorted(fs.unstrip_protocol(f) if "://" in location else f for f in files)
 
 
-def validate_manifest(config: JobConfig, storage_options: dict | None = None) -> Manifest:
-    fs, files = find_files(config.input.manifest, storage_options)
+def validate_manifest(config: JobConfig) -> Manifest:
+    fs, files = find_files(config.input.manifest, config.storage_options)
     allowed = supported_tasks(config.model)  # reads the decoder's U-Net config only
     problems: list[str] = []
     first_seen: dict[str, str] = {}
@@ -104,7 +105,8 @@ def validate_manifest(config: JobConfig, storage_options: dict | None = None) ->
                 table = parquet.read(columns=wanted)
                 columns.update(parquet.schema_arrow.names)
         except Exception as exc:  # unreadable / not Parquet
-            problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: {exc})")
+            problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: "
+                            f"{redact(str(exc), config.storage_options)})")
             continue
         total += table.num_rows
         tasks.update(table.column("task").drop_null().unique().to_pylist() if "task" in table.column_names else [])

@@ -10,17 +10,9 @@ import numpy as np
 from .config import JobConfig
 from .images import ImageInputError, decode_image
 from .models import load_asset, load_module
-from .rows import failed, generators, group_rows, is_null, mark_failed
+from .rows import failed, generators, group_rows, is_null, mark_failed, strength_start
 
 REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "prior_num_inference_steps", "prior_guidance_scale")
-
-
-def strength_start(num_steps: int, strength: float) -> int:
-    """Index of the first timestep a strength keeps: diffusers' `get_timesteps`."""
-    init_steps = min(int(num_steps * strength), num_steps)
-    if init_steps < 1:
-        raise ValueError(f"strength {strength} x {num_steps} steps leaves no step to run")
-    return num_steps - init_steps
 
 
 def mix_items(value) -> list[dict]:
@@ -79,7 +71,7 @@ class PriorStage:
             plain = [i for i in todo if batch["task"][i] not in ("mix", "variation")]
             for i, (e, ne) in zip(plain, self._prompt_rows(batch, plain)):
                 embeds[i], negative[i] = e, ne
-            for task, method in (("variation", self._variation_row), ("mix", self._mix_rows)):
+            for task, method in (("variation", self._variation_rows), ("mix", self._mix_rows)):
                 rows = [i for i in todo if batch["task"][i] == task]
                 if rows:
                     for i, result in zip(rows, method(batch, rows)):
@@ -182,7 +174,7 @@ class PriorStage:
             results.update(zip(group, out))
         return [results[i] for i in rows]
 
-    def _variation_row(self, batch, rows: list[int]) -> list:
+    def _variation_rows(self, batch, rows: list[int]) -> list:
         """emb2emb: the row's image embedding, re-noised by `strength`, guided by its prompt."""
         init, starts, results = {}, {}, {}
         for i in rows:

@@ -102,6 +102,14 @@ def generators(seeds) -> list:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+def strength_start(num_steps: int, strength: float) -> int:
+    """Index of the first timestep a `strength` keeps: diffusers' `get_timesteps` (img2img, emb2emb)."""
+    init_steps = min(int(num_steps * strength), num_steps)
+    if init_steps < 1:
+        raise ValueError(f"strength {strength} x {num_steps} steps leaves no step to run")
+    return num_steps - init_steps
+
+
 def latent_size(height: int, width: int, scale_factor: int) -> tuple[int, int]:
     """diffusers' `downscale_height_and_width`: round the image up to a multiple of scale_factor**2,
     return the latent size (image / scale_factor)."""

@@ -5,8 +5,11 @@ The builder only describes the lazy Ray Data plan; nothing runs until the caller
 
 from __future__ import annotations
 
+import fsspec
 import numpy as np
 import ray
+from fsspec.implementations.local import LocalFileSystem
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, Dataset
 
 from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
@@ -106,8 +109,18 @@ def rows_per_block(config: JobConfig) -> int:
     return max(stage.batch_size for stage in stages)
 
 
+def read_target(manifest: Manifest) -> tuple[list[str], PyFileSystem | None]:
+    """Paths and filesystem for `read_parquet`. The files were listed in the driver with the job's
+    storage options; the read tasks get that same filesystem (wrapped for pyarrow), so an endpoint
+    or credentials given only in the config reach them too. Local files need no wrapper."""
+    if isinstance(manifest.filesystem, LocalFileSystem):
+        return manifest.files, None
+    return [fsspec.core.strip_protocol(f) for f in manifest.files], PyFileSystem(FSSpecHandler(manifest.filesystem))
+
+
 def build_generation(config: JobConfig, manifest: Manifest, limit: int | None = None) -> Dataset:
-    ds = ray.data.read_parquet(manifest.files, num_cpus=IO_CPUS)
+    paths, filesystem = read_target(manifest)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=IO_CPUS)
     # Blocks are the unit of work (see Chunked), so they must be formed the same way every run:
     # in manifest order, of exactly rows_per_block rows. The split streams (no all-to-all
     # shuffle); without it a small file is one block and the stages would not overlap.
@@ -117,7 +130,8 @@ def build_generation(config: JobConfig, manifest: Manifest, limit: int | None = 
     ds = ds.repartition(target_num_rows_per_block=rows_per_block(config), strict=True)
     ds = ds.map_batches(resolve_params, fn_kwargs={"defaults": config.defaults}, batch_format="numpy", num_cpus=IO_CPUS)
     if manifest.tasks & set(FETCH_TASKS):
-        ds = ds.map_batches(fetch_inputs, batch_format="numpy", num_cpus=IO_CPUS)
+        ds = ds.map_batches(fetch_inputs, fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy",
+                            num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
         ds = ds.map_batches(Chunked, **stage_args(stage_class, stage, config))
     return ds

@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from typing import Iterable
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -20,6 +19,7 @@ from ray.data.block import Block, BlockAccessor
 from kandinsky_engine.config import OutputConfig
 from kandinsky_engine.manifest import MIX_ITEM
 from kandinsky_engine.rows import ERROR_COLUMNS
+from kandinsky_engine.storage import url_to_fs
 
 # Fixed types for the engine's own columns: a block whose values are all null would otherwise
 # get Arrow's null type and its shard would disagree with the others.
@@ -69,7 +69,7 @@ class ShardSink(Datasink):
             [errors["id"], errors["task"], errors["error_stage"], errors["error_type"], errors["error_message"]],
             schema=ERROR_SCHEMA,
         ) if errors.num_rows else None
-        fs, root = fsspec.core.url_to_fs(self.output.path, **self.storage_options)
+        fs, root = url_to_fs(self.output.path, self.storage_options)
         step = self.output.rows_per_shard
         for n, start in enumerate(range(0, data.num_rows, step)):
             self._put(fs, f"{root}/data", f"part-{self.run}-{ctx.task_idx:06d}-{n:03d}.parquet", data.slice(start, step))

@@ -237,3 +237,16 @@ def test_controlnet_job_with_given_and_estimated_hints(ray_cluster, model_cache,
     assert all(decode(r["image"]).shape == (64, 64, 3) for r in data.values())
     error = pq.read_table(tmp_path / "out" / "errors").to_pylist()[0]
     assert error["id"] == "no-hint-file" and error["message"].startswith("hint_uri: file not found")
+
+
+def test_hostile_ids_never_form_paths(ray_cluster, model_cache, tmp_path):
+    """Ids are data, never path parts: shard names come from the run and the write task only."""
+    ids = ["../escape", "/abs/path", "a/../../b", "%2e%2e%2fx", "nul\x00byte", "x" * 5000, "..", "C:\\win", "é/ü"]
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": i, "prompt": "p"} for i in ids])
+    out = tmp_path / "job" / "out"
+    run_job(make_config(model_cache, manifest, str(out)))
+    assert sorted(pq.read_table(out / "data").column("id").to_pylist()) == sorted(ids)
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents and p.name != "m.parquet"]
+    assert outside == []
+    inside = {p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file()}
+    assert inside == {"data", "_SUCCESS.json"}
