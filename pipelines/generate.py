@@ -5,6 +5,8 @@ The builder only describes the lazy Ray Data plan; nothing runs until the caller
 
 from __future__ import annotations
 
+import hashlib
+
 import fsspec
 import numpy as np
 import ray
@@ -22,14 +24,22 @@ from kandinsky_engine.rows import object_column, resolve_params
 # Reading, resolving and writing are light; giving them a fraction of a CPU keeps them
 # schedulable when the model actors hold every whole CPU of a small machine.
 IO_CPUS = 0.25
+UNIT = "_unit"  # internal column: the key of a row's unit of work (dropped by the writer)
+
+
+def tag_unit(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Marks every row of a freshly formed block with the block's key (a hash of its first id):
+    the unit of work, which later stages batch within whatever Ray bundles or merges."""
+    key = hashlib.sha256(str(block["id"][0]).encode()).hexdigest()[:16] if len(block["id"]) else ""
+    return {**block, UNIT: np.full(len(block["id"]), key, dtype=object)}
 
 
 class Chunked:
-    """Runs a stage on one whole block at a time, in chunks of its batch size.
+    """Runs a stage on each unit of work in a block, in chunks of the stage's batch size.
 
-    The block (rows_per_block rows, formed in manifest order) is the unit of work: a row always
-    shares its sub-batches with the same rows, whatever Ray bundles together, so reruns give
-    byte-identical images even though batch shape changes float results on CPU.
+    A unit (rows_per_block rows, formed in manifest order) is always split the same way, so a row
+    shares its sub-batches with the same rows whatever Ray bundles together, and reruns give
+    byte-identical images even though the batch shape changes float results on CPU.
     """
 
     def __init__(self, stage_class, batch_size: int, **kwargs):
@@ -37,9 +47,13 @@ class Chunked:
         self.batch_size = batch_size
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(block["id"])
-        parts = [self.stage({k: v[i : i + self.batch_size] for k, v in block.items()})
-                 for i in range(0, n, self.batch_size)]
+        units = block[UNIT]
+        starts = [i for i in range(len(units)) if i == 0 or units[i] != units[i - 1]] + [len(units)]
+        chunks = [(i, min(i + self.batch_size, end)) for start, end in zip(starts, starts[1:])
+                  for i in range(start, end, self.batch_size)]
+        parts = [self.stage({k: v[a:b] for k, v in block.items()}) for a, b in chunks]
+        if not parts:
+            return block
         return {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
 
 
@@ -128,6 +142,7 @@ def build_generation(config: JobConfig, manifest: Manifest, limit: int | None = 
     if limit:
         ds = ds.limit(limit)
     ds = ds.repartition(target_num_rows_per_block=rows_per_block(config), strict=True)
+    ds = ds.map_batches(tag_unit, batch_size=None, batch_format="numpy", num_cpus=IO_CPUS)  # one call per block
     ds = ds.map_batches(resolve_params, fn_kwargs={"defaults": config.defaults}, batch_format="numpy", num_cpus=IO_CPUS)
     if manifest.tasks & set(FETCH_TASKS):
         ds = ds.map_batches(fetch_inputs, fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy",

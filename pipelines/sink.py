@@ -63,7 +63,8 @@ class ShardSink(Datasink):
             return {"data_rows": 0, "error_rows": 0}
         table = pa.concat_tables(tables, promote_options="permissive")
         failed = pc.not_equal(table["error_message"], "")
-        data = with_fixed_types(table.filter(pc.invert(failed)).drop_columns(list(ERROR_COLUMNS)))
+        internal = [c for c in (*ERROR_COLUMNS, "_unit") if c in table.column_names]
+        data = with_fixed_types(table.filter(pc.invert(failed)).drop_columns(internal))
         errors = table.filter(failed)
         errors = pa.table(
             [errors["id"], errors["task"], errors["error_stage"], errors["error_type"], errors["error_message"]],
