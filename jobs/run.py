@@ -47,11 +47,11 @@ def connect(address: str | None) -> float:
 
 
 def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None) -> dict:
-    # Everything that can fail fast does so before Ray starts or a model loads.
+    # Everything that can fail fast does so before Ray starts or a model loads, and before an
+    # existing output is touched (--overwrite deletes it only once the job can run).
     manifest = validate_manifest(config)
     for part in ("prior", "decoder"):
         resolve_source(getattr(config.model, part), part, config.model.cache_dir)  # builds 'tiny' once, checks dirs
-    fs, root = prepare_output(config, overwrite)
     ray_startup_s = connect(address or config.ray_address)
 
     import ray
@@ -60,6 +60,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     from pipelines.sink import ShardSink
 
     check_resources(config, manifest, ray.cluster_resources())
+    fs, root = prepare_output(config, overwrite)
 
     log.info("manifest: %d rows in %d file(s)", manifest.num_rows, len(manifest.files))
     started = time.perf_counter()

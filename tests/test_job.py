@@ -122,6 +122,7 @@ def test_cli_run_and_unschedulable_plan(ray_cluster, model_cache, tmp_path, caps
     code = main(["run", str(tmp_path / "job.yaml"), "--overwrite", "--set", "decoder.num_cpus=2"])
     assert code == 2
     assert "stage actors reserve 2.4 CPUs (prior 1x0.2, decoder 1x2.0, movq 1x0.2)" in capsys.readouterr().err
+    assert pq.read_table(tmp_path / "out" / "data").num_rows == 2  # --overwrite deleted nothing
 
 
 def test_mixed_tasks_from_uris_and_bytes_with_bad_rows(ray_cluster, model_cache, tmp_path):
