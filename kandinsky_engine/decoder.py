@@ -7,7 +7,7 @@ import numpy as np
 from .config import JobConfig
 from .inputs import pack, unpack
 from .models import load_asset, load_module, resolve_source
-from .rows import failed, generators, group_rows, latent_size, mark_failed, strength_start
+from .rows import failed, generators, group_rows, latent_size, mark_failed, strength_start, working_size
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
             "image_embeds", "negative_image_embeds")
@@ -91,7 +91,7 @@ class DecoderStage:
             init = np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx])
             init = torch.from_numpy(init).to(self.device, dtype)  # (n, C, h, w)
         if task in ("controlnet", "controlnet_img2img"):
-            size = (lh * self.movq_scale_factor, lw * self.movq_scale_factor, 3)
+            size = (*working_size(int(batch["height"][idx[0]]), int(batch["width"][idx[0]]), self.movq_scale_factor), 3)
             hint = np.stack([np.frombuffer(batch["hint_pixels"][i], np.uint8).reshape(size) for i in idx])
             # diffusers' make_hint: uint8 (H, W, 3) -> float / 255 -> (3, H, W)
             hint = (torch.from_numpy(hint).float() / 255.0).permute(0, 3, 1, 2).to(self.device, dtype)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .config import JobConfig
-from .images import ImageInputError, decode_image
-from .rows import failed, is_null, latent_size, mark_failed
+from .images import ImageInputError, decode_input
+from .rows import failed, is_null, mark_failed, working_size
 
 CONTROLNET_TASKS = ("controlnet", "controlnet_img2img")
 
@@ -52,15 +52,14 @@ class HintStage:
         for i in np.flatnonzero(~failed(batch)):
             if batch["task"][i] not in CONTROLNET_TASKS:
                 continue
-            lh, lw = latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
-            size = (lw * self.scale_factor, lh * self.scale_factor)  # PIL order: (W, H)
+            h, w = working_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
+            size = (w, h)  # PIL order
             given = batch.get("hint_bytes", [None] * n)[i]
             kind = "image" if is_null(given) else "hint"
-            data = batch["image_bytes"][i] if kind == "image" else given
             try:
-                image = decode_image(b"" if is_null(data) else data, max_pixels=self.max_pixels)
+                image = decode_input(given if kind == "hint" else batch["image_bytes"][i], kind, max_pixels=self.max_pixels)
             except ImageInputError as exc:
-                mark_failed(batch, i, "HintStage", ImageInputError(f"{kind}: {exc}"))
+                mark_failed(batch, i, "HintStage", exc)
                 continue
             if image.size != size:
                 image = image.resize(size, resample=Image.BICUBIC)

@@ -132,6 +132,16 @@ def decode_mask(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
     return _to_rgb(_open_checked(data, max_pixels), MASK_BACKGROUND).convert("L")
 
 
+def decode_input(data, kind: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, mask: bool = False) -> Image.Image:
+    """A row's input cell (bytes, or null) -> decoded image; errors name the input, e.g. 'mask: empty file'."""
+    from .rows import is_null
+
+    try:
+        return (decode_mask if mask else decode_image)(b"" if is_null(data) else data, max_pixels=max_pixels)
+    except ImageInputError as exc:
+        raise ImageInputError(f"{kind}: {exc}") from None
+
+
 def fit_to_size(image: Image.Image, width: int, height: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
     """Resize to exactly (width, height), aspect ratio not kept; the same object if already that size."""
     if image.size == (width, height):

@@ -11,10 +11,10 @@ from collections import defaultdict
 import numpy as np
 
 from .config import JobConfig
-from .images import ImageInputError, decode_image, decode_mask, read_uri
+from .images import ImageInputError, decode_input, read_uri
 from .inpaint import image_tensor, keep_mask
 from .models import load_module
-from .rows import failed, is_null, latent_size, mark_failed, object_column
+from .rows import failed, is_null, mark_failed, object_column, working_size
 
 IMAGE_TASKS = ("img2img", "inpaint", "controlnet_img2img")  # tasks whose image the MoVQ encodes
 FETCH_TASKS = ("img2img", "inpaint", "variation", "mix", "controlnet", "controlnet_img2img")  # may name files
@@ -77,7 +77,7 @@ class MovqEncodeStage:
         from diffusers import VQModel
         from diffusers.image_processor import VaeImageProcessor
 
-        torch.set_num_threads(config.movq.threads())
+        torch.set_num_threads(config.encode.threads())
         self.device = torch.device(config.model.device)
         self.movq = load_module(VQModel, config.model, "decoder", "movq")
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
@@ -115,25 +115,17 @@ class MovqEncodeStage:
         out["init_latents"], out["keep_mask"] = init, masks
         return out
 
-    def _decode(self, batch, i: int, kind: str):
-        data = batch[f"{kind}_bytes"][i]
-        decode = decode_mask if kind == "mask" else decode_image
-        try:
-            return decode(b"" if is_null(data) else data, max_pixels=self.max_pixels)
-        except ImageInputError as exc:
-            raise ImageInputError(f"{kind}: {exc}") from None
-
     def _prepare(self, batch, i: int):
         """-> ((1, 3, H, W) pixels in [-1, 1], packed keep mask or None) for row i."""
         # The working size is the 64-rounded output size, as for text2img; the size policy crops
         # back afterwards.
-        lh, lw = latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
-        h, w = lh * self.scale_factor, lw * self.scale_factor
-        image = self._decode(batch, i, "image")
+        h, w = working_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
+        image = decode_input(batch["image_bytes"][i], "image", max_pixels=self.max_pixels)
         if batch["task"][i] in ("img2img", "controlnet_img2img"):
             # Height and width in the processor's order: diffusers 0.42 calls
             # preprocess(image, width, height) in both img2img pipelines, swapping them for
             # non-square sizes.
             return self.processor.preprocess(image, height=h, width=w), None
-        mask = keep_mask(self._decode(batch, i, "mask"), w, h, (lh, lw))
+        mask = decode_input(batch["mask_bytes"][i], "mask", max_pixels=self.max_pixels, mask=True)
+        mask = keep_mask(mask, w, h, (h // self.scale_factor, w // self.scale_factor))
         return image_tensor(image, w, h), pack(mask.numpy())

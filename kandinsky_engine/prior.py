@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 
 from .config import JobConfig
-from .images import ImageInputError, decode_image
+from .images import ImageInputError, decode_input
 from .models import load_asset, load_module
 from .rows import failed, generators, group_rows, is_null, mark_failed, strength_start
 
@@ -145,9 +145,9 @@ class PriorStage:
         out = self.text_encoder(tokens.input_ids.to(self.device))
         return out.text_embeds, out.last_hidden_state, tokens.attention_mask.bool().to(self.device)
 
-    def _encode_image(self, data) -> "torch.Tensor":
+    def _encode_image(self, data, kind: str) -> "torch.Tensor":
         """Encoded image bytes -> (D,) CLIP image embedding, through the CLIP image processor."""
-        image = decode_image(b"" if is_null(data) else data, max_pixels=self.max_pixels)
+        image = decode_input(data, kind, max_pixels=self.max_pixels)
         pixels = self.image_processor(image, return_tensors="pt").pixel_values
         return self.image_encoder(pixels.to(self.device, self.image_encoder.dtype))["image_embeds"][0]
 
@@ -180,9 +180,9 @@ class PriorStage:
         for i in rows:
             try:
                 starts[i] = strength_start(int(batch["prior_num_inference_steps"][i]), float(batch["strength"][i]))
-                init[i] = self._encode_image(batch["image_bytes"][i])
-            except (ImageInputError, ValueError) as exc:
-                results[i] = type(exc)(f"image: {exc}") if isinstance(exc, ImageInputError) else exc
+                init[i] = self._encode_image(batch["image_bytes"][i], "image")
+            except ValueError as exc:  # ImageInputError included
+                results[i] = exc
         ok = [i for i in rows if i not in results]
         results.update(zip(ok, self._prompt_rows(batch, ok, init=init, starts=starts)))
         return [results[i] for i in rows]
@@ -228,9 +228,9 @@ class PriorStage:
             try:
                 for it in items[i]:
                     if is_null(it.get("text")):
-                        total[i] += float(it["weight"]) * self._encode_image(it["image_bytes"]).float().cpu()
+                        total[i] += float(it["weight"]) * self._encode_image(it["image_bytes"], "mix image").float().cpu()
             except ImageInputError as exc:
-                results[i] = ImageInputError(f"mix image: {exc}")
+                results[i] = exc
                 continue
             negative = results.get(i)
             results[i] = (total[i].numpy(), self.zero_embed[0].float().cpu().numpy() if negative is None else negative)

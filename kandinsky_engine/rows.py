@@ -110,6 +110,12 @@ def strength_start(num_steps: int, strength: float) -> int:
     return num_steps - init_steps
 
 
+def working_size(height: int, width: int, scale_factor: int) -> tuple[int, int]:
+    """(H, W) the model works at: the requested size rounded up as diffusers rounds it."""
+    lh, lw = latent_size(height, width, scale_factor)
+    return lh * scale_factor, lw * scale_factor
+
+
 def latent_size(height: int, width: int, scale_factor: int) -> tuple[int, int]:
     """diffusers' `downscale_height_and_width`: round the image up to a multiple of scale_factor**2,
     return the latent size (image / scale_factor)."""
