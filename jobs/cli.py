@@ -18,14 +18,17 @@ def cmd_run(args) -> int:
     from jobs.run import run_job
 
     config = _config(args)
-    summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit)
+    summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
+                      new_run=args.new_run)
+    speed = f"{summary['images_per_s']:.2f} rows/s" if summary["images_per_s"] else "nothing left to run"
     print(
-        f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s), "
-        f"{summary['wall_time_s']:.1f}s ({summary['images_per_s']:.2f} images/s; "
-        f"Ray start-up {summary['ray_startup_s']:.1f}s)"
+        f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s) at {summary['output']}; this run: "
+        f"{summary['rows_computed']} rows computed, {summary['rows_skipped']} already committed, "
+        f"{summary['wall_time_s']:.1f}s ({speed}; Ray start-up {summary['ray_startup_s']:.1f}s)"
     )
     if summary["failed_rows"]:
-        print(f"{summary['failed_rows']} row(s) failed: see {config.output.path.rstrip('/')}/errors/", file=sys.stderr)
+        print(f"{summary['failed_rows']} row(s) failed: see {summary['output']}/errors/ "
+              "(rerun the same command to retry them)", file=sys.stderr)
         return 1
     return 0
 
@@ -36,6 +39,11 @@ def cmd_validate(args) -> int:
     config = _config(args)
     manifest = validate_manifest(config)
     print(f"ok: {manifest.num_rows} rows in {len(manifest.files)} file(s); columns {', '.join(manifest.columns)}")
+    if manifest.row_errors:
+        shown = list(manifest.row_errors.values())[:20]
+        print(f"{len(manifest.row_errors)} row(s) would fail (they go to errors/, the others run):\n  "
+              + "\n  ".join(shown), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -69,8 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="run a batch job"))
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty output path")
-    run.add_argument("--limit", type=int, metavar="N", help="smoke run: only the first N rows")
+    run.add_argument("--overwrite", action="store_true", help="delete the output path first and start over")
+    run.add_argument("--new-run", action="store_true",
+                     help="if the output holds a run with another fingerprint, write this one beside it (PATH-<fp>)")
+    run.add_argument("--limit", type=int, metavar="N",
+                     help="smoke run: the first N rows, rounded up to whole units (a later full run resumes it)")
     run.set_defaults(func=cmd_run)
 
     validate = with_config(sub.add_parser("validate", help="check the config and manifest without running"))
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
         # Config, manifest and output errors: one clear message, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2

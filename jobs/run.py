@@ -8,32 +8,16 @@ import os
 import time
 from datetime import datetime, timezone
 
-import fsspec
-import pyarrow.parquet as pq
-
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
 from kandinsky_engine.models import resolve_source
 from kandinsky_engine.storage import url_to_fs
 
+from .resume import choose_output, fingerprint_inputs, write_run
+
 log = logging.getLogger("kandinsky_engine")
 SUMMARY = "_SUCCESS.json"
-
-
-class OutputExistsError(RuntimeError):
-    pass
-
-
-def prepare_output(config: JobConfig, overwrite: bool) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = url_to_fs(config.output.path, config.storage_options)
-    if fs.exists(root) and fs.ls(root):
-        if not overwrite:
-            raise OutputExistsError(
-                f"output {config.output.path} is not empty; choose another output.path or pass --overwrite to replace it"
-            )
-        fs.rm(root, recursive=True)
-    fs.makedirs(root, exist_ok=True)
-    return fs, root
+RUNS = "_runs"  # one report per run (also those that ended with failed rows)
 
 
 def connect(address: str | None) -> float:
@@ -42,60 +26,120 @@ def connect(address: str | None) -> float:
 
     start = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        # "local" starts a fresh cluster: with no address, ray.init would attach to whatever cluster
+        # was started last on this machine (`ray start`, another test), which is not what was asked.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
     return time.perf_counter() - start
 
 
-def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None) -> dict:
+def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None,
+            new_run: bool = False) -> dict:
+    """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json."""
     # Everything that can fail fast does so before Ray starts or a model loads, and before an
     # existing output is touched (--overwrite deletes it only once the job can run).
     manifest = validate_manifest(config)
     for part in ("prior", "decoder"):
         resolve_source(getattr(config.model, part), part, config.model.cache_dir)  # builds 'tiny' once, checks dirs
+    from pipelines.generate import IO_CPUS, build_generation, check_resources, rows_per_block
+
+    block_rows = rows_per_block(config)
+    inputs = fingerprint_inputs(config, manifest, block_rows)
+    path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
+    if path != config.output.path.rstrip("/"):
+        log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     ray_startup_s = connect(address or config.ray_address)
 
     import ray
 
-    from pipelines.generate import IO_CPUS, build_generation, check_resources
+    from pipelines.output import cut_units, scan
     from pipelines.sink import ShardSink
 
     check_resources(config, manifest, ray.cluster_resources())
-    fs, root = prepare_output(config, overwrite)
+    fs, root = url_to_fs(path, config.storage_options)
+    if mode == "overwrite":
+        fs.rm(root, recursive=True)
+    if mode != "resume":
+        fs.makedirs(root, exist_ok=True)
+        write_run(fs, root, inputs)
+    known = previous_records(fs, root)
+    if fs.exists(f"{root}/{SUMMARY}"):
+        fs.rm(f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends
 
-    log.info("manifest: %d rows in %d file(s)", manifest.num_rows, len(manifest.files))
+    units = cut_units(manifest.ids, block_rows, limit)
+    state = scan(fs, root, units)
+    todo_rows = sum(len(u.ids) if state.todo[u.index][1] is None else len(state.todo[u.index][1])
+                    for u in units if u.index in state.todo)
+    log.info("manifest: %d rows in %d file(s); %d units of %d rows; already committed: %d rows; to run: %d rows "
+             "(%d retried)%s", manifest.num_rows, len(manifest.files), len(units), block_rows, state.rows_done,
+             todo_rows, state.rows_retried, f"; removed stale {', '.join(state.cleaned)}" if state.cleaned else "")
+    if manifest.row_errors:
+        log.warning("%d row(s) failed validation and go to errors/, e.g. %s", len(manifest.row_errors),
+                    next(iter(manifest.row_errors.values())))
     started = time.perf_counter()
-    ds = build_generation(config, manifest, limit=limit)
-    ds.write_datasink(ShardSink(config.output, config.storage_options), ray_remote_args={"num_cpus": IO_CPUS})
+    sink = ShardSink(path, config.storage_options)
+    if state.todo:
+        ds = build_generation(config, manifest, units, state.todo)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
     wall = time.perf_counter() - started
-    summary = write_summary(config, fs, root, wall, ray_startup_s)
-    expected = min(manifest.num_rows, limit or manifest.num_rows)
+    report = {
+        "run": sink.tmp_tag,
+        "rows_skipped": state.rows_done,
+        "rows_computed": todo_rows,
+        "rows_retried": state.rows_retried,
+        "oom_splits": sink.oom_splits,
+        "cleaned": state.cleaned,
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(todo_rows / wall, 4) if wall and todo_rows else None,
+        "ray_startup_s": round(ray_startup_s, 3),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "records": sink.records,
+    }
+    fs.makedirs(f"{root}/{RUNS}", exist_ok=True)
+    with fs.open(f"{root}/{RUNS}/{sink.tmp_tag}.json", "w") as f:
+        json.dump(report, f, indent=2)
+    summary = write_summary(config, fs, root, path, report, {**known, **{r["file"]: r for r in sink.records}})
+    expected = sum(len(u.ids) for u in units)
     if summary["rows"] + summary["failed_rows"] != expected:
-        raise RuntimeError(f"wrote {summary['rows']} + {summary['failed_rows']} failed rows, expected {expected}")
+        raise RuntimeError(f"{path}: {summary['rows']} rows + {summary['failed_rows']} failed rows, expected {expected}")
     return summary
 
 
-def list_shards(fs, folder: str) -> list[dict]:
-    shards = []
-    for path in sorted(fs.glob(f"{folder}/*.parquet")):
-        with fs.open(path, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        shards.append({"file": path.rsplit("/", 1)[-1], "rows": rows, "bytes": fs.size(path)})
-    return shards
+def previous_records(fs, root: str) -> dict[str, dict]:
+    """Shard records reported by earlier runs (a killed run reported none: its shards are read back)."""
+    known = {}
+    for report in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
+        with fs.open(report, "r") as f:
+            known.update({r["file"]: r for r in json.load(f).get("records", [])})
+    return known
 
 
-def write_summary(config: JobConfig, fs, root: str, wall: float, ray_startup_s: float) -> dict:
-    """`_SUCCESS.json`, written last: its presence means every shard listed in it is complete."""
-    shards, errors = list_shards(fs, f"{root}/data"), list_shards(fs, f"{root}/errors")
-    total = sum(s["rows"] for s in shards)
+def write_summary(config: JobConfig, fs, root: str, path: str, report: dict, known: dict[str, dict]) -> dict:
+    """`_SUCCESS.json`, written last: its presence means every row is in data/ or errors/ and
+    every shard listed in it is complete."""
+    from pipelines.output import shard_records
+
+    records = shard_records(fs, root, known)
+    shards = [r for r in records if r["file"].startswith("data/")]
+    errors = [r for r in records if r["file"].startswith("errors/")]
+    runs = []
+    for name in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
+        with fs.open(name, "r") as f:
+            runs.append({k: v for k, v in json.load(f).items() if k != "records"})
     summary = {
-        "rows": total,
+        "output": path,
+        "rows": sum(s["rows"] for s in shards),
         "failed_rows": sum(s["rows"] for s in errors),
+        "rows_skipped": report["rows_skipped"],
+        "rows_computed": report["rows_computed"],
+        "rows_retried": report["rows_retried"],
+        "oom_splits": sum(r["oom_splits"] for r in runs),
         "shards": shards,
         "error_shards": errors,
-        "wall_time_s": round(wall, 3),
-        "images_per_s": round(total / wall, 4) if wall else None,
-        "ray_startup_s": round(ray_startup_s, 3),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_time_s": report["wall_time_s"],
+        "images_per_s": report["images_per_s"],
+        "ray_startup_s": report["ray_startup_s"],
+        "runs": runs,
+        "finished_at": report["finished_at"],
         "config": config.model_dump(mode="json"),
     }
     with fs.open(f"{root}/{SUMMARY}", "w") as f:

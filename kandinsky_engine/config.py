@@ -118,12 +118,11 @@ class InputConfig(_Strict):
     rows_per_block: int | None = Field(
         None,
         ge=1,
-        description="Rows per Ray block, the unit of work: blocks are formed in manifest order and each stage "
-        "splits a block into its own batch size, so a row's batch-mates never vary between runs. Default: the "
-        "largest stage batch size. Small blocks also let the stages overlap.",
+        description="Rows per unit of work: units are cut in manifest order, each stage splits a unit into its own "
+        "batch size (so a row's batch-mates never vary between runs), and a unit is committed as one data shard "
+        "(so it is also the shard size and the most work a crash can lose per in-flight unit). Default: 8 x the "
+        "largest stage batch size. Smaller units let the stages overlap sooner; larger ones make fewer files.",
     )
-
-
     max_image_pixels: int = Field(
         8192 * 8192, ge=1, description="Input images above this many pixels are refused (decompression bombs), "
         "checked from the header before decoding."
@@ -133,10 +132,11 @@ class InputConfig(_Strict):
 class OutputConfig(_Strict):
     """Where and how results are written."""
 
-    path: str = Field(..., description="Output prefix; images and metadata go to PATH/data/, the summary to PATH/_SUCCESS.json.")
+    path: str = Field(..., description="Output prefix: PATH/data/ (images and metadata), PATH/errors/ (failed rows), "
+                      "PATH/_RUN.json (fingerprint), PATH/_SUCCESS.json (summary, written last). Rerunning a job "
+                      "into the same PATH resumes it.")
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the `image` column.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
-    rows_per_shard: int = Field(1000, ge=1, description="Upper bound on rows in one Parquet shard.")
     size_policy: Literal["crop", "round_up", "reject"] = Field(
         "crop",
         description="Sizes that are not multiples of 64: the model works at the next multiple of 64 "

@@ -1,12 +1,17 @@
 """Manifest discovery and validation, run in the driver before any model loads.
 
-Errors name the file, the column and the row id (or the row number where the id itself is bad),
-and all problems found are reported together, so a bad manifest is fixed in one round.
+Two kinds of problems, both named by file, column and row id (or row number where the id itself
+is bad):
+- manifest-level (unreadable file, missing or mistyped column, null or duplicate id): the job
+  cannot run, so it fails fast with every such problem listed together;
+- row-level (a null prompt, a size below 1, a task the decoder cannot run, a missing input...):
+  one bad row never kills a job. Such rows are carried in `Manifest.row_errors` and the pipeline
+  sends them to errors/ like any other failed row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -55,8 +60,10 @@ class Manifest:
     files: list[str]  # fully qualified paths, sorted: the order rows are read in
     num_rows: int
     columns: list[str]
-    tasks: set[str]  # tasks present, after job defaults
+    tasks: set[str]  # tasks of the valid rows, after job defaults
     filesystem: fsspec.AbstractFileSystem
+    ids: list[str] = field(default_factory=list)  # every id, in read order: units are cut from it
+    row_errors: dict[str, str] = field(default_factory=dict)  # id -> "file: column ...: problem"
 
 
 def _type_ok(kind: str, t: pa.DataType) -> bool:
@@ -91,9 +98,10 @@ def validate_manifest(config: JobConfig) -> Manifest:
     fs, files = find_files(config.input.manifest, config.storage_options)
     allowed = supported_tasks(config.model)  # reads the decoder's U-Net config only
     problems: list[str] = []
+    row_errors: dict[str, str] = {}
     first_seen: dict[str, str] = {}
     tasks: set[str] = set()
-    total = 0
+    ids: list[str] = []
     columns: set[str] = set()
     for name in files:
         try:
@@ -104,27 +112,33 @@ def validate_manifest(config: JobConfig) -> Manifest:
                 wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
                 table = parquet.read(columns=wanted)
                 columns.update(parquet.schema_arrow.names)
+        except PermissionError as exc:  # a 403 is not a bad row: nothing here can be read
+            raise ManifestError(f"{name}: access denied ({redact(str(exc), config.storage_options)})") from None
         except Exception as exc:  # unreadable / not Parquet
             problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: "
                             f"{redact(str(exc), config.storage_options)})")
             continue
-        total += table.num_rows
-        tasks.update(table.column("task").drop_null().unique().to_pylist() if "task" in table.column_names else [])
-        if "task" not in table.column_names or table.column("task").null_count:
-            tasks.add(config.defaults.task)
-        problems += _check_table(name, table, config, first_seen, allowed)
+        fatal = _check_schema(name, table, first_seen)
+        problems += fatal
+        if fatal:
+            continue
+        file_ids = table.column("id").to_pylist()
+        ids += file_ids
+        bad = _check_rows(name, table, config, file_ids, allowed)
+        row_errors.update(bad)
+        tasks.update(t for i, t in zip(file_ids, _tasks(table, config)) if i not in bad)
     if problems:
         shown = problems[:MAX_REPORTED]
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise ManifestError("invalid manifest:\n  " + "\n  ".join(shown) + more)
-    if total == 0:
+    if not ids:
         raise ManifestError(f"manifest {config.input.manifest}: no rows")
-    return Manifest(files=files, num_rows=total, columns=sorted(columns), tasks=tasks, filesystem=fs)
+    return Manifest(files=files, num_rows=len(ids), columns=sorted(columns), tasks=tasks, filesystem=fs,
+                    ids=ids, row_errors=row_errors)
 
 
-def _check_table(
-    name: str, table: pa.Table, config: JobConfig, first_seen: dict[str, str], allowed: tuple[str, ...]
-) -> list[str]:
+def _check_schema(name: str, table: pa.Table, first_seen: dict[str, str]) -> list[str]:
+    """Manifest-level problems: the job cannot run (or cannot name its rows) until they are fixed."""
     problems = []
     schema = table.schema
     for column in REQUIRED:
@@ -133,76 +147,83 @@ def _check_table(
     for column, kind in {**REQUIRED, **OPTIONAL}.items():
         if column in schema.names and not _type_ok(kind, schema.field(column).type):
             problems.append(f"{name}: column '{column}' must be {kind}, got {schema.field(column).type}")
-    if problems or "id" not in schema.names:
+    if problems:
         return problems
-
-    ids = table.column("id").to_pylist()
-    for row, row_id in enumerate(ids):
+    for row, row_id in enumerate(table.column("id").to_pylist()):
         if row_id is None or row_id == "":
             problems.append(f"{name}: column 'id' is null or empty at row {row}")
         elif row_id in first_seen:
             problems.append(f"{name}: duplicate id {row_id!r} (first in {first_seen[row_id]})")
         else:
             first_seen[row_id] = name
-    for row in _null_rows(table, "prompt"):
-        problems.append(f"{name}: column 'prompt' is null at id {ids[row]!r}")
+    return problems
+
+
+def _tasks(table: pa.Table, config: JobConfig) -> list[str]:
+    tasks = table.column("task").to_pylist() if "task" in table.column_names else [None] * table.num_rows
+    return [t if t is not None else config.defaults.task for t in tasks]
+
+
+def _check_rows(name: str, table: pa.Table, config: JobConfig, ids: list, allowed: tuple[str, ...]) -> dict[str, str]:
+    """Row-level problems, id -> message (the first problem found for that row)."""
+    found: list[tuple[int, str]] = []
+    schema = table.schema
+    found += [(r, "column 'prompt' is null") for r in _null_rows(table, "prompt")]
     for column, low in MINIMUM.items():
         if column in schema.names:
-            bad = pc.less(table.column(column), low).to_pylist()
-            problems += [
-                f"{name}: column '{column}' must be >= {low}, got {table.column(column)[r].as_py()} at id {ids[r]!r}"
-                for r, is_bad in enumerate(bad) if is_bad
-            ]
-    problems += _check_tasks(name, table, config, ids, allowed)
+            values = table.column(column).to_pylist()
+            found += [(r, f"column '{column}' must be >= {low}, got {v}")
+                      for r, v in enumerate(values) if v is not None and v < low]
     if config.output.size_policy == "reject":
         for column in ("width", "height"):
             values = table.column(column).to_pylist() if column in schema.names else [None] * len(ids)
             default = getattr(config.defaults, column)
-            problems += [
-                f"{name}: column '{column}' is {v if v is not None else default}, not a multiple of 64 "
-                f"(output.size_policy=reject) at id {ids[r]!r}"
-                for r, v in enumerate(values) if (v if v is not None else default) % 64
-            ]
-    return problems
+            found += [(r, f"column '{column}' is {v if v is not None else default}, not a multiple of 64 "
+                       "(output.size_policy=reject)")
+                      for r, v in enumerate(values) if (v if v is not None else default) % 64]
+    found += _check_tasks(table, config, allowed)
+    errors: dict[str, str] = {}
+    for r, message in sorted(found, key=lambda f: f[0]):
+        errors.setdefault(ids[r], f"{name}: {message} at id {ids[r]!r}")
+    return errors
 
 
-def _check_tasks(name: str, table: pa.Table, config: JobConfig, ids: list, allowed: tuple[str, ...]) -> list[str]:
+def _check_tasks(table: pa.Table, config: JobConfig, allowed: tuple[str, ...]) -> list[tuple[int, str]]:
     schema = table.schema
-    tasks = table.column("task").to_pylist() if "task" in schema.names else [None] * len(ids)
-    tasks = [t if t is not None else config.defaults.task for t in tasks]
-    problems = []
+    tasks = _tasks(table, config)
+    found = []
     for r, task in enumerate(tasks):
         if task not in TASKS:
-            problems.append(f"{name}: column 'task' is {task!r}, expected one of {TASKS}, at id {ids[r]!r}")
+            found.append((r, f"column 'task' is {task!r}, expected one of {TASKS},"))
         elif task not in allowed:
-            problems.append(f"{name}: task {task!r} needs another decoder than model.decoder={config.model.decoder!r} "
-                            f"(which runs {', '.join(allowed)}), at id {ids[r]!r}")
+            found.append((r, f"column 'task': {task!r} needs another decoder than model.decoder="
+                             f"{config.model.decoder!r} (which runs {', '.join(allowed)}),"))
     if "strength" in schema.names:
-        problems += [f"{name}: column 'strength' must be within [0, 1], got {v} at id {ids[r]!r}"
-                     for r, v in enumerate(table.column("strength").to_pylist()) if v is not None and not 0 <= v <= 1]
+        found += [(r, f"column 'strength' must be within [0, 1], got {v}")
+                  for r, v in enumerate(table.column("strength").to_pylist()) if v is not None and not 0 <= v <= 1]
     present = {}
     for kind in ("image", "mask", "hint"):
-        present[kind] = [False] * len(ids)
+        present[kind] = [False] * len(tasks)
         for column in (f"{kind}_uri", f"{kind}_bytes"):
             if column in schema.names:
                 present[kind] = [p or v for p, v in zip(present[kind], pc.is_valid(table.column(column)).to_pylist())]
-        problems += [f"{name}: task {t!r} needs a '{kind}_uri' or '{kind}_bytes' value, missing at id {ids[r]!r}"
-                     for r, t in enumerate(tasks) if kind in TASK_INPUTS.get(t, ()) and not present[kind][r]]
-    problems += [f"{name}: task 'controlnet' needs a hint (hint_uri/hint_bytes) or an image to estimate depth "
-                 f"from (image_uri/image_bytes), missing at id {ids[r]!r}"
-                 for r, t in enumerate(tasks) if t == "controlnet" and not (present["hint"][r] or present["image"][r])]
-    mixes = table.column("mix").to_pylist() if "mix" in schema.names else [None] * len(ids)
+        found += [(r, f"column '{kind}_uri': task {t!r} needs a '{kind}_uri' or '{kind}_bytes' value, missing")
+                  for r, t in enumerate(tasks) if kind in TASK_INPUTS.get(t, ()) and not present[kind][r]]
+    found += [(r, "column 'hint_uri': task 'controlnet' needs a hint (hint_uri/hint_bytes) or an image to "
+                  "estimate depth from (image_uri/image_bytes), missing")
+              for r, t in enumerate(tasks) if t == "controlnet" and not (present["hint"][r] or present["image"][r])]
+    mixes = table.column("mix").to_pylist() if "mix" in schema.names else [None] * len(tasks)
     for r, (task, mix) in enumerate(zip(tasks, mixes)):
         if task != "mix":
             continue
         if not mix:
-            problems.append(f"{name}: task 'mix' needs a non-empty 'mix' list, missing at id {ids[r]!r}")
+            found.append((r, "column 'mix': task 'mix' needs a non-empty 'mix' list, missing"))
         for n, item in enumerate(mix or []):
             sources = [k for k in ("text", "image_uri", "image_bytes") if item.get(k) is not None]
             if len(sources) != 1 or item.get("weight") is None:
-                problems.append(f"{name}: column 'mix' item {n} needs exactly one of text, image_uri, image_bytes "
-                                f"and a weight, at id {ids[r]!r}")
-    return problems
+                found.append((r, f"column 'mix' item {n} needs exactly one of text, image_uri, image_bytes "
+                                 "and a weight,"))
+    return found
 
 
 def _null_rows(table: pa.Table, column: str) -> list[int]:

@@ -5,8 +5,6 @@ The builder only describes the lazy Ray Data plan; nothing runs until the caller
 
 from __future__ import annotations
 
-import hashlib
-
 import fsspec
 import numpy as np
 import ray
@@ -19,19 +17,52 @@ from kandinsky_engine.config import StageConfig
 from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
 from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
-from kandinsky_engine.rows import object_column, resolve_params
+from kandinsky_engine.rows import ERROR_COLUMNS, object_column, resolve_params
+
+from .output import Unit
+from .sink import ATTEMPT, SPLITS, UNIT, UNIT_ROWS
 
 # Reading, resolving and writing are light; giving them a fraction of a CPU keeps them
 # schedulable when the model actors hold every whole CPU of a small machine.
 IO_CPUS = 0.25
-UNIT = "_unit"  # internal column: the key of a row's unit of work (dropped by the writer)
+# A unit must reach the writer as one block (see ShardSink.write); Ray Data splits map outputs
+# above this size, so it is raised from Ray's 128 MiB default to fit large units of big images.
+MAX_BLOCK_BYTES = 1 << 30
 
 
-def tag_unit(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Marks every row of a freshly formed block with the block's key (a hash of its first id):
-    the unit of work, which later stages batch within whatever Ray bundles or merges."""
-    key = hashlib.sha256(str(block["id"][0]).encode()).hexdigest()[:16] if len(block["id"]) else ""
-    return {**block, UNIT: np.full(len(block["id"]), key, dtype=object)}
+def tag_unit(block: dict[str, np.ndarray], units: dict[str, int], todo: dict[int, tuple[int, list | None]],
+             row_errors: dict[str, str]) -> dict[str, np.ndarray]:
+    """Names a freshly formed block's unit of work and keeps only its rows still to do.
+
+    Blocks are cut in manifest order, so a block is exactly one unit; its first id says which.
+    A committed unit leaves no rows; a unit being retried keeps its failed rows only. Rows that
+    failed validation are marked failed here, so they go to errors/ like any other failed row.
+    """
+    n = len(block["id"])
+    if n == 0:
+        return block
+    unit = units.get(str(block["id"][0]))
+    if unit is None:
+        raise RuntimeError(f"a block starts at id {block['id'][0]!r}, not at a unit boundary")
+    attempt, rows = todo.get(unit, (0, []))
+    keep = np.ones(n, dtype=bool) if rows is None else np.isin(block["id"].astype(str), rows)
+    out = {k: v[keep] for k, v in block.items()}
+    k = int(keep.sum())
+    out.update({UNIT: np.full(k, unit, dtype=np.int64), ATTEMPT: np.full(k, attempt, dtype=np.int64),
+                UNIT_ROWS: np.full(k, k, dtype=np.int64), SPLITS: np.zeros(k, dtype=np.int64)})
+    for name in ERROR_COLUMNS:
+        out[name] = np.full(k, "", dtype=object)
+    for i, row_id in enumerate(out["id"]):
+        if (message := row_errors.get(str(row_id))) is not None:
+            out["error_stage"][i], out["error_type"][i], out["error_message"][i] = "validate", "InvalidRow", message
+    return out
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the allocator's RuntimeError on CPU."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 class Chunked:
@@ -40,21 +71,63 @@ class Chunked:
     A unit (rows_per_block rows, formed in manifest order) is always split the same way, so a row
     shares its sub-batches with the same rows whatever Ray bundles together, and reruns give
     byte-identical images even though the batch shape changes float results on CPU.
+
+    A chunk that raises (out of memory, or a row that makes the model fail) is split in halves and
+    each half retried, down to single rows; a single row that still raises becomes a row error.
+    OOM splits are counted in the `_oom_splits` column (on the first row of the split chunk).
     """
 
     def __init__(self, stage_class, batch_size: int, **kwargs):
         self.stage = stage_class(**kwargs)
+        self.name = stage_class.__name__
         self.batch_size = batch_size
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if UNIT not in block:  # an empty block (its unit was committed)
+            return block
         units = block[UNIT]
         starts = [i for i in range(len(units)) if i == 0 or units[i] != units[i - 1]] + [len(units)]
         chunks = [(i, min(i + self.batch_size, end)) for start, end in zip(starts, starts[1:])
                   for i in range(start, end, self.batch_size)]
-        parts = [self.stage({k: v[a:b] for k, v in block.items()}) for a, b in chunks]
+        parts = [self.run({k: v[a:b] for k, v in block.items()}) for a, b in chunks]
         if not parts:
             return block
         return {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
+
+    def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Stages mark failed rows in place: a chunk retried after an exception starts clean.
+        chunk = {k: v.copy() if k in ERROR_COLUMNS or k == SPLITS else v for k, v in chunk.items()}
+        try:
+            return self.stage(chunk)
+        except Exception as exc:
+            n = len(chunk["id"])
+            oom = is_oom(exc)
+            if oom:
+                _release_memory()
+            if n == 1:
+                message = f"{'out of memory at batch size 1: ' if oom else ''}{exc}"
+                for name, value in zip(ERROR_COLUMNS, (self.name, type(exc).__name__, message[:2000])):
+                    chunk[name][0] = value
+                # Stages pass failed rows through with empty outputs: run it again so that the row
+                # carries the same columns as its batch-mates.
+                try:
+                    return self.stage(chunk)
+                except Exception:
+                    return chunk
+            half = n // 2
+            parts = [self.run({k: v[a:b] for k, v in chunk.items()}) for a, b in ((0, half), (half, n))]
+            out = {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
+            if oom:
+                out[SPLITS] = out[SPLITS].copy()
+                out[SPLITS][0] += 1
+            return out
+
+
+def _release_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def arrow_friendly(column: np.ndarray) -> np.ndarray:
@@ -73,7 +146,10 @@ def concat(columns: list[np.ndarray]) -> np.ndarray:
 
 def stage_args(stage_class, stage: StageConfig, config: JobConfig) -> dict:
     """`map_batches` arguments of one model stage: its own pool of resident actors, one block per call."""
+    # One class per pool, so Ray's progress bars and state API name the stage ("DecoderStagePool").
+    pool = type(f"{stage_class.__name__}Pool", (Chunked,), {})
     return dict(
+        fn=pool,
         fn_constructor_kwargs={"stage_class": stage_class, "batch_size": stage.batch_size, "config": config},
         batch_size=None,  # the whole block: see Chunked
         batch_format="numpy",
@@ -116,11 +192,11 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
 
 
 def rows_per_block(config: JobConfig) -> int:
-    """One block per largest batch, so that every stage has work while the next one runs."""
+    """Rows per unit of work (= per data shard): a few batches of the largest stage batch size."""
     if config.input.rows_per_block:
         return config.input.rows_per_block
     stages = (config.prior, config.hint, config.encode, config.decoder, config.movq)
-    return max(stage.batch_size for stage in stages)
+    return 8 * max(stage.batch_size for stage in stages)
 
 
 def read_target(manifest: Manifest) -> tuple[list[str], PyFileSystem | None]:
@@ -132,21 +208,25 @@ def read_target(manifest: Manifest) -> tuple[list[str], PyFileSystem | None]:
     return [fsspec.core.strip_protocol(f) for f in manifest.files], PyFileSystem(FSSpecHandler(manifest.filesystem))
 
 
-def build_generation(config: JobConfig, manifest: Manifest, limit: int | None = None) -> Dataset:
+def build_generation(config: JobConfig, manifest: Manifest, units: list[Unit],
+                     todo: dict[int, tuple[int, list | None]]) -> Dataset:
+    """The plan for the `todo` units (unit -> (attempt, rows to retry or None for all))."""
     paths, filesystem = read_target(manifest)
     ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=IO_CPUS)
     # Blocks are the unit of work (see Chunked), so they must be formed the same way every run:
     # in manifest order, of exactly rows_per_block rows. The split streams (no all-to-all
     # shuffle); without it a small file is one block and the stages would not overlap.
     ds.context.execution_options.preserve_order = True
-    if limit:
-        ds = ds.limit(limit)
+    ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, MAX_BLOCK_BYTES)
+    ds = ds.limit(sum(len(u.ids) for u in units))  # a --limit, rounded up to whole units
     ds = ds.repartition(target_num_rows_per_block=rows_per_block(config), strict=True)
-    ds = ds.map_batches(tag_unit, batch_size=None, batch_format="numpy", num_cpus=IO_CPUS)  # one call per block
+    first_ids = {u.ids[0]: u.index for u in units}
+    tag_args = {"units": first_ids, "todo": todo, "row_errors": manifest.row_errors}
+    ds = ds.map_batches(tag_unit, fn_kwargs=tag_args, batch_size=None, batch_format="numpy", num_cpus=IO_CPUS)
     ds = ds.map_batches(resolve_params, fn_kwargs={"defaults": config.defaults}, batch_format="numpy", num_cpus=IO_CPUS)
     if manifest.tasks & set(FETCH_TASKS):
         ds = ds.map_batches(fetch_inputs, fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy",
                             num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
-        ds = ds.map_batches(Chunked, **stage_args(stage_class, stage, config))
+        ds = ds.map_batches(**stage_args(stage_class, stage, config))
     return ds

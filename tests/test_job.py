@@ -40,7 +40,7 @@ def first_run(ray_cluster, model_cache, tmp_path_factory):
     manifest = write_manifest(tmp / "manifest.parquet", manifest_rows(14))
     # Blocks of 6 rows, split by the stages into 2s, 4s and 3s: the rerun test below then shows
     # that a row's batch-mates (and so its pixels) do not depend on how Ray bundles blocks.
-    config = make_config(model_cache, manifest, str(tmp / "out"), output={"rows_per_shard": 5},
+    config = make_config(model_cache, manifest, str(tmp / "out"),
                          input={"rows_per_block": 6}, prior={"batch_size": 2}, movq={"batch_size": 3})
     summary = run_job(config)
     return config, summary, *read_output(config.output.path)
@@ -63,10 +63,14 @@ def test_every_row_exactly_once_with_requested_size(first_run):
 def test_summary_is_written_last_and_lists_every_shard(first_run):
     config, summary, rows, count = first_run
     on_disk = json.loads(open(f"{config.output.path}/_SUCCESS.json").read())
-    assert on_disk["rows"] == 14 and sum(s["rows"] for s in on_disk["shards"]) == 14
-    assert all(s["rows"] <= 5 for s in on_disk["shards"])
+    assert on_disk["rows"] == 14 and [s["rows"] for s in on_disk["shards"]] == [6, 6, 2]  # one shard per unit
     listed = {s["file"] for s in on_disk["shards"]}
-    assert listed == {p.split("/")[-1] for p in pq.ParquetDataset(f"{config.output.path}/data").files}
+    assert listed == {"data/" + p.split("/")[-1] for p in pq.ParquetDataset(f"{config.output.path}/data").files}
+    import hashlib
+
+    for shard in on_disk["shards"]:
+        payload = open(f"{config.output.path}/{shard['file']}", "rb").read()
+        assert (len(payload), hashlib.sha256(payload).hexdigest()) == (shard["bytes"], shard["sha256"])
     assert on_disk["images_per_s"] > 0 and on_disk["config"]["defaults"]["num_inference_steps"] == 2
 
 
@@ -86,11 +90,18 @@ def test_rerun_gives_byte_identical_images(first_run):
     assert {k: r["image"] for k, r in again.items()} == {k: r["image"] for k, r in rows.items()}
 
 
-def test_existing_output_is_refused_without_overwrite(first_run):
-    from jobs.run import OutputExistsError
+def test_rerun_resumes_and_a_changed_job_is_refused(first_run):
+    from jobs.resume import FingerprintMismatch
 
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        run_job(first_run[0])
+    config = first_run[0]
+    summary = run_job(config)  # the same command again: everything is committed, nothing runs
+    assert (summary["rows"], summary["rows_skipped"], summary["rows_computed"]) == (14, 14, 0)
+    changed = config.model_copy(update={"defaults": config.defaults.model_copy(update={"guidance_scale": 5.0})})
+    with pytest.raises(FingerprintMismatch, match=r"(?s)another run.*defaults.guidance_scale: 4.0 -> 5.0.*--new-run"):
+        run_job(changed)
+    beside = run_job(changed, new_run=True)
+    assert beside["output"].startswith(config.output.path + "-") and beside["rows"] == 14
+    assert read_output(config.output.path)[1] == 14  # the first run is untouched
 
 
 def test_job_images_equal_diffusers(ray_cluster, model_cache, tiny_root, tmp_path):
@@ -114,12 +125,13 @@ def test_cli_run_and_unschedulable_plan(ray_cluster, model_cache, tmp_path, caps
         f"input: {{manifest: {manifest}}}\noutput: {{path: out}}\nmodel: {{cache_dir: {model_cache}}}\n"
         "defaults: {num_inference_steps: 2, prior_num_inference_steps: 2, width: 64, height: 64}\n"
     )
-    assert main(["run", str(tmp_path / "job.yaml"), "--limit", "2"]) == 0
+    assert main(["run", str(tmp_path / "job.yaml"), "--limit", "2", "--set", "input.rows_per_block=2"]) == 0
     assert "done: 2 rows" in capsys.readouterr().out
     assert pq.read_table(tmp_path / "out" / "data").num_rows == 2
 
     # Actors reserving every CPU would stall Ray Data silently: refused up front instead.
-    code = main(["run", str(tmp_path / "job.yaml"), "--overwrite", "--set", "decoder.num_cpus=2"])
+    code = main(["run", str(tmp_path / "job.yaml"), "--overwrite", "--set", "decoder.num_cpus=2",
+                 "--set", "input.rows_per_block=2"])
     assert code == 2
     assert "stage actors reserve 2.4 CPUs (prior 1x0.2, decoder 1x2.0, movq 1x0.2)" in capsys.readouterr().err
     assert pq.read_table(tmp_path / "out" / "data").num_rows == 2  # --overwrite deleted nothing
@@ -241,7 +253,7 @@ def test_controlnet_job_with_given_and_estimated_hints(ray_cluster, model_cache,
 
 
 def test_hostile_ids_never_form_paths(ray_cluster, model_cache, tmp_path):
-    """Ids are data, never path parts: shard names come from the run and the write task only."""
+    """Ids are data, never path parts: shard names come from the unit's position and attempt only."""
     ids = ["../escape", "/abs/path", "a/../../b", "%2e%2e%2fx", "nul\x00byte", "x" * 5000, "..", "C:\\win", "é/ü"]
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": i, "prompt": "p"} for i in ids])
     out = tmp_path / "job" / "out"
@@ -250,4 +262,4 @@ def test_hostile_ids_never_form_paths(ray_cluster, model_cache, tmp_path):
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents and p.name != "m.parquet"]
     assert outside == []
     inside = {p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file()}
-    assert inside == {"data", "_SUCCESS.json"}
+    assert inside == {"data", "_runs", "_RUN.json", "_SUCCESS.json"}

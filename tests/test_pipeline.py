@@ -1,8 +1,10 @@
 """Scheduling pieces of pipelines/ without a cluster: units of work and sub-batching."""
 
 import numpy as np
+import pytest
 
-from pipelines.generate import UNIT, Chunked, concat, tag_unit
+from pipelines.generate import Chunked, concat, tag_unit
+from pipelines.sink import UNIT
 
 
 class Recorder:
@@ -18,12 +20,14 @@ class Recorder:
         return {**batch, "n": np.full(len(batch["id"]), len(batch["id"]))}
 
 
-def block(ids):
-    return tag_unit({"id": np.array(ids, dtype=object), "x": np.arange(len(ids))})
+def block(ids, unit=0, todo=None, row_errors=None):
+    todo = {unit: (1, None)} if todo is None else todo
+    return tag_unit({"id": np.array(ids, dtype=object), "x": np.arange(len(ids))},
+                    units={ids[0]: unit} if ids else {}, todo=todo, row_errors=row_errors or {})
 
 
 def test_units_are_split_the_same_way_even_when_ray_merges_blocks():
-    a, b = block([f"a{i}" for i in range(6)]), block([f"b{i}" for i in range(6)])
+    a, b = block([f"a{i}" for i in range(6)]), block([f"b{i}" for i in range(6)], unit=1)
     merged = {k: concat([a[k], b[k]]) for k in a}
     Recorder.calls = []
     out = Chunked(Recorder, batch_size=4)(merged)
@@ -35,9 +39,47 @@ def test_units_are_split_the_same_way_even_when_ray_merges_blocks():
     assert Recorder.calls[:2] == [["a0", "a1", "a2", "a3"], ["a4", "a5"]]  # the same split alone
 
 
-def test_unit_key_depends_on_the_block_not_on_position():
-    assert block(["x", "y"])[UNIT][0] == block(["x", "z", "w"])[UNIT][0] != block(["y", "x"])[UNIT][0]
+def test_tag_unit_keeps_only_the_rows_still_to_do():
+    ids = ["a", "b", "c", "d"]
+    assert list(block(ids, unit=3)[UNIT]) == [3, 3, 3, 3]
+    assert block(ids, todo={}).get("id").size == 0  # a committed unit: nothing left
+    retry = block(ids, todo={0: (2, ["b", "d"])}, row_errors={"d": "m.parquet: column 'width' must be >= 1"})
+    assert list(retry["id"]) == ["b", "d"] and list(retry["_attempt"]) == [2, 2] and list(retry["_unit_rows"]) == [2, 2]
+    assert list(retry["error_stage"]) == ["", "validate"] and "'width'" in retry["error_message"][1]
+    with pytest.raises(RuntimeError, match="not at a unit boundary"):
+        tag_unit({"id": np.array(["b", "c"], dtype=object)}, units={"a": 0}, todo={}, row_errors={})
     assert Chunked(Recorder, batch_size=2)(block([]))["id"].size == 0
+
+
+class Fragile:
+    """A stage that runs out of memory on more than 2 rows and fails on the row 'poison'; like the
+    real stages, it passes rows already marked failed through untouched."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, batch):
+        if len(batch["id"]) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        ok = [m == "" for m in batch["error_message"]]
+        if "poison" in [i for i, good in zip(batch["id"], ok) if good]:
+            raise ValueError("the model raised on this row")
+        return {**batch, "n": np.array([len(batch["id"]) if good else 0 for good in ok])}
+
+
+def test_failing_chunks_are_halved_down_to_one_row():
+    ids = ["a", "b", "c", "d", "poison", "f", "g", "h"]
+    out = Chunked(Fragile, batch_size=8)(block(ids))
+    assert list(out["id"]) == ids
+    # 8 -> 4 + 4 (OOM) -> 2 + 2 each (OOM); the pair with the poison row splits again (not an OOM).
+    assert int(out["_oom_splits"].sum()) == 3
+    assert list(out["n"]) == [2, 2, 2, 2, 0, 1, 2, 2]
+    assert list(out["error_stage"]) == ["", "", "", "", "Fragile", "", "", ""]
+    assert out["error_type"][4] == "ValueError" and out["error_message"][4] == "the model raised on this row"
+    one_oom = Chunked(Fragile, batch_size=1)
+    one_oom.stage = type("AlwaysOOM", (), {"__call__": lambda self, b: (_ for _ in ()).throw(MemoryError())})()
+    failed = one_oom(block(["x"]))
+    assert failed["error_type"][0] == "MemoryError" and failed["error_message"][0].startswith("out of memory at batch size 1")
 
 
 def test_object_columns_stay_one_dimensional():
