@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Config, manifest and output errors: one clear message, no traceback.
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
+        # Config, manifest, storage access (403: storage.StorageAccessError names the URL) and
+        # output errors: one clear message, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
