@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
-        # Config, manifest and output errors: one clear message, no traceback.
+        # Config, manifest, storage access (403: storage.StorageAccessError names the URL) and
+        # output errors: one clear message, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
 from kandinsky_engine.models import resolve_source
-from kandinsky_engine.storage import url_to_fs
+from kandinsky_engine.storage import access_checked, url_to_fs
 
 from .resume import choose_output, fingerprint_inputs, write_run
 
@@ -38,20 +38,21 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     # Everything that can fail fast does so before Ray starts or a model loads, and before an
     # existing output is touched (--overwrite deletes it only once the job can run).
     manifest = validate_manifest(config)
-    for part in ("prior", "decoder"):
-        resolve_source(getattr(config.model, part), part, config.model.cache_dir)  # builds 'tiny' once, checks dirs
     from pipelines.generate import IO_CPUS, build_generation, check_resources, rows_per_block
 
     block_rows = rows_per_block(config)
     inputs = fingerprint_inputs(config, manifest, block_rows)
-    path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
+    with access_checked(config.output.path, config.storage_options, "checking output"):
+        path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
+    for part in ("prior", "decoder"):
+        resolve_source(getattr(config.model, part), part, config.model.cache_dir)  # builds 'tiny' once, checks dirs
     if path != config.output.path.rstrip("/"):
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     ray_startup_s = connect(address or config.ray_address)
 
     import ray
 
-    from pipelines.output import cut_units, scan
+    from pipelines.output import TMP, cut_units, scan
     from pipelines.sink import ShardSink
 
     check_resources(config, manifest, ray.cluster_resources())
@@ -81,6 +82,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         ds = build_generation(config, manifest, units, state.todo)
         ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
     wall = time.perf_counter() - started
+    if fs.exists(f"{root}/{TMP}"):
+        fs.rm(f"{root}/{TMP}", recursive=True)
     report = {
         "run": sink.tmp_tag,
         "rows_skipped": state.rows_done,

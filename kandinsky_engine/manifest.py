@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from .config import TASKS, JobConfig
 from .models import supported_tasks
-from .storage import redact, url_to_fs
+from .storage import access_checked, redact, url_to_fs
 
 REQUIRED = {"id": "string", "prompt": "string"}
 OPTIONAL = {
@@ -79,16 +79,19 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
 
 
 def find_files(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """A file, a directory (every *.parquet below it) or a glob -> sorted list of files."""
+    """A file, a directory (every *.parquet below it) or a glob -> sorted list of files.
+
+    Refused access (403) raises StorageAccessError naming the manifest, before any model loads."""
     fs, path = url_to_fs(location, storage_options)
-    if any(ch in path for ch in "*?["):
-        files = fs.glob(path)
-    elif fs.isdir(path):
-        files = [f for f in fs.find(path) if f.endswith(".parquet")]
-    elif fs.exists(path):
-        files = [path]
-    else:
-        raise ManifestError(f"manifest {location}: no such file or directory")
+    with access_checked(location, storage_options, "listing manifest"):
+        if any(ch in path for ch in "*?["):
+            files = fs.glob(path)
+        elif fs.isdir(path):
+            files = [f for f in fs.find(path) if f.endswith(".parquet")]
+        elif fs.exists(path):
+            files = [path]
+        else:
+            raise ManifestError(f"manifest {location}: no such file or directory")
     if not files:
         raise ManifestError(f"manifest {location}: no Parquet files found")
     return fs, sorted(fs.unstrip_protocol(f) if "://" in location else f for f in files)
@@ -105,15 +108,15 @@ def validate_manifest(config: JobConfig) -> Manifest:
     columns: set[str] = set()
     for name in files:
         try:
-            with fs.open(name, "rb") as f:
+            with access_checked(name, config.storage_options, "reading manifest"), fs.open(name, "rb") as f:
                 parquet = pq.ParquetFile(f)
                 # Only the columns checked here: the manifest may also carry large image bytes.
                 # Inline image bytes are read too (for the has-an-input check) but stay in Arrow buffers.
                 wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
                 table = parquet.read(columns=wanted)
                 columns.update(parquet.schema_arrow.names)
-        except PermissionError as exc:  # a 403 is not a bad row: nothing here can be read
-            raise ManifestError(f"{name}: access denied ({redact(str(exc), config.storage_options)})") from None
+        except PermissionError:  # a storage (credentials) problem, not a manifest one: stop here
+            raise
         except Exception as exc:  # unreadable / not Parquet
             problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: "
                             f"{redact(str(exc), config.storage_options)})")

@@ -5,11 +5,35 @@
 of their protocol (a local manifest and an s3:// output can share one job). Credentials can
 also come from the standard environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...),
 which s3fs reads itself. Option values never appear in messages: `redact` removes them.
+
+S3 gets retry defaults (see S3_RETRIES) unless the user chose their own. Every filesystem of a
+job is built here (driver listing, Ray read tasks, input fetching, the writer), so all of them
+retry alike. A refused request (403) is not retried by anyone; `access_checked` turns it into
+one clear error naming the URL.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
 import fsspec
+
+# botocore's retry policy for S3 (its client Config `retries`). Two layers retry S3 calls:
+# - botocore, per HTTP request. "standard" mode retries 5xx answers (500/502/503/504), throttling
+#   codes (SlowDown, ...) and connection errors (reset, closed, timeouts) with exponential backoff
+#   and full jitter (rand * 2^n s, at most 20 s), behind a client-wide retry quota that stops
+#   retry storms when the service is really down. "legacy" (botocore's default) stops after 5
+#   attempts and has no quota. "adaptive" adds a client-side rate limiter that AWS documents as
+#   experimental, and it only sees one process's traffic (each Ray worker has its own client),
+#   so it cannot pace a cluster anyway.
+# - s3fs, around each call: 5 attempts (a class attribute, not an option) on connection errors
+#   and SlowDown that botocore gave up on. Nothing retries 4xx answers such as 403.
+# 10 attempts wait at most 1+2+4+8+16+20*4 = 111 s between them (half that on average): they
+# ride out a minute of trouble. At a 20% transient fault rate all 10 fail with p = 1e-7.
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 10}
+S3_PROTOCOLS = ("s3", "s3a")
 
 
 def protocol(url: str) -> str:
@@ -17,7 +41,25 @@ def protocol(url: str) -> str:
 
 
 def options_for(url: str, storage_options: dict | None) -> dict:
-    return dict((storage_options or {}).get(protocol(url), {}))
+    options = dict((storage_options or {}).get(protocol(url), {}))
+    if protocol(url) in S3_PROTOCOLS:
+        options = with_s3_retries(options)
+    return options
+
+
+def with_s3_retries(options: dict) -> dict:
+    """`options` with S3_RETRIES merged into `config_kwargs.retries`: a user's own mode or attempt
+    count (in the options, or in AWS_RETRY_MODE / AWS_MAX_ATTEMPTS) wins. Copies, never mutates:
+    botocore rewrites the retries dict it is given."""
+    config = dict(options.get("config_kwargs") or {})
+    retries = dict(config.get("retries") or {})
+    if "mode" not in retries and not os.environ.get("AWS_RETRY_MODE"):
+        retries["mode"] = S3_RETRIES["mode"]
+    if not {"max_attempts", "total_max_attempts"} & retries.keys() and not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["total_max_attempts"] = S3_RETRIES["total_max_attempts"]
+    if retries:
+        config["retries"] = retries
+    return {**options, "config_kwargs": config} if config else options
 
 
 def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -41,3 +83,45 @@ def redact(message: str, storage_options: dict | None) -> str:
     for value in secret_values(storage_options):
         message = message.replace(value, "***")
     return message
+
+
+def safe_url(url: str) -> str:
+    """`url` without any user:password@ part, for messages."""
+    parts = urlsplit(url)
+    if parts.netloc and "@" in parts.netloc:
+        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+    return urlunsplit(parts)
+
+
+class StorageAccessError(PermissionError):
+    """The storage refused access (HTTP 403, bad or expired credentials, local permissions)."""
+
+
+def _request(exc: BaseException) -> str:
+    """' (HTTP 403, ListObjectsV2)': status and operation of a refused request, where the backend
+    kept them (s3fs chains botocore's ClientError); '' otherwise."""
+    for error in (exc, exc.__cause__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            operation = getattr(error, "operation_name", None)
+            known = [x for x in (status and f"HTTP {status}", operation) if x]
+            return f" ({', '.join(known)})" if known else ""
+    return ""
+
+
+@contextmanager
+def access_checked(url: str, storage_options: dict | None, doing: str = "reading"):
+    """Re-raise a PermissionError from the block as StorageAccessError naming `url` (no credentials).
+
+    s3fs says only 'Access Denied' or 'Forbidden'; without the URL a job with a manifest, inputs
+    and an output on three buckets leaves the user guessing which one is refused."""
+    try:
+        yield
+    except StorageAccessError:
+        raise
+    except PermissionError as exc:
+        hint = (f"; check the credentials (storage_options.{protocol(url)} or the environment) and the "
+                f"permissions on it" if protocol(url) != "file" else "")
+        raise StorageAccessError(f"access denied{_request(exc)} {doing} {safe_url(url)}: "
+                                 f"{redact(str(exc), storage_options)}{hint}") from None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -23,21 +22,13 @@ KEY, SECRET = "AKIACANARY7Q2W9E4R6T", "canary-secret-d9f8a7b6c5e4f3a2b1c0"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:  # a free port on loopback
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    options = {"s3": {"endpoint_url": f"http://127.0.0.1:{port}", "key": KEY, "secret": SECRET}}
+def s3(moto_endpoint):
     import s3fs
 
+    options = {"s3": {"endpoint_url": moto_endpoint, "key": KEY, "secret": SECRET}}
     fs = s3fs.S3FileSystem(**options["s3"])
     fs.mkdir("kandinsky")
-    yield fs, options
-    server.stop()
+    return fs, options
 
 
 def png(color) -> bytes:
