@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
-from kandinsky_engine.models import resolve_source
+from kandinsky_engine.models import check_source
 from kandinsky_engine.storage import url_to_fs
 
 log = logging.getLogger("kandinsky_engine")
@@ -51,7 +51,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     # existing output is touched (--overwrite deletes it only once the job can run).
     manifest = validate_manifest(config)
     for part in ("prior", "decoder"):
-        resolve_source(getattr(config.model, part), part, config.model.cache_dir)  # builds 'tiny' once, checks dirs
+        # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
+        check_source(getattr(config.model, part), part, config.model.cache_dir, config.storage_options)
     ray_startup_s = connect(address or config.ray_address)
 
     import ray

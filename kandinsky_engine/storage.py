@@ -9,7 +9,12 @@ which s3fs reads itself. Option values never appear in messages: `redact` remove
 
 from __future__ import annotations
 
+import re
+
 import fsspec
+
+# `scheme://user:password@host/...`: the userinfo part of a URL (ftp, sftp, http, smb...).
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 
 
 def protocol(url: str) -> str:
@@ -36,8 +41,15 @@ def secret_values(storage_options: dict | None) -> list[str]:
     return values
 
 
+def redact_url(url: str) -> str:
+    """`sftp://user:pass@host/m` -> `sftp://***@host/m`: for URLs that are logged or recorded."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
 def redact(message: str, storage_options: dict | None) -> str:
-    """Backends sometimes echo their arguments; keep option values out of errors and logs."""
+    """Backends sometimes echo their arguments; keep option values and URL userinfo out of errors
+    and logs."""
+    message = redact_url(message)
     for value in secret_values(storage_options):
         message = message.replace(value, "***")
     return message

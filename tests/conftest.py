@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,31 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# Canary credentials: moto accepts any; they must appear in no output, report or error.
+KEY, SECRET = "AKIACANARY7Q2W9E4R6T", "canary-secret-d9f8a7b6c5e4f3a2b1c0"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API (moto's server on loopback) with bucket `kandinsky`; yields (s3fs filesystem,
+    storage_options for a job)."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:  # a free port on loopback
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in process-wide memory, shared by every server in this process:
+    # start each module from an empty store.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+    options = {"s3": {"endpoint_url": endpoint, "key": KEY, "secret": SECRET}}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options["s3"])
+    fs.mkdir("kandinsky")
+    yield fs, options
+    server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -13,32 +12,10 @@ import pytest
 from PIL import Image
 
 from jobs.run import run_job
-from tests.conftest import make_config
+from tests.conftest import KEY, SECRET, make_config
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray
-
-# Canary credentials: moto accepts any; they must appear in no output, report or error.
-KEY, SECRET = "AKIACANARY7Q2W9E4R6T", "canary-secret-d9f8a7b6c5e4f3a2b1c0"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:  # a free port on loopback
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    options = {"s3": {"endpoint_url": f"http://127.0.0.1:{port}", "key": KEY, "secret": SECRET}}
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**options["s3"])
-    fs.mkdir("kandinsky")
-    yield fs, options
-    server.stop()
-
 
 def png(color) -> bytes:
     buf = io.BytesIO()
