@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
-from kandinsky_engine.models import resolve_source
+from kandinsky_engine.models import check_source
 from kandinsky_engine.storage import access_checked, url_to_fs
 
 from .resume import choose_output, fingerprint_inputs, write_run
@@ -45,7 +45,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     with access_checked(config.output.path, config.storage_options, "checking output"):
         path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
     for part in ("prior", "decoder"):
-        resolve_source(getattr(config.model, part), part, config.model.cache_dir)  # builds 'tiny' once, checks dirs
+        # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
+        check_source(getattr(config.model, part), part, config.model.cache_dir, config.storage_options)
     if path != config.output.path.rstrip("/"):
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     ray_startup_s = connect(address or config.ray_address)

@@ -35,18 +35,19 @@ class ModelConfig(_Strict):
 
     prior: str = Field(
         TINY,
-        description="Prior pipeline: 'tiny' (built offline), a local diffusers-layout directory, "
-        f"or a hub id such as '{HUB_PRIOR}'.",
+        description="Prior pipeline: 'tiny' (built offline), a local diffusers-layout directory, a remote one "
+        f"(s3://..., any fsspec URL; mirrored once per node into cache_dir), or a hub id such as '{HUB_PRIOR}'.",
     )
     decoder: str = Field(
         TINY,
         description="Decoder pipeline (U-Net + MoVQ): 'tiny', 'tiny-inpaint' or 'tiny-controlnet', a local "
-        f"directory, or a hub id such as '{HUB_DECODER}', '{HUB_DECODER}-inpaint' or "
+        f"or remote directory, or a hub id such as '{HUB_DECODER}', '{HUB_DECODER}-inpaint' or "
         "'kandinsky-community/kandinsky-2-2-controlnet-depth'.",
     )
     depth: str = Field(
         TINY,
-        description="Depth estimator for ControlNet rows without a hint: 'tiny', a local transformers directory, "
+        description="Depth estimator for ControlNet rows without a hint: 'tiny', a local or remote transformers "
+        "directory, "
         "or a hub id such as 'Intel/dpt-hybrid-midas'.",
     )
     device: str = Field("cpu", description="torch device for every stage: 'cpu', 'cuda' or 'cuda:N'.")
@@ -55,7 +56,8 @@ class ModelConfig(_Strict):
     )
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("KANDINSKY_CACHE", str(Path.home() / ".cache" / "kandinsky-engine")),
-        description="Local cache for built or downloaded models (env KANDINSKY_CACHE).",
+        description="Local cache for built or downloaded models (env KANDINSKY_CACHE); remote model "
+        "directories are mirrored under cache_dir/remote/.",
     )
 
     @model_validator(mode="after")
@@ -170,7 +172,8 @@ class JobConfig(_Strict):
         exclude=True,  # never in reports or _SUCCESS.json: may hold credentials
         repr=False,
         description="fsspec options per protocol, e.g. {s3: {endpoint_url: ..., key: ..., secret: ...}}; "
-        "applied to the manifest, input files and the output. Standard env vars (AWS_*) work too.",
+        "applied to the manifest, input files, the output and remote model directories. Standard env vars "
+        "(AWS_*) work too.",
     )
 
 

@@ -29,11 +29,12 @@ class DecoderStage:
         from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
         torch.set_num_threads(config.decoder.threads())
-        model = config.model
+        model, options = config.model, config.storage_options
         self.device = torch.device(model.device)
-        self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet")
-        self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler").config
-        movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir), subfolder="movq")
+        self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options)
+        self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
+        movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options),
+                                          subfolder="movq")
         self.movq_scale_factor = 2 ** (len(movq_config["block_out_channels"]) - 1)
         self.channels = movq_config["latent_channels"]  # the U-Net may take more (9 for inpainting)
         self.learned_variance = self.scheduler_config.get("variance_type") in ("learned", "learned_range")

@@ -32,7 +32,7 @@ class HintStage:
         from .models import resolve_source, torch_dtype
 
         torch.set_num_threads(config.hint.threads())
-        source = resolve_source(config.model.depth, "depth", config.model.cache_dir)
+        source = resolve_source(config.model.depth, "depth", config.model.cache_dir, config.storage_options)
         model = AutoModelForDepthEstimation.from_pretrained(
             source, use_safetensors=True, dtype=torch_dtype(config.model.dtype)
         ).to(config.model.device).eval()

@@ -79,7 +79,7 @@ class MovqEncodeStage:
 
         torch.set_num_threads(config.encode.threads())
         self.device = torch.device(config.model.device)
-        self.movq = load_module(VQModel, config.model, "decoder", "movq")
+        self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options)
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         # diffusers' img2img processor: bicubic, reducing_gap=1, output in [-1, 1].
         self.processor = VaeImageProcessor(

@@ -99,7 +99,7 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
 
 def validate_manifest(config: JobConfig) -> Manifest:
     fs, files = find_files(config.input.manifest, config.storage_options)
-    allowed = supported_tasks(config.model)  # reads the decoder's U-Net config only
+    allowed = supported_tasks(config.model, config.storage_options)  # reads the decoder's U-Net config only
     problems: list[str] = []
     row_errors: dict[str, str] = {}
     first_seen: dict[str, str] = {}

@@ -1,7 +1,9 @@
 """Resolve a model source to something `from_pretrained` can read, and load components.
 
-Sources: 'tiny' (built once into the local cache), a local diffusers-layout directory, or a
-hub id. Weights are always loaded with `use_safetensors=True`: a pickle checkpoint is refused.
+Sources: 'tiny' (built once into the local cache), a local diffusers-layout directory, a remote
+directory (s3://, gs://, any fsspec URL: mirrored once per node into the cache, see
+model_cache.py), or a hub id. Weights are always loaded with `use_safetensors=True`: a pickle
+checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -9,12 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import DECODER_TASKS, TINY, ModelConfig
+from .model_cache import is_remote, mirror, read_json, remote_listing
+from .storage import redact_url
 from .tiny import ensure_tiny_model
 
 
-def resolve_source(source: str, part: str, cache_dir: str) -> str:
+def resolve_source(source: str, part: str, cache_dir: str, storage_options: dict | None = None) -> str:
     """`part` is 'prior', 'decoder' or 'depth'. 'tiny' names the tiny model's directory for that
-    part; 'tiny-inpaint' and 'tiny-controlnet' its other decoders."""
+    part; 'tiny-inpaint' and 'tiny-controlnet' its other decoders. A remote URL is mirrored into
+    `cache_dir` (downloaded once per node, verified on every call) and the local copy returned."""
+    if is_remote(source):
+        return mirror(source, cache_dir, storage_options, require_index=part != "depth").path
+    if source.startswith("file://"):
+        source = source[len("file://"):]
     if source == TINY:
         return str(ensure_tiny_model(cache_dir) / part)
     if source.startswith(TINY + "-"):
@@ -30,31 +39,46 @@ def resolve_source(source: str, part: str, cache_dir: str) -> str:
     return source  # a hub id; from_pretrained resolves it (needs network or a warm HF cache)
 
 
+def check_source(source: str, part: str, cache_dir: str, storage_options: dict | None = None) -> None:
+    """The driver's fail-fast check. A remote directory is only listed (its files, model_index.json,
+    no pickle-only weights), not downloaded: the driver may be a laptop submitting to a cluster."""
+    if is_remote(source):
+        remote_listing(source, storage_options, require_index=part != "depth")
+    else:
+        resolve_source(source, part, cache_dir)  # builds 'tiny' once, checks local dirs
+
+
 def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def load_module(cls, model: ModelConfig, part: str, subfolder: str):
+def load_module(cls, model: ModelConfig, part: str, subfolder: str, storage_options: dict | None = None):
     """Load a torch module (U-Net, MoVQ, encoders...) in eval mode on the configured device."""
-    source = resolve_source(getattr(model, part), part, model.cache_dir)
+    source = resolve_source(getattr(model, part), part, model.cache_dir, storage_options)
     module = cls.from_pretrained(
         source, subfolder=subfolder, torch_dtype=torch_dtype(model.dtype), use_safetensors=True
     )
     return module.to(model.device).eval()
 
 
-def load_asset(cls, model: ModelConfig, part: str, subfolder: str):
+def load_asset(cls, model: ModelConfig, part: str, subfolder: str, storage_options: dict | None = None):
     """Load a weightless component: tokenizer, scheduler or image processor."""
-    return cls.from_pretrained(resolve_source(getattr(model, part), part, model.cache_dir), subfolder=subfolder)
+    source = resolve_source(getattr(model, part), part, model.cache_dir, storage_options)
+    return cls.from_pretrained(source, subfolder=subfolder)
 
 
-def decoder_kind(model: ModelConfig) -> str:
-    """Which decoder `model.decoder` is, from its U-Net config alone (no weights loaded)."""
+def decoder_kind(model: ModelConfig, storage_options: dict | None = None) -> str:
+    """Which decoder `model.decoder` is, from its U-Net config alone (no weights loaded; for a
+    remote decoder only unet/config.json is read, nothing is mirrored)."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir), subfolder="unet")
+    if is_remote(model.decoder):
+        unet = read_json(model.decoder, "unet/config.json", storage_options)
+    else:
+        unet = UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir),
+                                                subfolder="unet")
     if unet.get("in_channels") == 9:
         return "inpaint"
     if unet.get("addition_embed_type") == "image_hint":
@@ -62,10 +86,11 @@ def decoder_kind(model: ModelConfig) -> str:
     return "standard"
 
 
-def supported_tasks(model: ModelConfig) -> tuple[str, ...]:
-    return DECODER_TASKS[decoder_kind(model)]
+def supported_tasks(model: ModelConfig, storage_options: dict | None = None) -> tuple[str, ...]:
+    return DECODER_TASKS[decoder_kind(model, storage_options)]
 
 
 def model_identity(model: ModelConfig) -> dict:
-    """What is recorded in every output row: which weights produced it."""
-    return {"prior_model": model.prior, "decoder_model": model.decoder}
+    """What is recorded in every output row: which weights produced it. Sources as configured
+    (the URL, not the node's cache path), without any user:password@ a URL may carry."""
+    return {"prior_model": redact_url(model.prior), "decoder_model": redact_url(model.decoder)}

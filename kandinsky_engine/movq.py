@@ -54,7 +54,7 @@ class MovqStage:
 
         torch.set_num_threads(config.movq.threads())
         self.device = torch.device(config.model.device)
-        self.movq = load_module(VQModel, config.model, "decoder", "movq")
+        self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options)
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         self.output = config.output
         self.identity = model_identity(config.model)

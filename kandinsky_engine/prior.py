@@ -42,14 +42,14 @@ class PriorStage:
                                   CLIPVisionModelWithProjection)
 
         torch.set_num_threads(config.prior.threads())
-        model = config.model
+        model, options = config.model, config.storage_options
         self.device = torch.device(model.device)
-        self.tokenizer = load_asset(CLIPTokenizer, model, "prior", "tokenizer")
-        self.text_encoder = load_module(CLIPTextModelWithProjection, model, "prior", "text_encoder")
-        self.prior = load_module(PriorTransformer, model, "prior", "prior")
-        self.scheduler_config = load_asset(UnCLIPScheduler, model, "prior", "scheduler").config
-        self.image_encoder = load_module(CLIPVisionModelWithProjection, model, "prior", "image_encoder")
-        self.image_processor = load_asset(CLIPImageProcessor, model, "prior", "image_processor")
+        self.tokenizer = load_asset(CLIPTokenizer, model, "prior", "tokenizer", options)
+        self.text_encoder = load_module(CLIPTextModelWithProjection, model, "prior", "text_encoder", options)
+        self.prior = load_module(PriorTransformer, model, "prior", "prior", options)
+        self.scheduler_config = load_asset(UnCLIPScheduler, model, "prior", "scheduler", options).config
+        self.image_encoder = load_module(CLIPVisionModelWithProjection, model, "prior", "image_encoder", options)
+        self.image_processor = load_asset(CLIPImageProcessor, model, "prior", "image_processor", options)
         self.max_pixels = config.input.max_image_pixels
         self.embedding_dim = self.prior.config.embedding_dim
         size = self.image_encoder.config.image_size

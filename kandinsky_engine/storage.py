@@ -15,6 +15,7 @@ one clear error naming the URL.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,6 +35,9 @@ import fsspec
 # ride out a minute of trouble. At a 20% transient fault rate all 10 fail with p = 1e-7.
 S3_RETRIES = {"mode": "standard", "total_max_attempts": 10}
 S3_PROTOCOLS = ("s3", "s3a")
+
+# `scheme://user:password@host/...`: the userinfo part of a URL (ftp, sftp, http, smb...).
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 
 
 def protocol(url: str) -> str:
@@ -78,8 +82,15 @@ def secret_values(storage_options: dict | None) -> list[str]:
     return values
 
 
+def redact_url(url: str) -> str:
+    """`sftp://user:pass@host/m` -> `sftp://***@host/m`: for URLs that are logged or recorded."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
 def redact(message: str, storage_options: dict | None) -> str:
-    """Backends sometimes echo their arguments; keep option values out of errors and logs."""
+    """Backends sometimes echo their arguments; keep option values and URL userinfo out of errors
+    and logs."""
+    message = redact_url(message)
     for value in secret_values(storage_options):
         message = message.replace(value, "***")
     return message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,10 @@ def ray_cluster():
     ray.shutdown()
 
 
+# Canary credentials: moto accepts any; they must appear in no output, report or error.
+KEY, SECRET = "AKIACANARY7Q2W9E4R6T", "canary-secret-d9f8a7b6c5e4f3a2b1c0"
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> str:
     """A real S3 API on loopback (moto's server), shared by the S3 tests; each uses its own bucket."""
@@ -93,3 +98,16 @@ def moto_endpoint() -> str:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(moto_endpoint):
+    """Bucket `kandinsky` on the moto server; yields (s3fs filesystem, storage_options for a job)."""
+    import s3fs
+
+    # moto keeps its buckets in process-wide memory: start each module from an empty store.
+    urllib.request.urlopen(urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")).close()
+    options = {"s3": {"endpoint_url": moto_endpoint, "key": KEY, "secret": SECRET}}
+    fs = s3fs.S3FileSystem(**options["s3"])
+    fs.mkdir("kandinsky")
+    yield fs, options

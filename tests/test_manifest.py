@@ -36,22 +36,42 @@ def test_good_manifest(tmp_path, check):
         ([{"id": None, "prompt": "x"}], pa.schema([("id", pa.string()), ("prompt", pa.string())]),
          ["column 'id' is null or empty at row 0"]),
         ([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}], None, ["duplicate id 'a'"]),
-        ([{"id": "a", "prompt": None}], pa.schema([("id", pa.string()), ("prompt", pa.string())]),
-         ["column 'prompt' is null at id 'a'"]),
-        ([{"id": "a", "prompt": "x", "width": 0}], None, ["column 'width' must be >= 1, got 0 at id 'a'"]),
-        ([{"id": "a", "prompt": "x", "height": -64}], None, ["column 'height' must be >= 1"]),
-        ([{"id": "a", "prompt": "x", "num_inference_steps": 0}], None, ["column 'num_inference_steps' must be >= 1"]),
-        ([{"id": "s", "prompt": "x", "prior_num_inference_steps": 0}], None, ["'prior_num_inference_steps'", "id 's'"]),
-        ([{"id": "a", "prompt": "x", "seed": -1}], None, ["column 'seed' must be >= 0"]),
     ],
 )
 def test_bad_manifests_name_file_column_and_row(check, rows, schema, expected):
+    """Manifest-level problems: the job cannot run, so validation fails before any model loads."""
     with pytest.raises(ManifestError) as err:
         check(rows, schema)
     message = str(err.value)
     assert "m.parquet" in message
     for part in expected:
         assert part in message
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"id": "a", "prompt": None}, ["column 'prompt' is null at id 'a'"]),
+        ({"id": "a", "prompt": "x", "width": 0}, ["column 'width' must be >= 1, got 0 at id 'a'"]),
+        ({"id": "a", "prompt": "x", "height": -64}, ["column 'height' must be >= 1"]),
+        ({"id": "a", "prompt": "x", "num_inference_steps": 0}, ["column 'num_inference_steps' must be >= 1"]),
+        ({"id": "s", "prompt": "x", "prior_num_inference_steps": 0}, ["'prior_num_inference_steps'", "id 's'"]),
+        ({"id": "a", "prompt": "x", "seed": -1}, ["column 'seed' must be >= 0"]),
+        ({"id": "a", "prompt": "x", "task": "paint"}, ["column 'task' is 'paint', expected one of"]),
+        ({"id": "a", "prompt": "x", "task": "img2img"}, ["column 'image_uri': task 'img2img' needs"]),
+        ({"id": "a", "prompt": "x", "strength": 1.5}, ["column 'strength' must be within [0, 1], got 1.5"]),
+    ],
+)
+def test_bad_rows_are_row_errors_not_job_failures(check, row, expected):
+    """Row-level problems: that row goes to errors/ (with this message), the others run."""
+    schema = pa.Table.from_pylist([{**row, "prompt": "p"}]).schema
+    manifest = check([{"id": "good", "prompt": "fine"}, row], schema)
+    assert manifest.num_rows == 2 and list(manifest.row_errors) == [row["id"]]
+    message = manifest.row_errors[row["id"]]
+    assert message.startswith(manifest.files[0] + ": ")
+    for part in expected:
+        assert part in message
+    assert "img2img" not in manifest.tasks  # stages are planned for the valid rows only
 
 
 def test_duplicates_across_files_name_both(tmp_path, check, model_cache):
@@ -72,9 +92,9 @@ def test_directory_and_glob(tmp_path, check, model_cache):
 
 
 def test_reject_policy_refuses_sizes_off_the_64_grid(check):
-    with pytest.raises(ManifestError, match="'width' is 100, not a multiple of 64"):
-        check([{"id": "a", "prompt": "x", "width": 100}], output={"size_policy": "reject"})
-    check([{"id": "a", "prompt": "x", "width": 100}])  # the default policy crops instead
+    manifest = check([{"id": "a", "prompt": "x", "width": 100}], output={"size_policy": "reject"})
+    assert "'width' is 100, not a multiple of 64" in manifest.row_errors["a"]
+    assert check([{"id": "a", "prompt": "x", "width": 100}]).row_errors == {}  # the default policy crops instead
 
 
 def test_missing_and_unreadable_manifests(tmp_path, check, model_cache):
@@ -90,13 +110,23 @@ def test_missing_and_unreadable_manifests(tmp_path, check, model_cache):
 def test_cli_fails_fast_without_starting_ray(tmp_path, capsys, model_cache):
     import ray
 
-    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "width": 0}])
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
     (tmp_path / "job.yaml").write_text(
         f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
     )
     was_running = ray.is_initialized()
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "error: invalid manifest" in err and "'width'" in err and "id 'a'" in err
+    assert "error: invalid manifest" in err and "duplicate id 'a'" in err
     assert ray.is_initialized() == was_running
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_validate_lists_rows_that_would_fail(tmp_path, capsys, model_cache):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "width": 0}, {"id": "b", "prompt": "y"}])
+    (tmp_path / "job.yaml").write_text(
+        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
+    )
+    assert main(["validate", str(tmp_path / "job.yaml")]) == 1
+    captured = capsys.readouterr()
+    assert "ok: 2 rows" in captured.out and "1 row(s) would fail" in captured.err and "'width'" in captured.err

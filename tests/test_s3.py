@@ -12,24 +12,10 @@ import pytest
 from PIL import Image
 
 from jobs.run import run_job
-from tests.conftest import make_config
+from tests.conftest import KEY, SECRET, make_config
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray
-
-# Canary credentials: moto accepts any; they must appear in no output, report or error.
-KEY, SECRET = "AKIACANARY7Q2W9E4R6T", "canary-secret-d9f8a7b6c5e4f3a2b1c0"
-
-
-@pytest.fixture(scope="module")
-def s3(moto_endpoint):
-    import s3fs
-
-    options = {"s3": {"endpoint_url": moto_endpoint, "key": KEY, "secret": SECRET}}
-    fs = s3fs.S3FileSystem(**options["s3"])
-    fs.mkdir("kandinsky")
-    return fs, options
-
 
 def png(color) -> bytes:
     buf = io.BytesIO()
