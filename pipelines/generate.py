@@ -144,12 +144,18 @@ def concat(columns: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(columns)
 
 
+def pool_class(stage_class) -> type:
+    """A Chunked subclass named after the stage (e.g. DecoderStagePool), so that each actor pool shows
+    up under its own name in Ray's progress output and state API (`MapBatches(DecoderStagePool)`)
+    instead of three indistinguishable `MapBatches(Chunked)`."""
+    return type(f"{stage_class.__name__}Pool", (Chunked,), {"__doc__": Chunked.__doc__})
+
+
 def stage_args(stage_class, stage: StageConfig, config: JobConfig) -> dict:
-    """`map_batches` arguments of one model stage: its own pool of resident actors, one block per call."""
-    # One class per pool, so Ray's progress bars and state API name the stage ("DecoderStagePool").
-    pool = type(f"{stage_class.__name__}Pool", (Chunked,), {})
+    """`map_batches` arguments of one model stage: its own pool of resident actors, one block per call.
+    Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a killed actor is
+    restarted and the blocks it was working on are resubmitted (tests/test_faults.py)."""
     return dict(
-        fn=pool,
         fn_constructor_kwargs={"stage_class": stage_class, "batch_size": stage.batch_size, "config": config},
         batch_size=None,  # the whole block: see Chunked
         batch_format="numpy",
@@ -228,5 +234,5 @@ def build_generation(config: JobConfig, manifest: Manifest, units: list[Unit],
         ds = ds.map_batches(fetch_inputs, fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy",
                             num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
-        ds = ds.map_batches(**stage_args(stage_class, stage, config))
+        ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config))
     return ds
