@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from kandinsky_engine.config import TINY, JobConfig
 from kandinsky_engine.manifest import Manifest
-from kandinsky_engine.storage import url_to_fs
+from kandinsky_engine.storage import redact_url, url_to_fs
 from kandinsky_engine.tiny import TINY_VERSION
 
 RUN_FILE = "_RUN.json"
@@ -29,7 +29,7 @@ def fingerprint_inputs(config: JobConfig, manifest: Manifest, rows_per_block: in
     model = config.model
     sources = {part: getattr(model, part) for part in ("prior", "decoder", "depth")}
     return {
-        "models": {p: f"{s} (v{TINY_VERSION})" if s.startswith(TINY) else s for p, s in sources.items()},
+        "models": {p: f"{s} (v{TINY_VERSION})" if s.startswith(TINY) else redact_url(s) for p, s in sources.items()},
         "dtype": model.dtype,
         "device": model.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
         "defaults": config.defaults.model_dump(mode="json"),
@@ -37,7 +37,7 @@ def fingerprint_inputs(config: JobConfig, manifest: Manifest, rows_per_block: in
         "rows_per_block": rows_per_block,
         "batch_size": {s: getattr(config, s).batch_size for s in STAGES},
         "torch_threads": {s: getattr(config, s).threads() for s in STAGES},
-        "manifest": {"location": config.input.manifest, "rows": manifest.num_rows,
+        "manifest": {"location": redact_url(config.input.manifest), "rows": manifest.num_rows,
                      "files": [f.rsplit("/", 1)[-1] for f in manifest.files]},
     }
 

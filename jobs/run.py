@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
 from kandinsky_engine.models import check_source
-from kandinsky_engine.storage import access_checked, url_to_fs
+from kandinsky_engine.storage import access_checked, redact, url_to_fs
 
 from .resume import choose_output, fingerprint_inputs, write_run
 
@@ -144,7 +144,8 @@ def write_summary(config: JobConfig, fs, root: str, path: str, report: dict, kno
         "ray_startup_s": report["ray_startup_s"],
         "runs": runs,
         "finished_at": report["finished_at"],
-        "config": config.model_dump(mode="json"),
+        # storage_options are excluded from dumps; URLs may still carry user:password@
+        "config": json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options)),
     }
     with fs.open(f"{root}/{SUMMARY}", "w") as f:
         json.dump(summary, f, indent=2)

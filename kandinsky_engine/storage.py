@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
@@ -96,14 +95,6 @@ def redact(message: str, storage_options: dict | None) -> str:
     return message
 
 
-def safe_url(url: str) -> str:
-    """`url` without any user:password@ part, for messages."""
-    parts = urlsplit(url)
-    if parts.netloc and "@" in parts.netloc:
-        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
-    return urlunsplit(parts)
-
-
 class StorageAccessError(PermissionError):
     """The storage refused access (HTTP 403, bad or expired credentials, local permissions)."""
 
@@ -134,5 +125,5 @@ def access_checked(url: str, storage_options: dict | None, doing: str = "reading
     except PermissionError as exc:
         hint = (f"; check the credentials (storage_options.{protocol(url)} or the environment) and the "
                 f"permissions on it" if protocol(url) != "file" else "")
-        raise StorageAccessError(f"access denied{_request(exc)} {doing} {safe_url(url)}: "
+        raise StorageAccessError(f"access denied{_request(exc)} {doing} {redact_url(url)}: "
                                  f"{redact(str(exc), storage_options)}{hint}") from None

@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from kandinsky_engine.manifest import Manifest
-from kandinsky_engine.storage import (S3_RETRIES, StorageAccessError, access_checked, options_for, safe_url,
+from kandinsky_engine.storage import (S3_RETRIES, StorageAccessError, access_checked, options_for, redact_url,
                                       url_to_fs)
 
 KEY, SECRET = "AKIASTORAGECANARY77", "storage-canary-secret-0a1b2c3d"
@@ -69,6 +69,6 @@ def test_access_error_message_has_no_credentials():
     with pytest.raises(StorageAccessError) as err:
         with access_checked(f"s3://{KEY}:{SECRET}@bucket/key", OPTIONS):
             raise PermissionError(f"Access Denied for {KEY}")
-    assert str(err.value).startswith("access denied reading s3://bucket/key: Access Denied for ***")
+    assert str(err.value).startswith("access denied reading s3://***@bucket/key: Access Denied for ***")
     assert KEY not in str(err.value) and SECRET not in str(err.value)
-    assert safe_url("https://user:pw@host/p?q=1") == "https://host/p?q=1"
+    assert redact_url("https://user:pw@host/p?q=1") == "https://***@host/p?q=1"
