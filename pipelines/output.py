@@ -9,10 +9,11 @@ A unit is `rows_per_block` consecutive manifest rows (unit = row position // row
 same in every run. Attempt 1 runs all its rows and always writes its data shard, even an empty
 one: that shard is the unit's commit mark. It writes errors first, then data, so a unit with a
 data shard has its failures recorded. A later run retries only the rows of committed units that
-are in no data shard (attempt K >= 2 writes the rows that now succeed, then replaces or removes
-the errors shard). Every file is written under _tmp/ and moved into place, so readers never see a
-torn file, and names depend on the unit and attempt only, so a retried write task rewrites the
-same file with the same bytes instead of adding a duplicate.
+are in no data shard (attempt K >= 2, one more than the latest attempt in the unit's data or
+errors shards, writes the rows that now succeed, then replaces or removes the errors shard).
+Every file is written under _tmp/ and moved into place, so readers never see a torn file, and
+names depend on the unit and attempt only, so a retried write task rewrites the same file with
+the same bytes instead of adding a duplicate.
 
 Why not Ray Data's checkpointing (`DataContext.checkpoint_config`, Ray 2.60): it filters done
 rows right after the read, by id, before our units are formed, so a resumed run would batch the
@@ -118,7 +119,11 @@ def scan(fs, root: str, units: list[Unit]) -> State:
             fs.rm(errors[unit.index])
             continue
         state.rows_retried += len(pending)
-        state.todo[unit.index] = (max(a for a, _ in shards) + 1, pending)
+        # A retry in which every row failed again writes no data shard, only the errors shard (with
+        # its attempt): without it the next run would number its attempt as that one's again.
+        with fs.open(errors[unit.index], "rb") as f:
+            failed_at = pq.read_table(f, columns=["attempt"]).column("attempt").to_pylist()
+        state.todo[unit.index] = (max([a for a, _ in shards] + failed_at) + 1, pending)
     return state
 
 
