@@ -42,6 +42,26 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
     return str(path)
 
 
+def png(color, size=(64, 64)) -> bytes:
+    """A solid-colour PNG image."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def put_manifest(fs, key: str, rows: list[dict]) -> None:
+    """Write `rows` as a Parquet manifest at `key` of the filesystem `fs` (e.g. s3fs)."""
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    fs.pipe(key, buf.getvalue())
+
+
 def make_config(model_cache: str, manifest: str, out: str, **sections) -> JobConfig:
     data = {
         "input": {"manifest": manifest},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -12,10 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from jobs.run import run_job
-from tests.conftest import KEY, SECRET, make_config
+from tests.conftest import KEY, SECRET, make_config, png, put_manifest
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray
@@ -26,16 +24,6 @@ LAYOUT = re.compile(r"(data/part-\d{8}-a\d+\.parquet|errors/part-\d{8}\.parquet|
 CANARIES = (KEY, SECRET)
 
 
-def png(color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def put_manifest(fs, key: str, rows: list[dict]) -> None:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    fs.pipe(key, buf.getvalue())
 
 
 def leaks(text: str) -> list[str]:

@@ -8,19 +8,16 @@ or refuses every request (403 AccessDenied). Setup runs with faults off, then th
 from __future__ import annotations
 
 import http.client
-import io
 import time
 from urllib.parse import urlsplit
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 
 from jobs.run import run_job
 from kandinsky_engine.storage import StorageAccessError
-from tests.conftest import make_config
+from tests.conftest import make_config, png, put_manifest
 from tests.faultproxy import FaultProxy
 from tests.reference import decode
 
@@ -54,16 +51,6 @@ def s3(proxy):
     proxy.mode = "pass"
 
 
-def png(color: str) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def put_manifest(fs, key: str, rows: list[dict]) -> None:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    fs.pipe(f"{BUCKET}/{key}", buf.getvalue())
 
 
 def test_proxy_relays_chunked_bodies_and_head(s3, proxy):
@@ -86,8 +73,8 @@ def test_job_survives_transient_s3_faults(ray_cluster, model_cache, s3, proxy):
     rows = [{"id": f"t2i-{i}", "prompt": f"a cat {i}", "task": "text2img", "image_uri": None} for i in range(8)]
     rows += [{"id": f"i2i-{i}", "prompt": f"a dog {i}", "task": "img2img",
               "image_uri": f"s3://{BUCKET}/in/{COLORS[i % len(COLORS)]}.png"} for i in range(8)]
-    put_manifest(fs, "manifests/part-0.parquet", rows[::2])  # two files: text2img and img2img mixed
-    put_manifest(fs, "manifests/part-1.parquet", rows[1::2])
+    put_manifest(fs, f"{BUCKET}/manifests/part-0.parquet", rows[::2])  # two files: text2img and img2img mixed
+    put_manifest(fs, f"{BUCKET}/manifests/part-1.parquet", rows[1::2])
     config = make_config(model_cache, f"s3://{BUCKET}/manifests/", f"s3://{BUCKET}/out", defaults={"strength": 0.5})
     config = config.model_copy(update={"storage_options": options})
 
@@ -116,7 +103,7 @@ def test_job_survives_transient_s3_faults(ray_cluster, model_cache, s3, proxy):
 
 def denied_setup(fs, tmp_path, name: str) -> tuple[str, str, str]:
     """A readable manifest (so only access can fail) -> (manifest URL, output URL, empty model cache)."""
-    put_manifest(fs, f"{name}/manifests/part-0.parquet", [{"id": "a", "prompt": "a cat"}])
+    put_manifest(fs, f"{BUCKET}/{name}/manifests/part-0.parquet", [{"id": "a", "prompt": "a cat"}])
     # Nothing may load a model: the tiny model would be built into this cache if anything tried.
     return f"s3://{BUCKET}/{name}/manifests/", f"s3://{BUCKET}/{name}/out", str(tmp_path / "models")
 
