@@ -63,7 +63,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     if mode != "resume":
         fs.makedirs(root, exist_ok=True)
         write_run(fs, root, inputs)
-    known = previous_records(fs, root)
+    earlier = read_reports(fs, root)
     if fs.exists(f"{root}/{SUMMARY}"):
         fs.rm(f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends
 
@@ -101,34 +101,35 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     fs.makedirs(f"{root}/{RUNS}", exist_ok=True)
     with fs.open(f"{root}/{RUNS}/{sink.tmp_tag}.json", "w") as f:
         json.dump(report, f, indent=2)
-    summary = write_summary(config, fs, root, path, report, {**known, **{r["file"]: r for r in sink.records}})
+    summary = write_summary(config, fs, root, path, [*earlier, report])
     expected = sum(len(u.ids) for u in units)
     if summary["rows"] + summary["failed_rows"] != expected:
         raise RuntimeError(f"{path}: {summary['rows']} rows + {summary['failed_rows']} failed rows, expected {expected}")
     return summary
 
 
-def previous_records(fs, root: str) -> dict[str, dict]:
-    """Shard records reported by earlier runs (a killed run reported none: its shards are read back)."""
-    known = {}
-    for report in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
-        with fs.open(report, "r") as f:
-            known.update({r["file"]: r for r in json.load(f).get("records", [])})
-    return known
+def read_reports(fs, root: str) -> list[dict]:
+    """Reports of earlier runs that reached their end, oldest first (a killed run wrote none)."""
+    reports = []
+    for name in fs.glob(f"{root}/{RUNS}/*.json"):
+        with fs.open(name, "r") as f:
+            reports.append(json.load(f))
+    return sorted(reports, key=lambda r: r["finished_at"])
 
 
-def write_summary(config: JobConfig, fs, root: str, path: str, report: dict, known: dict[str, dict]) -> dict:
+def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dict]) -> dict:
     """`_SUCCESS.json`, written last: its presence means every row is in data/ or errors/ and
-    every shard listed in it is complete."""
+    every shard listed in it is complete. `reports`: every run's, this one last."""
     from pipelines.output import shard_records
 
+    report = reports[-1]
+    # Shard records of every run (later runs rewrite files: theirs win); the shards of a killed
+    # run are read back once.
+    known = {r["file"]: r for rep in reports for r in rep.get("records", [])}
     records = shard_records(fs, root, known)
     shards = [r for r in records if r["file"].startswith("data/")]
     errors = [r for r in records if r["file"].startswith("errors/")]
-    runs = []
-    for name in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
-        with fs.open(name, "r") as f:
-            runs.append({k: v for k, v in json.load(f).items() if k != "records"})
+    runs = [{k: v for k, v in r.items() if k != "records"} for r in reports]
     summary = {
         "output": path,
         "rows": sum(s["rows"] for s in shards),

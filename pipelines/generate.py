@@ -90,9 +90,7 @@ class Chunked:
         chunks = [(i, min(i + self.batch_size, end)) for start, end in zip(starts, starts[1:])
                   for i in range(start, end, self.batch_size)]
         parts = [self.run({k: v[a:b] for k, v in block.items()}) for a, b in chunks]
-        if not parts:
-            return block
-        return {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
+        return merge(parts) if parts else block
 
     def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Stages mark failed rows in place: a chunk retried after an exception starts clean.
@@ -115,8 +113,7 @@ class Chunked:
                 except Exception:
                     return chunk
             half = n // 2
-            parts = [self.run({k: v[a:b] for k, v in chunk.items()}) for a, b in ((0, half), (half, n))]
-            out = {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
+            out = merge([self.run({k: v[a:b] for k, v in chunk.items()}) for a, b in ((0, half), (half, n))])
             if oom:
                 out[SPLITS] = out[SPLITS].copy()
                 out[SPLITS][0] += 1
@@ -128,6 +125,11 @@ def _release_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate stage outputs (numpy batches with the same columns) in order."""
+    return {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
 
 
 def arrow_friendly(column: np.ndarray) -> np.ndarray:

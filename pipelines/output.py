@@ -129,7 +129,7 @@ def scan(fs, root: str, units: list[Unit]) -> State:
 
 def _ls(fs, folder: str) -> list[str]:
     try:
-        return [p for p in fs.ls(folder, detail=False)]
+        return fs.ls(folder, detail=False)
     except FileNotFoundError:
         return []
 
