@@ -19,13 +19,16 @@ def cmd_run(args) -> int:
 
     config = _config(args)
     summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
-                      new_run=args.new_run)
+                      new_run=args.new_run, recompute_changed=args.recompute_changed, check_shards=args.check_shards)
     speed = f"{summary['images_per_s']:.2f} rows/s" if summary["images_per_s"] else "nothing left to run"
     print(
         f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s) at {summary['output']}; this run: "
         f"{summary['rows_computed']} rows computed, {summary['rows_skipped']} already committed, "
         f"{summary['wall_time_s']:.1f}s ({speed}; Ray start-up {summary['ray_startup_s']:.1f}s)"
     )
+    if not summary["complete"]:
+        print(f"partial: --limit {summary['limit']} covered {summary['rows'] + summary['failed_rows']} of "
+              f"{summary['manifest_rows']} rows; run without --limit to complete the job")
     if summary["failed_rows"]:
         print(f"{summary['failed_rows']} row(s) failed: see {summary['output']}/errors/ "
               "(rerun the same command to retry them)", file=sys.stderr)
@@ -45,6 +48,22 @@ def cmd_validate(args) -> int:
               + "\n  ".join(shown), file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_verify(args) -> int:
+    from jobs.verify import report, verify
+
+    config = _config(args) if args.config else None
+    check = verify(args.output, config=config, deep=not args.quick)
+    print(report(check, args.output), file=sys.stdout if check.ok else sys.stderr)
+    return 0 if check.ok else 1
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_tiny_model(args) -> int:
@@ -80,12 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete the output path first and start over")
     run.add_argument("--new-run", action="store_true",
                      help="if the output holds a run with another fingerprint, write this one beside it (PATH-<fp>)")
-    run.add_argument("--limit", type=int, metavar="N",
+    run.add_argument("--limit", type=positive_int, metavar="N",
                      help="smoke run: the first N rows, rounded up to whole units (a later full run resumes it)")
+    run.add_argument("--recompute-changed", action="store_true",
+                     help="if the manifest's rows changed under committed units, recompute those units "
+                          "(default: refuse and change nothing)")
+    run.add_argument("--check-shards", action="store_true",
+                     help="before resuming, compare every committed shard's sha256 with its record (reads the "
+                          "whole output); by default sizes are compared and unrecorded shards read back")
     run.set_defaults(func=cmd_run)
 
     validate = with_config(sub.add_parser("validate", help="check the config and manifest without running"))
     validate.set_defaults(func=cmd_validate)
+
+    check = sub.add_parser("verify", help="check an output's invariants (exit 0: sound, 1: problems listed)")
+    check.add_argument("output", help="output path (PATH of the job's output.path)")
+    check.add_argument("--config", help="the job config (for storage options); default: the one in PATH/_RUN.json")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
+    check.add_argument("--quick", action="store_true", help="compare shard sizes only, not their sha256")
+    check.set_defaults(func=cmd_verify)
 
     tiny = sub.add_parser("tiny-model", help="write the tiny random model (DIR/prior, DIR/decoder)")
     tiny.add_argument("dir")

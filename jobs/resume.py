@@ -12,10 +12,10 @@ import hashlib
 import json
 from datetime import datetime, timezone
 
-from kandinsky_engine.config import TINY, JobConfig
+from kandinsky_engine.config import JobConfig
+from kandinsky_engine.identity import PARTS, library_versions
 from kandinsky_engine.manifest import Manifest
-from kandinsky_engine.storage import redact_url, url_to_fs
-from kandinsky_engine.tiny import TINY_VERSION
+from kandinsky_engine.storage import redact, redact_url, url_to_fs
 
 RUN_FILE = "_RUN.json"
 STAGES = ("prior", "hint", "encode", "decoder", "movq")
@@ -25,20 +25,24 @@ class FingerprintMismatch(RuntimeError):
     pass
 
 
-def fingerprint_inputs(config: JobConfig, manifest: Manifest, rows_per_block: int) -> dict:
+def fingerprint_inputs(config: JobConfig, manifest: Manifest, weights: dict[str, str]) -> dict:
+    """`weights`: identity.weights_digests(config.model): the content behind each model source."""
     model = config.model
-    sources = {part: getattr(model, part) for part in ("prior", "decoder", "depth")}
     return {
-        "models": {p: f"{s} (v{TINY_VERSION})" if s.startswith(TINY) else redact_url(s) for p, s in sources.items()},
+        "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in PARTS},
+        "libraries": library_versions(),
         "dtype": model.dtype,
         "device": model.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
         "defaults": config.defaults.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json", include={"image_format", "quality", "size_policy"}),
-        "rows_per_block": rows_per_block,
+        "rows_per_block": config.rows_per_block(),
         "batch_size": {s: getattr(config, s).batch_size for s in STAGES},
         "torch_threads": {s: getattr(config, s).threads() for s in STAGES},
+        # The rows themselves are checked unit by unit (shard names carry each unit's digest); the
+        # schema decides the output schema, which every shard of a run shares.
         "manifest": {"location": redact_url(config.input.manifest), "rows": manifest.num_rows,
-                     "files": [f.rsplit("/", 1)[-1] for f in manifest.files]},
+                     "files": [f.rsplit("/", 1)[-1] for f in manifest.files],
+                     "schema": [[f.name, str(f.type)] for f in manifest.schema]},
     }
 
 
@@ -58,11 +62,19 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def read_run(fs, root: str) -> dict | None:
+    """The output's _RUN.json, None if there is none; a damaged one is an error that says so."""
+    path = f"{root}/{RUN_FILE}"
     try:
-        with fs.open(f"{root}/{RUN_FILE}", "r") as f:
-            return json.load(f)
+        with fs.open(path, "r") as f:
+            run = json.load(f)
+        run["fingerprint"], run["inputs"]  # noqa: B018 (both must be there)
+        return run
     except FileNotFoundError:
         return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FingerprintMismatch(
+            f"{redact_url(path)} is damaged ({type(exc).__name__}: {exc}): this output's run cannot be identified. "
+            "Restore the file, or pass --overwrite to start over") from None
 
 
 def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: bool) -> tuple[str, str]:
@@ -99,8 +111,12 @@ def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: 
         f"({path}-{fp}), or --overwrite to replace it")
 
 
-def write_run(fs, root: str, inputs: dict) -> None:
-    record = {"fingerprint": fingerprint(inputs), "inputs": inputs,
+def write_run(fs, root: str, inputs: dict, config: JobConfig, tmp_tag: str) -> None:
+    """_RUN.json, through a temporary file: the fingerprint, what it was computed from, and the job
+    config (credentials removed) that `kandinsky-batch verify` recomputes it with."""
+    from pipelines.output import put_json
+
+    settings = json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options))
+    record = {"fingerprint": fingerprint(inputs), "inputs": inputs, "config": settings,
               "created_at": datetime.now(timezone.utc).isoformat()}
-    with fs.open(f"{root}/{RUN_FILE}", "w") as f:
-        json.dump(record, f, indent=2)
+    put_json(fs, root, RUN_FILE, record, tmp_tag)

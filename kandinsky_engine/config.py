@@ -176,6 +176,13 @@ class JobConfig(_Strict):
         "(AWS_*) work too.",
     )
 
+    def rows_per_block(self) -> int:
+        """Rows per unit of work (= per data shard): input.rows_per_block, else a few batches of the
+        largest stage batch size."""
+        if self.input.rows_per_block:
+            return self.input.rows_per_block
+        stages = (self.prior, self.hint, self.encode, self.decoder, self.movq)
+        return 8 * max(stage.batch_size for stage in stages)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -18,35 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401 (MIX_ITEM: re-exported)
 from .config import TASKS, JobConfig
 from .models import supported_tasks
 from .storage import access_checked, redact, url_to_fs
+from .units import UnitDigests
 
-REQUIRED = {"id": "string", "prompt": "string"}
-OPTIONAL = {
-    "negative_prompt": "string",
-    "seed": "integer",
-    "width": "integer",
-    "height": "integer",
-    "num_inference_steps": "integer",
-    "prior_num_inference_steps": "integer",
-    "guidance_scale": "number",
-    "prior_guidance_scale": "number",
-    "task": "string",
-    "strength": "number",
-    "image_uri": "string",
-    "image_bytes": "binary",
-    "mask_uri": "string",
-    "mask_bytes": "binary",
-    "mix": "list",
-    "hint_uri": "string",
-    "hint_bytes": "binary",
-}
 # Inputs each task needs, each given as `{input}_uri` or `{input}_bytes`.
 TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "variation": ("image",),
                "controlnet_img2img": ("image",)}
-MIX_ITEM = pa.struct([("text", pa.string()), ("image_uri", pa.string()), ("image_bytes", pa.binary()),
-                      ("weight", pa.float64())])
 MINIMUM = {"seed": 0, "width": 1, "height": 1, "num_inference_steps": 1, "prior_num_inference_steps": 1}
 MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
 
@@ -64,6 +44,8 @@ class Manifest:
     filesystem: fsspec.AbstractFileSystem
     ids: list[str] = field(default_factory=list)  # every id, in read order: units are cut from it
     row_errors: dict[str, str] = field(default_factory=dict)  # id -> "file: column ...: problem"
+    schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # all files' columns, unified
+    unit_digests: list[str] | None = None  # one per unit of `rows_per_block` rows (see units.py)
 
 
 def _type_ok(kind: str, t: pa.DataType) -> bool:
@@ -97,7 +79,9 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
     return fs, sorted(fs.unstrip_protocol(f) if "://" in location else f for f in files)
 
 
-def validate_manifest(config: JobConfig) -> Manifest:
+def validate_manifest(config: JobConfig, *, digests: bool = True) -> Manifest:
+    """Check every file; with `digests`, also read every column once more to digest each unit's
+    rows (see units.py): what a resume compares committed shards against."""
     fs, files = find_files(config.input.manifest, config.storage_options)
     allowed = supported_tasks(config.model, config.storage_options)  # reads the decoder's U-Net config only
     problems: list[str] = []
@@ -105,7 +89,8 @@ def validate_manifest(config: JobConfig) -> Manifest:
     first_seen: dict[str, str] = {}
     tasks: set[str] = set()
     ids: list[str] = []
-    columns: set[str] = set()
+    schemas: dict[str, pa.Schema] = {}
+    hasher = UnitDigests(config.rows_per_block())
     for name in files:
         try:
             with access_checked(name, config.storage_options, "reading manifest"), fs.open(name, "rb") as f:
@@ -114,14 +99,19 @@ def validate_manifest(config: JobConfig) -> Manifest:
                 # Inline image bytes are read too (for the has-an-input check) but stay in Arrow buffers.
                 wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
                 table = parquet.read(columns=wanted)
-                columns.update(parquet.schema_arrow.names)
+                schemas[name] = parquet.schema_arrow
+                fatal = _check_schema(name, table, first_seen) + _check_names(name, parquet.schema_arrow)
+                if digests and not fatal and not problems:
+                    # Streamed by record batch: one batch of rows in memory at a time.
+                    for batch in parquet.iter_batches(batch_size=4096):
+                        for row in batch.to_pylist():
+                            hasher.add(row)
         except PermissionError:  # a storage (credentials) problem, not a manifest one: stop here
             raise
         except Exception as exc:  # unreadable / not Parquet
             problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: "
                             f"{redact(str(exc), config.storage_options)})")
             continue
-        fatal = _check_schema(name, table, first_seen)
         problems += fatal
         if fatal:
             continue
@@ -130,14 +120,32 @@ def validate_manifest(config: JobConfig) -> Manifest:
         bad = _check_rows(name, table, config, file_ids, allowed)
         row_errors.update(bad)
         tasks.update(t for i, t in zip(file_ids, _tasks(table, config)) if i not in bad)
+    schema = _unified(schemas, problems)
     if problems:
         shown = problems[:MAX_REPORTED]
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise ManifestError("invalid manifest:\n  " + "\n  ".join(shown) + more)
     if not ids:
         raise ManifestError(f"manifest {config.input.manifest}: no rows")
-    return Manifest(files=files, num_rows=len(ids), columns=sorted(columns), tasks=tasks, filesystem=fs,
-                    ids=ids, row_errors=row_errors)
+    return Manifest(files=files, num_rows=len(ids), columns=sorted(schema.names), tasks=tasks, filesystem=fs,
+                    ids=ids, row_errors=row_errors, schema=schema, unit_digests=hasher.digests() if digests else None)
+
+
+def _check_names(name: str, schema: pa.Schema) -> list[str]:
+    """Columns that would collide with the engine's own (they would be overwritten or dropped)."""
+    return [f"{name}: column '{column}' {reason}" for column in schema.names
+            if (reason := reserved_reason(column)) is not None]
+
+
+def _unified(schemas: dict[str, pa.Schema], problems: list[str]) -> pa.Schema:
+    """One schema for all files (a column missing from some files is null there); the output's
+    pass-through columns take their types from it."""
+    try:
+        return pa.unify_schemas(list(schemas.values()), promote_options="permissive") if schemas else pa.schema([])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        problems.append(f"the manifest files disagree on a column's type ({exc}); files: "
+                        + ", ".join(schemas))
+        return pa.schema([])
 
 
 def _check_schema(name: str, table: pa.Table, first_seen: dict[str, str]) -> list[str]:

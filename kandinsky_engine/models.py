@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .config import DECODER_TASKS, TINY, ModelConfig
 from .model_cache import is_remote, mirror, read_json, remote_listing
-from .storage import redact_url
 from .tiny import ensure_tiny_model
 
 
@@ -88,9 +87,3 @@ def decoder_kind(model: ModelConfig, storage_options: dict | None = None) -> str
 
 def supported_tasks(model: ModelConfig, storage_options: dict | None = None) -> tuple[str, ...]:
     return DECODER_TASKS[decoder_kind(model, storage_options)]
-
-
-def model_identity(model: ModelConfig) -> dict:
-    """What is recorded in every output row: which weights produced it. Sources as configured
-    (the URL, not the node's cache path), without any user:password@ a URL may carry."""
-    return {"prior_model": redact_url(model.prior), "decoder_model": redact_url(model.decoder)}

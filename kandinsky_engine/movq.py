@@ -8,8 +8,8 @@ import numpy as np
 
 from .config import JobConfig
 from .inputs import unpack
-from .models import load_module, model_identity
-from .rows import failed, group_rows, is_null, latent_size, object_column
+from .models import load_module
+from .rows import failed, group_rows, latent_size, object_column
 
 REQUIRED = ("id", "width", "height", "latents")
 INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels",
@@ -44,8 +44,9 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
 class MovqStage:
     """Decodes `latents` with the MoVQ, applies the size policy and encodes the `image` column.
 
-    Adds `image` (bytes), `image_width`, `image_height` (the actual size) and the model ids;
-    drops the internal tensor columns so only the dataset's columns reach the writer.
+    Adds `image` (bytes), `image_width`, `image_height` (the actual size); drops the internal
+    tensor columns and input bytes, so only the dataset's columns reach the writer (which adds the
+    model identities and writes the mix recipe without its image bytes).
     """
 
     def __init__(self, config: JobConfig):
@@ -57,7 +58,6 @@ class MovqStage:
         self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options)
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         self.output = config.output
-        self.identity = model_identity(config.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -91,12 +91,7 @@ class MovqStage:
             heights.append(image.shape[0])
             widths.append(image.shape[1])
         out = {k: v for k, v in batch.items() if k not in INTERNAL}
-        if "mix" in out:  # keep the recipe, not the inline image bytes
-            out["mix"] = object_column(v if is_null(v) else [{**dict(item), "image_bytes": None} for item in v]
-                                       for v in out["mix"])
         out["image"] = object_column(images)
         out["image_width"] = object_column(widths)
         out["image_height"] = object_column(heights)
-        for key, value in self.identity.items():
-            out[key] = object_column([value] * n)
         return out

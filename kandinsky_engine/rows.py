@@ -10,22 +10,25 @@ import hashlib
 from collections import defaultdict
 
 import numpy as np
+import pyarrow as pa
 
 from .config import GenerationDefaults
 
-# Resolved parameter columns and their numpy dtypes. A manifest may carry any of them.
+# Resolved parameter columns and their kinds. A manifest may carry any of them.
 PARAM_COLUMNS = {
-    "task": object,
-    "negative_prompt": object,
-    "seed": np.int64,
-    "width": np.int64,
-    "height": np.int64,
-    "num_inference_steps": np.int64,
-    "guidance_scale": np.float64,
-    "prior_num_inference_steps": np.int64,
-    "prior_guidance_scale": np.float64,
-    "strength": np.float64,
+    "task": str,
+    "negative_prompt": str,
+    "seed": int,
+    "width": int,
+    "height": int,
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "prior_num_inference_steps": int,
+    "prior_guidance_scale": float,
+    "strength": float,
 }
+ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64()}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Per-row failure, set by the stage that failed; later stages pass such rows through untouched
 # and the writer sends them to errors/ instead of data/. "" means no error: Ray turns an object
 # column that is all None into float NaN between stages, while a string column stays a string.
@@ -41,24 +44,34 @@ def derive_seed(job_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def resolve_params(batch: dict[str, np.ndarray], defaults: GenerationDefaults) -> dict[str, np.ndarray]:
-    """Fill every PARAM_COLUMNS column: the row's value where present and not null, else the default."""
-    n = len(batch["id"])
-    out = dict(batch)
-    for name, dtype in PARAM_COLUMNS.items():
-        column = batch.get(name)
-        if name == "seed":
-            default = [derive_seed(defaults.seed, str(i)) for i in batch["id"]]
-        else:
-            default = [getattr(defaults, name)] * n
-        if column is None:
-            values = default
-        else:
-            values = [d if is_null(v) else v for v, d in zip(column, default)]
-        out[name] = np.asarray(values, dtype=dtype)
-    for name in ERROR_COLUMNS:
-        out.setdefault(name, np.full(n, "", dtype=object))
-    return out
+def resolve_params(table: pa.Table, defaults: GenerationDefaults) -> tuple[dict[str, pa.Array], dict[int, str]]:
+    """Every PARAM_COLUMNS column for the rows of an Arrow table: the row's value where present and
+    not null, else the default; seeds derived from the id where absent.
+
+    Works on Arrow values, not numpy: Ray's numpy conversion turns an integer column with nulls
+    into float64, which rounds 63-bit seeds. Returns (columns, {row index: problem}); a row with a
+    problem gets a placeholder value and must be marked failed by the caller.
+    """
+    n, ids = table.num_rows, table["id"].to_pylist()
+    columns, problems = {}, {}
+    for name, kind in PARAM_COLUMNS.items():
+        given = table[name].to_pylist() if name in table.column_names else [None] * n
+        values = []
+        for i, value in enumerate(given):
+            if value is None:
+                value = derive_seed(defaults.seed, ids[i]) if name == "seed" else getattr(defaults, name)
+            if kind is int and not INT64_MIN <= value <= INT64_MAX:
+                problems.setdefault(i, f"column '{name}' is {value}, outside the int64 range")
+                value = 0
+            values.append(value)
+        columns[name] = pa.array(values, ARROW_TYPES[kind])
+    return columns, problems
+
+
+def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """An Arrow table as Ray Data's "numpy" batch format hands it to a stage (strings, bytes and
+    lists as 1-D object arrays)."""
+    return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 def object_column(values) -> np.ndarray:

@@ -13,14 +13,15 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, Dataset
 
 from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
+from kandinsky_engine.columns import passthrough_fields
 from kandinsky_engine.config import StageConfig
 from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
 from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
-from kandinsky_engine.rows import ERROR_COLUMNS, object_column, resolve_params
+from kandinsky_engine.rows import ERROR_COLUMNS, object_column
+from kandinsky_engine.units import Unit
 
-from .output import Unit
-from .sink import ATTEMPT, SPLITS, UNIT, UNIT_ROWS
+from .prepare import SPLITS, UNIT, prepare_unit
 
 # Reading, resolving and writing are light; giving them a fraction of a CPU keeps them
 # schedulable when the model actors hold every whole CPU of a small machine.
@@ -30,32 +31,23 @@ IO_CPUS = 0.25
 MAX_BLOCK_BYTES = 1 << 30
 
 
-def tag_unit(block: dict[str, np.ndarray], units: dict[str, int], todo: dict[int, tuple[int, list | None]],
-             row_errors: dict[str, str]) -> dict[str, np.ndarray]:
-    """Names a freshly formed block's unit of work and keeps only its rows still to do.
+def light_step(fn):
+    """A plain (Ray task) step that never fails the job: if `fn` raises on a batch, the batch's
+    rows are marked failed with the reason and go to errors/ (the model stages pass them through)."""
 
-    Blocks are cut in manifest order, so a block is exactly one unit; its first id says which.
-    A committed unit leaves no rows; a unit being retried keeps its failed rows only. Rows that
-    failed validation are marked failed here, so they go to errors/ like any other failed row.
-    """
-    n = len(block["id"])
-    if n == 0:
-        return block
-    unit = units.get(str(block["id"][0]))
-    if unit is None:
-        raise RuntimeError(f"a block starts at id {block['id'][0]!r}, not at a unit boundary")
-    attempt, rows = todo.get(unit, (0, []))
-    keep = np.ones(n, dtype=bool) if rows is None else np.isin(block["id"].astype(str), rows)
-    out = {k: v[keep] for k, v in block.items()}
-    k = int(keep.sum())
-    out.update({UNIT: np.full(k, unit, dtype=np.int64), ATTEMPT: np.full(k, attempt, dtype=np.int64),
-                UNIT_ROWS: np.full(k, k, dtype=np.int64), SPLITS: np.zeros(k, dtype=np.int64)})
-    for name in ERROR_COLUMNS:
-        out[name] = np.full(k, "", dtype=object)
-    for i, row_id in enumerate(out["id"]):
-        if (message := row_errors.get(str(row_id))) is not None:
-            out["error_stage"][i], out["error_type"][i], out["error_message"][i] = "validate", "InvalidRow", message
-    return out
+    def step(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+        try:
+            return fn(batch, **kwargs)
+        except Exception as exc:
+            out = {**batch, **{name: batch[name].copy() for name in ERROR_COLUMNS}}
+            for i in range(len(out["id"])):
+                if not out["error_message"][i]:
+                    out["error_stage"][i], out["error_type"][i] = fn.__name__, type(exc).__name__
+                    out["error_message"][i] = str(exc)[:2000]
+            return out
+
+    step.__name__ = step.__qualname__ = fn.__name__  # Ray names the operator after it
+    return step
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -199,14 +191,6 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
         raise ValueError(f"stage actors reserve {gpus:g} GPUs but the Ray cluster has {have_gpus:g}")
 
 
-def rows_per_block(config: JobConfig) -> int:
-    """Rows per unit of work (= per data shard): a few batches of the largest stage batch size."""
-    if config.input.rows_per_block:
-        return config.input.rows_per_block
-    stages = (config.prior, config.hint, config.encode, config.decoder, config.movq)
-    return 8 * max(stage.batch_size for stage in stages)
-
-
 def read_target(manifest: Manifest) -> tuple[list[str], PyFileSystem | None]:
     """Paths and filesystem for `read_parquet`. The files were listed in the driver with the job's
     storage options; the read tasks get that same filesystem (wrapped for pyarrow), so an endpoint
@@ -218,22 +202,27 @@ def read_target(manifest: Manifest) -> tuple[list[str], PyFileSystem | None]:
 
 def build_generation(config: JobConfig, manifest: Manifest, units: list[Unit],
                      todo: dict[int, tuple[int, list | None]]) -> Dataset:
-    """The plan for the `todo` units (unit -> (attempt, rows to retry or None for all))."""
+    """The plan for the `todo` units (unit -> (attempt, rows to retry or None for all)) among `units`
+    (the run's scope, in manifest order)."""
     paths, filesystem = read_target(manifest)
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=IO_CPUS)
+    # partitioning=None: a `key=value/` folder in a manifest path is not a column (validation
+    # reads the files the same way).
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=IO_CPUS, partitioning=None)
     # Blocks are the unit of work (see Chunked), so they must be formed the same way every run:
     # in manifest order, of exactly rows_per_block rows. The split streams (no all-to-all
     # shuffle); without it a small file is one block and the stages would not overlap.
     ds.context.execution_options.preserve_order = True
     ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, MAX_BLOCK_BYTES)
     ds = ds.limit(sum(len(u.ids) for u in units))  # a --limit, rounded up to whole units
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block(config), strict=True)
-    first_ids = {u.ids[0]: u.index for u in units}
-    tag_args = {"units": first_ids, "todo": todo, "row_errors": manifest.row_errors}
-    ds = ds.map_batches(tag_unit, fn_kwargs=tag_args, batch_size=None, batch_format="numpy", num_cpus=IO_CPUS)
-    ds = ds.map_batches(resolve_params, fn_kwargs={"defaults": config.defaults}, batch_format="numpy", num_cpus=IO_CPUS)
+    ds = ds.repartition(target_num_rows_per_block=config.rows_per_block(), strict=True)
+    prepare_args = {
+        "units": {u.ids[0]: u.index for u in units}, "todo": todo,
+        "digests": {u.index: u.digest for u in units if u.index in todo}, "row_errors": manifest.row_errors,
+        "defaults": config.defaults, "passthrough": passthrough_fields(manifest.schema),
+    }
+    ds = ds.map_batches(prepare_unit, fn_kwargs=prepare_args, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS)
     if manifest.tasks & set(FETCH_TASKS):
-        ds = ds.map_batches(fetch_inputs, fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy",
+        ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy",
                             num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
         ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config))

@@ -1,19 +1,30 @@
 """The output layout and its commit protocol: what makes a rerun resume exactly once.
 
-    PATH/_RUN.json                         run fingerprint (written before the first shard)
-    PATH/data/part-{unit:08d}-a{K}.parquet    rows of unit `unit` that succeeded at attempt K
-    PATH/errors/part-{unit:08d}.parquet       rows of that unit still failing (latest attempt)
-    PATH/_SUCCESS.json                     written last, when every row is in data/ or errors/
+    PATH/_RUN.json                                  run fingerprint and config (written before any shard)
+    PATH/data/part-{unit:08d}-{digest}-a{K}.parquet   rows of unit `unit` that succeeded at attempt K
+    PATH/errors/part-{unit:08d}-{digest}.parquet      rows of that unit still failing (latest attempt)
+    PATH/_runs/{run}.json                           one report per run that reached its end
+    PATH/_damaged/{run}/...                         shards found damaged, moved aside (never read)
+    PATH/_SUCCESS.json                              written last, after `verify` passed
 
-A unit is `rows_per_block` consecutive manifest rows (unit = row position // rows_per_block), the
-same in every run. Attempt 1 runs all its rows and always writes its data shard, even an empty
-one: that shard is the unit's commit mark. It writes errors first, then data, so a unit with a
-data shard has its failures recorded. A later run retries only the rows of committed units that
-are in no data shard (attempt K >= 2, one more than the latest attempt in the unit's data or
-errors shards, writes the rows that now succeed, then replaces or removes the errors shard).
-Every file is written under _tmp/ and moved into place, so readers never see a torn file, and
-names depend on the unit and attempt only, so a retried write task rewrites the same file with
-the same bytes instead of adding a duplicate.
+A unit is `rows_per_block` consecutive manifest rows (kandinsky_engine/units.py), the same in every
+run; `digest` is a digest of the unit's manifest rows, so a shard names the exact rows it was
+computed from. Attempt 1 runs all its rows and always writes its data shard, even an empty one:
+that shard is the unit's commit mark. It writes errors first, then data, so a unit with a data
+shard has its failures recorded. A later run retries only the rows of committed units that are in
+no data shard (attempt K >= 2, one more than the latest attempt in the unit's data or errors
+shards, writes the rows that now succeed, then replaces or removes the errors shard). Every file
+(metadata included) is written under _tmp/ and moved into place, so readers never see a torn
+file, and names depend on the unit, its digest and the attempt only, so a retried write task
+rewrites the same file with the same bytes instead of adding a duplicate.
+
+Before a run, `inspect` compares the output with the manifest's units, read-only:
+- a shard whose digest is not its unit's digest was computed from other rows (the manifest was
+  rewritten): the run is refused, or with --recompute-changed the unit's shards are removed and it
+  is run again;
+- a shard whose size differs from its record, or that is not readable Parquet, is damaged: it is
+  moved to _damaged/ and its whole unit is run again (whole, so that its rows batch as before and
+  no row of another attempt is duplicated).
 
 Why not Ray Data's checkpointing (`DataContext.checkpoint_config`, Ray 2.60): it filters done
 rows right after the read, by id, before our units are formed, so a resumed run would batch the
@@ -25,6 +36,7 @@ failed ones included, so failed rows would never be retried; and its two-phase c
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,127 +44,222 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DATA, ERRORS, TMP = "data", "errors", "_tmp"
-SHARD = re.compile(r"part-(\d{8})-a(\d+)\.parquet$")
-ERRORS_SHARD = re.compile(r"part-(\d{8})\.parquet$")
+from kandinsky_engine.units import Unit
+
+DATA, ERRORS, TMP, DAMAGED = "data", "errors", "_tmp", "_damaged"
+DATA_SHARD = re.compile(r"part-(\d{8})-([0-9a-f]{16})-a(\d+)\.parquet")
+ERRORS_SHARD = re.compile(r"part-(\d{8})-([0-9a-f]{16})\.parquet")
 
 
-def data_name(unit: int, attempt: int) -> str:
-    return f"part-{unit:08d}-a{attempt}.parquet"
+def data_name(unit: int, digest: str, attempt: int) -> str:
+    return f"part-{unit:08d}-{digest}-a{attempt}.parquet"
 
 
-def errors_name(unit: int) -> str:
-    return f"part-{unit:08d}.parquet"
+def errors_name(unit: int, digest: str) -> str:
+    return f"part-{unit:08d}-{digest}.parquet"
+
+
+def put_bytes(fs, root: str, relpath: str, payload: bytes, tmp_tag: str) -> None:
+    """Write root/relpath through a temporary file under _tmp/ and a move.
+
+    On local disk the move is a rename; on S3 a server-side copy, whose new object appears whole."""
+    folder = relpath.rsplit("/", 1)[0] if "/" in relpath else ""
+    tmp = f"{root}/{TMP}/{tmp_tag}-{relpath.replace('/', '-')}"
+    fs.makedirs(f"{root}/{TMP}", exist_ok=True)
+    if folder:
+        fs.makedirs(f"{root}/{folder}", exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        f.write(payload)
+    fs.mv(tmp, f"{root}/{relpath}")
 
 
 def put(fs, root: str, folder: str, name: str, table: pa.Table, tmp_tag: str) -> dict:
-    """Write `table` to root/folder/name through a temporary file; returns its record.
-
-    On local disk the move is a rename; on S3 a server-side copy, whose new object appears whole.
-    """
+    """Write `table` as root/folder/name; returns its record (rows, bytes, sha256)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     payload = sink.getvalue().to_pybytes()
-    tmp = f"{root}/{TMP}/{tmp_tag}-{folder}-{name}"
-    fs.makedirs(f"{root}/{TMP}", exist_ok=True)
-    fs.makedirs(f"{root}/{folder}", exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        f.write(payload)
-    fs.mv(tmp, f"{root}/{folder}/{name}")
-    return {"file": f"{folder}/{name}", "rows": table.num_rows, "bytes": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest()}
+    put_bytes(fs, root, f"{folder}/{name}", payload, tmp_tag)
+    return record_of(f"{folder}/{name}", payload, table.num_rows)
+
+
+def put_json(fs, root: str, relpath: str, obj: dict, tmp_tag: str) -> None:
+    put_bytes(fs, root, relpath, json.dumps(obj, indent=2).encode(), tmp_tag)
+
+
+def record_of(file: str, payload: bytes, rows: int) -> dict:
+    return {"file": file, "rows": rows, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def entries(fs, folder: str) -> list[dict]:
+    """A fresh listing: s3fs caches listings per filesystem instance, and the driver's instance
+    would otherwise still show data/ as it was before the run wrote to it."""
+    fs.invalidate_cache(folder)
+    try:
+        return [e for e in fs.ls(folder, detail=True) if e.get("type") != "directory"]
+    except FileNotFoundError:
+        return []
 
 
 @dataclass
-class Unit:
-    index: int
-    ids: list[str]
+class Shard:
+    file: str  # relative to the output root, e.g. data/part-00000003-<digest>-a1.parquet
+    path: str  # full path on the filesystem
+    unit: int
+    digest: str
+    attempt: int | None  # None for an errors shard
+    size: int
 
 
-def cut_units(ids: list[str], rows_per_block: int, limit: int | None = None) -> list[Unit]:
-    """Units in manifest order. A limit is rounded up to whole units, so that a smoke run's units
-    are the full run's units and the full run can resume it."""
-    if limit:
-        ids = ids[: -(-limit // rows_per_block) * rows_per_block]
-    return [Unit(n, ids[start:start + rows_per_block]) for n, start in enumerate(range(0, len(ids), rows_per_block))]
+@dataclass
+class Inspection:
+    """What a previous run left, read-only: shards by unit, and what cannot be trusted."""
+
+    data: dict[int, list[Shard]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[int, list[Shard]] = field(default_factory=lambda: defaultdict(list))
+    foreign: list[str] = field(default_factory=list)  # files in data/ or errors/ not in the layout
+    changed: list[int] = field(default_factory=list)  # units whose shards name other rows
+    damaged: list[Shard] = field(default_factory=list)
+    records: dict[str, dict] = field(default_factory=dict)  # file -> record, for every healthy shard
+    has_tmp: bool = False
+
+
+def parse_shard(fs_path: str, root: str, size: int) -> Shard | None:
+    file = fs_path[len(root) + 1:] if fs_path.startswith(root + "/") else fs_path
+    folder, _, name = file.rpartition("/")
+    if folder == DATA and (m := DATA_SHARD.fullmatch(name)):
+        return Shard(file, fs_path, int(m[1]), m[2], int(m[3]), size)
+    if folder == ERRORS and (m := ERRORS_SHARD.fullmatch(name)):
+        return Shard(file, fs_path, int(m[1]), m[2], None, size)
+    return None
+
+
+def read_back(fs, shard: Shard, deep: bool, known: dict | None) -> dict | None:
+    """The shard's record if it is healthy, else None. Trusted without reading when its record is
+    known and the size matches (unless `deep`); otherwise read whole, parsed and hashed."""
+    if known is not None and known["bytes"] == shard.size and not deep:
+        return known
+    try:
+        payload = fs.cat_file(shard.path)
+        rows = pq.read_table(pa.BufferReader(payload)).num_rows  # every page decodes, not just the footer
+    except Exception:  # truncated, garbage, vanished: not a shard any reader can use
+        return None
+    record = record_of(shard.file, payload, rows)
+    if deep and known is not None and known["sha256"] != record["sha256"] and known["bytes"] == record["bytes"]:
+        return None  # same size, other bytes: bit rot
+    return record
+
+
+def inspect(fs, root: str, units: list[Unit], known: dict[str, dict], deep: bool = False) -> Inspection:
+    """Compare the output with the manifest's units. Changes nothing."""
+    found = Inspection(has_tmp=fs.exists(f"{root}/{TMP}"))
+    digests = {u.index: u.digest for u in units}
+    for folder in (DATA, ERRORS):
+        for entry in entries(fs, f"{root}/{folder}"):
+            shard = parse_shard(entry["name"], root, int(entry.get("size") or 0))
+            if shard is None:
+                found.foreign.append(entry["name"][len(root) + 1:])
+                continue
+            (found.data if shard.attempt is not None else found.errors)[shard.unit].append(shard)
+            if digests.get(shard.unit) != shard.digest:
+                if shard.unit not in found.changed:
+                    found.changed.append(shard.unit)
+                continue
+            record = read_back(fs, shard, deep, known.get(shard.file))
+            if record is None:
+                found.damaged.append(shard)
+            else:
+                found.records[shard.file] = record
+    found.changed.sort()
+    return found
 
 
 @dataclass
 class State:
-    """What a previous run left: the work still to do, and what the report needs to know."""
+    """The work still to do, and what the report needs to know."""
 
     todo: dict[int, tuple[int, list[str] | None]] = field(default_factory=dict)  # unit -> (attempt, rows or None=all)
     rows_done: int = 0  # rows already committed in data/ (skipped)
     rows_retried: int = 0  # rows committed as failed, run again
     cleaned: list[str] = field(default_factory=list)  # stale files removed
+    recomputed: list[int] = field(default_factory=list)  # units whose manifest rows changed, run again
+    damaged: list[str] = field(default_factory=list)  # damaged shards moved to _damaged/
 
 
-def scan(fs, root: str, units: list[Unit]) -> State:
-    """Compare the output with the job's units; remove files no reader should trust."""
-    data: dict[int, list[tuple[int, str]]] = defaultdict(list)
-    for path in _ls(fs, f"{root}/{DATA}"):
-        if m := SHARD.search(path):
-            data[int(m[1])].append((int(m[2]), path))
-    errors = {int(m[1]): path for path in _ls(fs, f"{root}/{ERRORS}") if (m := ERRORS_SHARD.search(path))}
+def _remove_unit(fs, found: Inspection, unit: int) -> list[str]:
+    """Remove every shard of a unit: errors first and attempt 1 (the commit mark) last, so that a
+    crash half way leaves the unit either still marked (and still detected) or uncommitted."""
+    shards = found.errors.pop(unit, []) + sorted(found.data.pop(unit, []), key=lambda s: -s.attempt)
+    for shard in shards:
+        if fs.exists(shard.path):
+            fs.rm(shard.path)
+    return [s.file for s in shards]
+
+
+def reconcile(fs, root: str, units: list[Unit], found: Inspection, tag: str) -> State:
+    """Make the output consistent with `units` (the run's scope) and list the work left.
+
+    Call only once the run is known to go ahead: it removes stale and damaged shards."""
     state = State()
-    if fs.exists(f"{root}/{TMP}"):  # pieces of writes that never finished
+    if found.has_tmp:  # pieces of writes that never finished
         state.cleaned.append(f"{TMP}/")
         fs.rm(f"{root}/{TMP}", recursive=True)
+    for unit in found.changed:
+        _remove_unit(fs, found, unit)
+        state.recomputed.append(unit)
+    for shard in found.damaged:
+        if shard.unit in found.changed:
+            continue
+        if fs.exists(shard.path):
+            target = f"{root}/{DAMAGED}/{tag}/{shard.file}"
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.mv(shard.path, target)
+        state.damaged.append(shard.file)
+        _remove_unit(fs, found, shard.unit)
     for unit in units:
-        shards = data.get(unit.index, [])
-        if not any(attempt == 1 for attempt, _ in shards):
-            if unit.index in errors:  # written before a crash stopped the commit
-                fs.rm(errors[unit.index])
-                state.cleaned.append(f"{ERRORS}/{errors_name(unit.index)}")
+        shards = found.data.get(unit.index, [])
+        errors = found.errors.get(unit.index, [])
+        if not any(s.attempt == 1 for s in shards):
+            # Not committed: anything else of it was written before a crash stopped the commit.
+            state.cleaned += _remove_unit(fs, found, unit.index)
             state.todo[unit.index] = (1, None)
             continue
-        if unit.index not in errors:
+        counted = sum(found.records[s.file]["rows"] for s in shards + errors)
+        if not errors and counted == len(unit.ids):
             state.rows_done += len(unit.ids)
             continue
+        # Failed rows to retry, or rows in no shard at all (a shard or errors shard deleted by hand):
+        # the rows of the unit that no data shard holds run again.
         done = set()
-        for _, path in shards:
-            with fs.open(path, "rb") as f:
+        for shard in shards:
+            with fs.open(shard.path, "rb") as f:
                 done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
         pending = [i for i in unit.ids if i not in done]
         state.rows_done += len(unit.ids) - len(pending)
         if not pending:  # the last attempt committed its rows but stopped before removing the errors
-            fs.rm(errors[unit.index])
+            for shard in errors:
+                fs.rm(shard.path)
             continue
         state.rows_retried += len(pending)
         # A retry in which every row failed again writes no data shard, only the errors shard (with
         # its attempt): without it the next run would number its attempt as that one's again.
-        with fs.open(errors[unit.index], "rb") as f:
-            failed_at = pq.read_table(f, columns=["attempt"]).column("attempt").to_pylist()
-        state.todo[unit.index] = (max([a for a, _ in shards] + failed_at) + 1, pending)
+        failed_at = []
+        for shard in errors:
+            with fs.open(shard.path, "rb") as f:
+                failed_at += pq.read_table(f, columns=["attempt"]).column("attempt").to_pylist()
+        state.todo[unit.index] = (max([s.attempt for s in shards] + failed_at) + 1, pending)
     return state
 
 
-def _ls(fs, folder: str) -> list[str]:
-    try:
-        return fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return []
-
-
 def shard_records(fs, root: str, known: dict[str, dict]) -> list[dict]:
-    """Every data and errors shard with rows, bytes and sha256. Records written by this or an
-    earlier run (`known`, by file) are trusted when the size still matches; the rest (shards of a
-    run that was killed before it could report) are read back once."""
+    """Every data and errors shard with rows, bytes and sha256, from a fresh listing. Records
+    written or read by this or an earlier run (`known`, by file) are trusted when the size still
+    matches; the rest are read back once."""
     records = []
     for folder in (DATA, ERRORS):
-        try:
-            listing = fs.ls(f"{root}/{folder}", detail=True)
-        except FileNotFoundError:
-            continue
-        for entry in sorted(listing, key=lambda e: e["name"]):
-            name = entry["name"].rsplit("/", 1)[-1]
-            if not name.endswith(".parquet"):
+        for entry in sorted(entries(fs, f"{root}/{folder}"), key=lambda e: e["name"]):
+            shard = parse_shard(entry["name"], root, int(entry.get("size") or 0))
+            if shard is None:
                 continue
-            record = known.get(f"{folder}/{name}")
-            if record is None or record["bytes"] != entry["size"]:
-                payload = fs.cat_file(entry["name"])
-                rows = pq.ParquetFile(pa.BufferReader(payload)).metadata.num_rows
-                record = {"file": f"{folder}/{name}", "rows": rows, "bytes": len(payload),
-                          "sha256": hashlib.sha256(payload).hexdigest()}
-            records.append(record)
+            record = read_back(fs, shard, False, known.get(shard.file))
+            records.append(record or {"file": shard.file, "rows": None, "bytes": shard.size, "sha256": None})
     return records

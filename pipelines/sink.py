@@ -15,47 +15,100 @@ import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from kandinsky_engine.manifest import MIX_ITEM
-from kandinsky_engine.rows import ERROR_COLUMNS
-from kandinsky_engine.storage import url_to_fs
+from kandinsky_engine.columns import OUTPUT_TYPES, PASSTHROUGH_BLOB, unpack_passthrough
+from kandinsky_engine.hint import CONTROLNET_TASKS
+from kandinsky_engine.rows import is_null
+from kandinsky_engine.storage import redact_url, url_to_fs
 
 from .output import DATA, ERRORS, data_name, errors_name, put
+from .prepare import ATTEMPT, DIGEST, SPLITS, UNIT, UNIT_ROWS
 
-# Internal columns: the unit key and its attempt, the rows the unit must have, OOM splits.
-UNIT, ATTEMPT, UNIT_ROWS, SPLITS = "_unit", "_attempt", "_unit_rows", "_oom_splits"
-INTERNAL = (UNIT, ATTEMPT, UNIT_ROWS, SPLITS)
-
-# Fixed types for the engine's own columns: a block whose values are all null would otherwise
-# get Arrow's null type and its shard would disagree with the others.
-DATA_TYPES = {
-    "id": pa.string(), "task": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(),
-    "seed": pa.int64(), "width": pa.int64(), "height": pa.int64(), "image_width": pa.int64(),
-    "image_height": pa.int64(), "num_inference_steps": pa.int64(), "guidance_scale": pa.float64(),
-    "prior_num_inference_steps": pa.int64(), "prior_guidance_scale": pa.float64(), "strength": pa.float64(),
-    "image_uri": pa.string(), "mask_uri": pa.string(), "image": pa.binary(), "prior_model": pa.string(),
-    "decoder_model": pa.string(), "mix": pa.list_(MIX_ITEM),
-}
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
                           ("error_type", pa.string()), ("message", pa.string()), ("attempt", pa.int64())])
+URI_COLUMNS = ("image_uri", "mask_uri", "hint_uri")
 
 
-def with_fixed_types(table: pa.Table) -> pa.Table:
-    for name, type_ in DATA_TYPES.items():
-        if name not in table.column_names or table.schema.field(name).type == type_:
-            continue
-        column = table[name]
-        if pa.types.is_floating(column.type) and not pa.types.is_floating(type_):
-            # Ray's all-None object column arrives as NaN floats: it was all null.
-            column = pa.nulls(len(column), type_)
-        table = table.set_column(table.column_names.index(name), name, column.cast(type_))
-    return table
+def engine_column(rows: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
+    """Column `name` of a stage output as `type_`. Ray rebuilds Arrow columns from numpy, so an
+    all-None object column arrives as null or NaN floats, and an int column with nulls as floats:
+    values go through Python, NaN read as null."""
+    if name not in rows.column_names:
+        return pa.nulls(rows.num_rows, type_)
+    column = rows[name]
+    if column.type == type_:
+        return column.combine_chunks()
+    values = [None if is_null(v) else v for v in column.to_pylist()]
+    if pa.types.is_integer(type_):
+        values = [None if v is None else int(v) for v in values]
+    return pa.array(values, type_)
+
+
+def mix_recipe(items) -> list[dict] | None:
+    """A mix cell as written: each item's text or image URI (redacted) and image sha256, and weight."""
+    if is_null(items):
+        return None
+    return [{"text": item.get("text"), "image_uri": None if is_null(item.get("image_uri")) else redact_url(item["image_uri"]),
+             "image_sha256": item.get("image_sha256"), "weight": item.get("weight")} for item in items]
+
+
+def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str]) -> pa.Table:
+    """The rows that succeeded, in the job's output schema: engine columns with their fixed types,
+    URIs redacted, model identities, then the pass-through columns joined back by id."""
+    n = rows.num_rows
+    columns = {}
+    for name, type_ in OUTPUT_TYPES.items():
+        if name in URI_COLUMNS:
+            values = engine_column(rows, name, type_).to_pylist()
+            columns[name] = pa.array([None if v is None else redact_url(v) for v in values], type_)
+        elif name == "mix":
+            values = rows["mix"].to_pylist() if "mix" in rows.column_names else [None] * n
+            columns[name] = pa.array([mix_recipe(v) for v in values], type_)
+        elif name in ("prior_model", "decoder_model"):
+            columns[name] = pa.array([identity[name]] * n, type_)
+        elif name == "depth_model":
+            # Only rows whose hint was estimated depend on the depth model.
+            tasks = rows["task"].to_pylist()
+            given = [a is not None or b is not None for a, b in zip(engine_column(rows, "hint_sha256", pa.string()).to_pylist(),
+                                                                   engine_column(rows, "hint_uri", pa.string()).to_pylist())]
+            columns[name] = pa.array([identity[name] if t in CONTROLNET_TASKS and not g else None
+                                      for t, g in zip(tasks, given)], type_)
+        else:
+            columns[name] = engine_column(rows, name, type_)
+    extra = [f for f in schema if f.name not in OUTPUT_TYPES]
+    if extra:
+        blobs = [b for b in rows[PASSTHROUGH_BLOB].to_pylist() if b is not None] if n else []
+        given = unpack_passthrough(blobs) if blobs else None
+        position = {} if given is None else {row_id: i for i, row_id in enumerate(given["id"].to_pylist())}
+        ids = rows["id"].to_pylist()
+        missing = [i for i in ids if i not in position]
+        if missing:
+            raise RuntimeError(f"pass-through columns missing for ids {missing[:5]}")
+        take = pa.array([position[i] for i in ids], pa.int64())
+        for f in extra:
+            columns[f.name] = given[f.name].take(take) if n else pa.nulls(0, f.type)
+    return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+def errors_table(rows: pa.Table, attempt: int) -> pa.Table:
+    messages = [redact_url(m) for m in rows["error_message"].to_pylist()]
+    return pa.table([rows["id"], engine_column(rows, "task", pa.string()), rows["error_stage"], rows["error_type"],
+                     pa.array(messages, pa.string()), pa.array([attempt] * rows.num_rows, pa.int64())],
+                    schema=ERROR_SCHEMA)
 
 
 class ShardSink(Datasink):
-    def __init__(self, path: str, storage_options: dict | None = None):
+    """Writes each unit's rows as one data shard (and its failures as one errors shard), named by
+    unit, unit digest and attempt. `schema` is the job's output schema; `identity` the model
+    columns (models.model_identity)."""
+
+    def __init__(self, path: str, storage_options: dict | None, schema: pa.Schema, identity: dict[str, str],
+                 tmp_tag: str | None = None):
         self.path = path
         self.storage_options = storage_options or {}
-        self.tmp_tag = uuid.uuid4().hex[:12]  # temporary names of this run never collide with another's
+        self.schema = schema
+        self.identity = identity
+        # Temporary names of this run never collide with another's.
+        self.tmp_tag = tmp_tag or uuid.uuid4().hex[:12]
         self.records: list[dict] = []
         self.oom_splits = 0
 
@@ -77,33 +130,31 @@ class ShardSink(Datasink):
                 # that limit, so this only fires if a unit outgrew it: a half unit must never commit.
                 raise RuntimeError(f"unit {unit} reached the writer with {rows.num_rows} of "
                                    f"{rows[UNIT_ROWS][0].as_py()} rows; lower input.rows_per_block")
-            records += self._commit(fs, root, int(unit), int(rows[ATTEMPT][0].as_py()), rows)
+            records += self._commit(fs, root, int(unit), str(rows[DIGEST][0].as_py()),
+                                    int(rows[ATTEMPT][0].as_py()), rows)
         splits = int(pc.sum(table[SPLITS]).as_py() or 0) if SPLITS in table.column_names else 0
         return {"records": records, "oom_splits": splits}
 
-    def _commit(self, fs, root: str, unit: int, attempt: int, rows: pa.Table) -> list[dict]:
+    def _commit(self, fs, root: str, unit: int, digest: str, attempt: int, rows: pa.Table) -> list[dict]:
         failed = pc.not_equal(rows["error_message"], "")
-        internal = [c for c in (*ERROR_COLUMNS, *INTERNAL) if c in rows.column_names]
-        data = with_fixed_types(rows.filter(pc.invert(failed)).drop_columns(internal))
-        errors = rows.filter(failed)
-        errors = pa.table([errors["id"], errors["task"], errors["error_stage"], errors["error_type"],
-                           errors["error_message"], pa.array([attempt] * errors.num_rows, pa.int64())],
-                          schema=ERROR_SCHEMA)
+        data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity)
+        errors = errors_table(rows.filter(failed), attempt)
+        data_file, errors_file = data_name(unit, digest, attempt), errors_name(unit, digest)
         records = []
         # Order is the protocol (pipelines/output.py): attempt 1 records its failures before its
         # data shard marks the unit committed; a retry commits the rows that now succeed before
         # it rewrites (or removes) the errors shard.
         if attempt == 1:
             if errors.num_rows:
-                records.append(put(fs, root, ERRORS, errors_name(unit), errors, self.tmp_tag))
-            records.append(put(fs, root, DATA, data_name(unit, attempt), data, self.tmp_tag))
+                records.append(put(fs, root, ERRORS, errors_file, errors, self.tmp_tag))
+            records.append(put(fs, root, DATA, data_file, data, self.tmp_tag))
             return records
         if data.num_rows:
-            records.append(put(fs, root, DATA, data_name(unit, attempt), data, self.tmp_tag))
+            records.append(put(fs, root, DATA, data_file, data, self.tmp_tag))
         if errors.num_rows:
-            records.append(put(fs, root, ERRORS, errors_name(unit), errors, self.tmp_tag))
-        elif fs.exists(f"{root}/{ERRORS}/{errors_name(unit)}"):
-            fs.rm(f"{root}/{ERRORS}/{errors_name(unit)}")
+            records.append(put(fs, root, ERRORS, errors_file, errors, self.tmp_tag))
+        elif fs.exists(f"{root}/{ERRORS}/{errors_file}"):
+            fs.rm(f"{root}/{ERRORS}/{errors_file}")
         return records
 
     def on_write_complete(self, write_result) -> None:

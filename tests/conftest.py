@@ -75,11 +75,18 @@ def make_config(model_cache: str, manifest: str, out: str, **sections) -> JobCon
 
 
 def batch_of(rows: list[dict], config: JobConfig) -> dict[str, np.ndarray]:
-    """A resolved numpy batch, as Ray Data hands it to the first stage."""
-    from kandinsky_engine.rows import resolve_params
+    """A resolved numpy batch, as Ray Data hands it to the first stage: the pipeline's own prepare
+    step on the rows as one unit, then Arrow -> numpy as Ray converts it."""
+    from kandinsky_engine.columns import passthrough_fields
+    from kandinsky_engine.rows import numpy_batch
+    from pipelines.prepare import prepare_unit
 
-    columns = {k: np.array([r.get(k) for r in rows], dtype=object) for k in {k for r in rows for k in r}}
-    return resolve_params(columns, config.defaults)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    prepared = prepare_unit(table, units={rows[0]["id"]: 0}, todo={0: (1, None)}, digests={0: "0" * 16},
+                            row_errors={}, defaults=config.defaults,
+                            passthrough=passthrough_fields(table.schema))
+    return numpy_batch(prepared)
 
 
 def run_chain(stages, rows: list[dict], until: int | None = None) -> dict[str, np.ndarray]:

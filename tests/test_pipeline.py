@@ -1,10 +1,13 @@
 """Scheduling pieces of pipelines/ without a cluster: units of work and sub-batching."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipelines.generate import Chunked, concat, tag_unit
-from pipelines.sink import UNIT
+from kandinsky_engine.config import GenerationDefaults
+from kandinsky_engine.rows import derive_seed, numpy_batch
+from pipelines.generate import Chunked, concat
+from pipelines.prepare import UNIT, prepare_unit
 
 
 class Recorder:
@@ -20,10 +23,17 @@ class Recorder:
         return {**batch, "n": np.full(len(batch["id"]), len(batch["id"]))}
 
 
-def block(ids, unit=0, todo=None, row_errors=None):
+def prepare(table, unit=0, todo=None, row_errors=None, **kwargs):
     todo = {unit: (1, None)} if todo is None else todo
-    return tag_unit({"id": np.array(ids, dtype=object), "x": np.arange(len(ids))},
-                    units={ids[0]: unit} if ids else {}, todo=todo, row_errors=row_errors or {})
+    ids = table["id"].to_pylist()
+    return prepare_unit(table, units={ids[0]: unit} if ids else {}, todo=todo, digests={unit: "d" * 16},
+                        row_errors=row_errors or {}, defaults=kwargs.pop("defaults", GenerationDefaults()),
+                        passthrough=kwargs.pop("passthrough", []))
+
+
+def block(ids, unit=0, todo=None, row_errors=None):
+    table = pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(["p"] * len(ids), pa.string())})
+    return numpy_batch(prepare(table, unit, todo, row_errors))
 
 
 def test_units_are_split_the_same_way_even_when_ray_merges_blocks():
@@ -39,7 +49,7 @@ def test_units_are_split_the_same_way_even_when_ray_merges_blocks():
     assert Recorder.calls[:2] == [["a0", "a1", "a2", "a3"], ["a4", "a5"]]  # the same split alone
 
 
-def test_tag_unit_keeps_only_the_rows_still_to_do():
+def test_prepare_keeps_only_the_rows_still_to_do():
     ids = ["a", "b", "c", "d"]
     assert list(block(ids, unit=3)[UNIT]) == [3, 3, 3, 3]
     assert block(ids, todo={}).get("id").size == 0  # a committed unit: nothing left
@@ -47,8 +57,44 @@ def test_tag_unit_keeps_only_the_rows_still_to_do():
     assert list(retry["id"]) == ["b", "d"] and list(retry["_attempt"]) == [2, 2] and list(retry["_unit_rows"]) == [2, 2]
     assert list(retry["error_stage"]) == ["", "validate"] and "'width'" in retry["error_message"][1]
     with pytest.raises(RuntimeError, match="not at a unit boundary"):
-        tag_unit({"id": np.array(["b", "c"], dtype=object)}, units={"a": 0}, todo={}, row_errors={})
-    assert Chunked(Recorder, batch_size=2)(block([]))["id"].size == 0
+        prepare_unit(pa.table({"id": ["b", "c"]}), units={"a": 0}, todo={}, digests={}, row_errors={},
+                     defaults=GenerationDefaults(), passthrough=[])
+    assert Chunked(Recorder, batch_size=2)(block(["x"], todo={}))["id"].size == 0
+
+
+def test_ids_compare_as_exact_strings():
+    """`a` and `a\x00` are two ids: a retry of one must not pick up the other (numpy's fixed-width
+    strings drop trailing NULs, so `np.isin` on them matches both)."""
+    retry = block(["a", "a\x00", "b"], todo={0: (2, ["a\x00"])})
+    assert list(retry["id"]) == ["a\x00"]
+
+
+def test_seeds_stay_exact_next_to_nulls():
+    """An int64 column with nulls becomes float64 in numpy: 63-bit seeds would be rounded."""
+    seed = 491747412733530295
+    table = pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "seed": pa.array([seed, None], pa.int64())})
+    out = numpy_batch(prepare(table, defaults=GenerationDefaults(seed=3)))
+    assert out["seed"].dtype == np.int64 and out["seed"].tolist() == [seed, derive_seed(3, "b")]
+
+
+def test_a_seed_outside_int64_is_a_row_error_not_a_crash():
+    table = pa.table({"id": ["ok", "huge"], "prompt": ["p", "q"], "seed": pa.array([1, 2**63], pa.uint64())})
+    out = numpy_batch(prepare(table))
+    assert list(out["error_stage"]) == ["", "resolve"] and "outside the int64 range" in out["error_message"][1]
+    assert out["seed"].tolist() == [1, 0]
+
+
+def test_passthrough_columns_travel_as_arrow():
+    from kandinsky_engine.columns import unpack_passthrough
+
+    table = pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "big": pa.array([2**62 + 1, None], pa.int64()),
+                      "tag": pa.array([None, None], pa.string())})
+    fields = [table.schema.field("big"), table.schema.field("tag")]
+    out = prepare(table, passthrough=fields)
+    blobs = [b for b in out["_passthrough"].to_pylist() if b is not None]
+    assert len(blobs) == 1  # one blob per unit
+    back = unpack_passthrough(blobs)
+    assert back["big"].to_pylist() == [2**62 + 1, None] and back.schema.field("tag").type == pa.string()
 
 
 class Fragile:

@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 
 from kandinsky_engine.config import GenerationDefaults
 from kandinsky_engine.rows import derive_seed, group_rows, latent_size, resolve_params
@@ -13,18 +14,19 @@ def test_derived_seed_depends_only_on_job_seed_and_id():
 
 def test_row_values_override_defaults_and_nulls_fall_back():
     defaults = GenerationDefaults(seed=3, width=64, guidance_scale=4.0)
-    batch = {
-        "id": np.array(["a", "b"], dtype=object),
-        "prompt": np.array(["p", "q"], dtype=object),
-        "seed": np.array([11, None], dtype=object),
-        "width": np.array([128.0, np.nan]),  # Arrow int column with a null arrives as float NaN
-    }
-    out = resolve_params(batch, defaults)
-    assert out["seed"].tolist() == [11, derive_seed(3, "b")]
-    assert out["width"].tolist() == [128, 64] and out["width"].dtype == np.int64
-    assert out["guidance_scale"].tolist() == [4.0, 4.0]
-    assert out["negative_prompt"].tolist() == [None, None]
-    assert out["prompt"] is batch["prompt"]
+    table = pa.table({
+        "id": ["a", "b"],
+        "prompt": ["p", "q"],
+        "seed": pa.array([11, None], pa.int64()),
+        "width": pa.array([128, None], pa.int32()),
+    })
+    out, problems = resolve_params(table, defaults)
+    assert problems == {}
+    assert out["seed"].to_pylist() == [11, derive_seed(3, "b")]
+    assert out["width"].to_pylist() == [128, 64] and out["width"].type == pa.int64()
+    assert out["guidance_scale"].to_pylist() == [4.0, 4.0]
+    assert out["negative_prompt"].to_pylist() == [None, None]
+    assert "prompt" not in out
 
 
 def test_grouping_and_latent_sizes():

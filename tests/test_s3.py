@@ -13,14 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.run import run_job
+from kandinsky_engine.manifest import validate_manifest
 from tests.conftest import KEY, SECRET, make_config, png, put_manifest
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray
 
 # The documented output layout (pipelines/output.py), relative to the output root.
-LAYOUT = re.compile(r"(data/part-\d{8}-a\d+\.parquet|errors/part-\d{8}\.parquet|_RUN\.json|_SUCCESS\.json"
-                    r"|_runs/[0-9a-f]+\.json)")
+LAYOUT = re.compile(r"(data/part-\d{8}-[0-9a-f]{16}-a\d+\.parquet|errors/part-\d{8}-[0-9a-f]{16}\.parquet"
+                    r"|_RUN\.json|_SUCCESS\.json|_runs/[0-9a-f]+\.json)")
 CANARIES = (KEY, SECRET)
 
 
@@ -46,10 +47,11 @@ def test_job_reads_and_writes_s3(ray_cluster, model_cache, s3, caplog, capfd):
     caplog.set_level(logging.INFO)  # the job's own log level (jobs.cli); DEBUG is botocore's wire dump
     summary = run_job(config)
     assert (summary["rows"], summary["failed_rows"]) == (2, 1)
+    digest = validate_manifest(config).unit_digests[0]  # shard names carry the unit's digest
 
     # Shard records name files relative to the output root.
-    assert [s["file"] for s in summary["shards"]] == ["data/part-00000000-a1.parquet"]
-    assert [s["file"] for s in summary["error_shards"]] == ["errors/part-00000000.parquet"]
+    assert [s["file"] for s in summary["shards"]] == [f"data/part-00000000-{digest}-a1.parquet"]
+    assert [s["file"] for s in summary["error_shards"]] == [f"errors/part-00000000-{digest}.parquet"]
     data = pq.read_table(fs.open("kandinsky/out/" + summary["shards"][0]["file"], "rb")).to_pylist()
     assert {r["id"] for r in data} == {"t2i", "s3-image"}
     assert all(decode(r["image"]).shape == (64, 64, 3) for r in data)
@@ -133,3 +135,38 @@ def test_unreadable_s3_manifest_fails_fast_without_leaking(model_cache, s3):
     with pytest.raises(ManifestError, match="part-0.parquet: cannot read as Parquet") as err:
         validate_manifest(config)
     assert SECRET not in str(err.value) and KEY not in str(err.value)
+
+
+def test_resume_on_s3_counts_what_is_there(ray_cluster, model_cache, s3):
+    """The driver's s3fs listing cache must never hide what the run (or another process) wrote:
+    a resume after a lost shard, and a retry after the missing input appeared, report the truth."""
+    from jobs.verify import verify
+
+    fs, options = s3
+    rows = [{"id": f"r{i}", "prompt": f"a boat {i}"} for i in range(7)]
+    rows.append({"id": "late", "prompt": "x", "task": "img2img", "image_uri": "s3://kandinsky/resume/in/late.png",
+                 "strength": 0.5})
+    put_manifest(fs, "kandinsky/resume/m.parquet", rows)
+    config = make_config(model_cache, "s3://kandinsky/resume/m.parquet", "s3://kandinsky/resume/out",
+                         input={"rows_per_block": 4})
+    config = config.model_copy(update={"storage_options": options})
+    first = run_job(config)
+    assert (first["rows"], first["failed_rows"]) == (7, 1)
+
+    # What a killed run leaves: one data shard and _SUCCESS.json gone.
+    lost = sorted(fs.glob("kandinsky/resume/out/data/part-00000000-*"))[0]
+    fs.rm(lost)
+    fs.rm("kandinsky/resume/out/_SUCCESS.json")
+    second = run_job(config)
+    assert (second["rows"], second["failed_rows"], second["rows_skipped"], second["rows_computed"]) == (7, 1, 3, 5)
+    assert len(second["shards"]) == 2 and verify("s3://kandinsky/resume/out", config=config).ok
+
+    # The missing input appears: the retry commits it and its errors shard is gone, in the summary too.
+    fs.pipe("kandinsky/resume/in/late.png", png("green"))
+    third = run_job(config)
+    assert (third["rows"], third["failed_rows"], third["rows_retried"]) == (8, 0, 1)
+    assert third["error_shards"] == [] and fs.glob("kandinsky/resume/out/errors/*") == []
+    fs.invalidate_cache()
+    listed = {k.removeprefix("kandinsky/resume/out/") for k in fs.find("kandinsky/resume/out/data")}
+    assert {s["file"] for s in third["shards"]} == listed
+    assert verify("s3://kandinsky/resume/out", config=config).ok
