@@ -1,6 +1,7 @@
-"""Randomized resume: a Hypothesis state machine plays an adversarial operator against one output.
+"""Randomized resume: an adversarial operator plays random sequences of moves against one output.
 
-Between runs it rewrites the manifest (same rows in another order, a changed prompt, a unit's
+Hypothesis draws each sequence's seed, so a failure is reported with the seed that reproduces it.
+Between runs the operator rewrites the manifest (same rows in another order, a changed prompt, a unit's
 pass-through column set to all-null), kills the driver at a random point (what a kill leaves:
 each unit of the run committed whole, or only its errors shard, or nothing; a torn file in _tmp/;
 no report, no _SUCCESS.json), truncates a shard or a run report, deletes a shard, and runs again
@@ -17,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from jobs.resume import FingerprintMismatch
 from jobs.run import ManifestChanged, run_job
@@ -36,8 +37,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROWS, UNIT = 10, 2  # 5 units
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("width", pa.int64()), ("note", pa.string()),
                     ("rank", pa.int64())])
-SEQUENCES, STEPS = {"local": 3, "s3": 2}, 6
+SEQUENCES, STEPS = {"local": 2, "s3": 1}, 6
 RAN = {"local": 0, "s3": 0}
+MOVES: dict[str, Counter] = {"local": Counter(), "s3": Counter()}
 
 
 def initial_rows() -> list[dict]:
@@ -53,50 +55,78 @@ def parquet_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-class ResumeMachine(RuleBasedStateMachine):
-    # Set by the test before it runs the machine.
-    storage, root, options, model_cache, references = "local", "", {}, "", {}
+class Sequence:
+    """One operator against one output: `steps` random moves, each followed by a run and its check."""
 
-    @initialize()
-    def start(self):
-        RAN[self.storage] += 1
-        self.base = f"{self.root}/seq{RAN[self.storage]}"
+    def __init__(self, storage: str, root: str, options: dict, model_cache: str, references: dict, rng: random.Random):
+        self.storage, self.root, self.options, self.model_cache = storage, root, options, model_cache
+        self.references, self.rng = references, rng
+        RAN[storage] += 1
+        self.base = f"{root}/seq{RAN[storage]}"
         self.manifest_path, self.out = f"{self.base}/manifest/m.parquet", f"{self.base}/out"
-        self.fs, _ = url_to_fs(self.base, self.options)
+        self.fs, _ = url_to_fs(self.base, options)
         self.rows = initial_rows()
         self.write_manifest()
-        self.rng = random.Random(RAN[self.storage])
+
+    def play(self, steps: int) -> None:
+        moves = [self.nothing, self.reorder_manifest, self.change_a_prompt, self.null_a_column_in_a_unit,
+                 self.damage_a_shard, self.tear_a_report]
+        for _ in range(steps):
+            move = self.rng.choice(moves)
+            move()
+            MOVES[self.storage][move.__name__] += 1
+            limit = self.rng.choice([None, None, self.rng.randint(1, ROWS)])
+            if self.rng.random() < 0.35:
+                self.run_killed(limit, keep=self.rng.random())
+            else:
+                self.check_run(limit, recompute=self.rng.random() < 0.5)
+            self.nothing_outside_the_output()
 
     # -- the operator's moves ------------------------------------------------------------------
 
     def write_manifest(self):
-        self.fs.pipe(self._key(self.manifest_path), parquet_bytes(self.rows))
+        self.put(self._key(self.manifest_path), parquet_bytes(self.rows))
         self.fs.invalidate_cache()
 
-    @rule(seed=st.integers(0, 2**16))
-    def reorder_manifest(self, seed):
-        random.Random(seed).shuffle(self.rows)
+    def nothing(self):
+        pass
+
+    def reorder_manifest(self):
+        self.rng.shuffle(self.rows)
         self.write_manifest()
 
-    @rule(row=st.integers(0, ROWS - 1))
-    def change_a_prompt(self, row):
+    def change_a_prompt(self):
+        row = self.rng.randrange(ROWS)
         self.rows[row] = {**self.rows[row], "prompt": self.rows[row]["prompt"] + " at night"}
         self.write_manifest()
 
-    @rule(unit=st.integers(0, ROWS // UNIT - 1))
-    def null_a_column_in_a_unit(self, unit):
+    def null_a_column_in_a_unit(self):
+        unit = self.rng.randrange(ROWS // UNIT)
         for i in range(unit * UNIT, (unit + 1) * UNIT):
             self.rows[i] = {**self.rows[i], "note": None}
         self.write_manifest()
 
-    @rule(limit=st.one_of(st.none(), st.integers(1, ROWS)), recompute=st.booleans())
-    def run(self, limit, recompute):
-        self.check_run(limit, recompute)
+    def damage_a_shard(self):
+        shards = self.shards()
+        if shards:
+            key = self.rng.choice(shards)
+            if self.rng.random() < 0.5:
+                self.put(key, self.fs.cat_file(key)[:64])  # truncated
+            else:
+                self.fs.rm(key)
+            self.fs.invalidate_cache()
 
-    @rule(limit=st.one_of(st.none(), st.integers(1, ROWS)), keep=st.floats(0, 1))
+    def tear_a_report(self):
+        reports = self.reports()
+        if reports:
+            key = self.rng.choice(reports)
+            self.put(key, self.fs.cat_file(key)[:40])
+            self.fs.invalidate_cache()
+
     def run_killed(self, limit, keep):
         """A run killed part way: of each unit it touched, what a kill can leave stays (committed
         whole; only its errors shard; or as it was), plus a torn temporary file; no report."""
+        MOVES[self.storage]["killed run"] += 1
         before = self.snapshot()
         try:
             run_job(self.config(), limit=limit, recompute_changed=True)
@@ -114,31 +144,16 @@ class ResumeMachine(RuleBasedStateMachine):
                 if fate < (keep + 1) / 2 and "/errors/" in key:
                     continue  # the kill fell between the unit's errors shard and its data shard
                 if key in before:
-                    self.fs.pipe(key, before[key])
+                    self.put(key, before[key])
                 elif self.fs.exists(key):
                     self.fs.rm(key)
         for key in touched:
             if ("/_runs/" in key or key.endswith("/_SUCCESS.json")) and self.fs.exists(key):
                 self.fs.rm(key)  # a killed run writes no report, and removed _SUCCESS.json at its start
-        self.fs.pipe(self._key(f"{self.out}/_tmp/torn-{self.rng.randrange(10**6)}"), b"PAR1 half a shard")
+        self.put(self._key(f"{self.out}/_tmp/torn-{self.rng.randrange(10**6)}"), b"PAR1 half a shard")
         self.fs.invalidate_cache()
 
-    @precondition(lambda self: self.shards())
-    @rule(data=st.data(), how=st.sampled_from(["truncate", "delete"]))
-    def damage_a_shard(self, data, how):
-        key = data.draw(st.sampled_from(self.shards()))
-        if how == "truncate":
-            self.fs.pipe(key, self.fs.cat_file(key)[:64])
-        else:
-            self.fs.rm(key)
-        self.fs.invalidate_cache()
 
-    @precondition(lambda self: self.reports())
-    @rule(data=st.data())
-    def tear_a_report(self, data):
-        key = data.draw(st.sampled_from(self.reports()))
-        self.fs.pipe(key, self.fs.cat_file(key)[:40])
-        self.fs.invalidate_cache()
 
     # -- the contract --------------------------------------------------------------------------
 
@@ -148,17 +163,17 @@ class ResumeMachine(RuleBasedStateMachine):
             summary = run_job(self.config(), limit=limit, recompute_changed=recompute)
         except (ManifestChanged, FingerprintMismatch) as exc:
             assert self.snapshot() == before, f"a refusal changed the output: {exc}"
+            MOVES[self.storage]["refused run (output unchanged)"] += 1
             return
-        assert summary["failed_rows"] >= 1  # the poison row, every time
+        MOVES[self.storage]["finished run (verified)"] += 1
         check = verify(self.out, config=self.config())
         assert check.ok, check.problems
         want = self.reference()
         got = {r["id"]: r["image"] for r in self.data_rows()}
         assert set(got) <= set(want) and all(got[i] == want[i] for i in got), "an image differs from a single run"
         if summary["complete"]:
-            assert set(got) == set(want)
+            assert set(got) == set(want) - {"r03"} and summary["failed_rows"] == 1  # r03: the poison row
 
-    @invariant()
     def nothing_outside_the_output(self):
         keys = [k for k in self.fs.find(self._key(self.base)) if not k.startswith(self._key(self.out) + "/")]
         assert keys == [self._key(self.manifest_path)], keys
@@ -176,7 +191,7 @@ class ResumeMachine(RuleBasedStateMachine):
         key = hashlib.sha256(payload).hexdigest()
         if key not in self.references:
             folder = f"{self.root}/ref-{key[:12]}"
-            self.fs.pipe(self._key(f"{folder}/m.parquet"), payload)
+            self.put(self._key(f"{folder}/m.parquet"), payload)
             config = make_config(self.model_cache, f"{folder}/m.parquet", f"{folder}/out", input={"rows_per_block": UNIT},
                                  prior={"batch_size": 2}, decoder={"batch_size": 2}, movq={"batch_size": 2})
             run_job(config.model_copy(update={"storage_options": self.options}))
@@ -203,6 +218,11 @@ class ResumeMachine(RuleBasedStateMachine):
         self.fs.invalidate_cache()
         return sorted(self.fs.glob(self._key(f"{self.out}/_runs/*.json")))
 
+    def put(self, key: str, payload: bytes) -> None:
+        if self.storage == "local":
+            self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe(key, payload)
+
     def _key(self, path: str) -> str:
         return url_to_fs(path, self.options)[1]
 
@@ -214,13 +234,19 @@ class ResumeMachine(RuleBasedStateMachine):
 
 
 def play(storage: str, root: str, options: dict, model_cache: str):
-    machine = type(f"ResumeMachine_{storage}", (ResumeMachine,), {
-        "storage": storage, "root": root, "options": options, "model_cache": model_cache, "references": {}})
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=SEQUENCES[storage], stateful_step_count=STEPS, deadline=None, database=None,
-        phases=(Phase.generate,),  # no shrinking: each step runs a job
-        suppress_health_check=list(HealthCheck)))
-    print(f"\n{storage}: {RAN[storage]} sequences of up to {STEPS} steps ran, every run checked")
+    references: dict = {}
+
+    @settings(max_examples=SEQUENCES[storage], deadline=None, database=None, phases=(Phase.generate,),
+              suppress_health_check=list(HealthCheck))
+    @given(seed=st.integers(0, 2**32 - 1))
+    def sequence(seed):
+        # A plain Random from the drawn seed: Hypothesis' own random draws lean towards 0, which
+        # here would mean "do nothing, then kill" every time.
+        Sequence(storage, root, options, model_cache, references, random.Random(seed)).play(STEPS)
+
+    sequence()
+    print(f"\n{storage}: {RAN[storage]} sequences of {STEPS} moves, each followed by a run and its check; "
+          f"moves: {dict(MOVES[storage])}")
     assert RAN[storage] >= SEQUENCES[storage]
 
 
