@@ -19,7 +19,7 @@ def cmd_run(args) -> int:
 
     config = _config(args)
     summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
-                      new_run=args.new_run)
+                      new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config)
     speed = f"{summary['images_per_s']:.2f} rows/s" if summary["images_per_s"] else "nothing left to run"
     print(
         f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s) at {summary['output']}; this run: "
@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="run a batch job"))
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
-    run.add_argument("--overwrite", action="store_true", help="delete the output path first and start over")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over: remove this tool's entries (data/, errors/, _RUN.json, ...) from an output it "
+                          "wrote; other files stay")
+    run.add_argument("--overwrite-unowned", action="store_true",
+                     help="--overwrite also on a folder this tool did not write, or that holds the manifest or the "
+                          "config (still removes only this tool's entries)")
     run.add_argument("--new-run", action="store_true",
                      help="if the output holds a run with another fingerprint, write this one beside it (PATH-<fp>)")
     run.add_argument("--limit", type=int, metavar="N",

@@ -11,13 +11,13 @@ from datetime import datetime, timezone
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
 from kandinsky_engine.models import check_source
-from kandinsky_engine.storage import access_checked, redact, url_to_fs
+from kandinsky_engine.storage import access_checked, ensure_dir, redact, url_to_fs
+from pipelines.output import RUNS, SUMMARY
 
+from .output_guard import check_output, remove_owned
 from .resume import choose_output, fingerprint_inputs, write_run
 
 log = logging.getLogger("kandinsky_engine")
-SUMMARY = "_SUCCESS.json"
-RUNS = "_runs"  # one report per run (also those that ended with failed rows)
 
 
 def connect(address: str | None) -> float:
@@ -33,8 +33,11 @@ def connect(address: str | None) -> float:
 
 
 def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None,
-            new_run: bool = False) -> dict:
-    """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json."""
+            new_run: bool = False, overwrite_unowned: bool = False, config_file: str | None = None) -> dict:
+    """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json.
+
+    `overwrite_unowned` also overwrites a folder this tool did not write or that holds the
+    manifest or `config_file` (see jobs/output_guard.py)."""
     # Everything that can fail fast does so before Ray starts or a model loads, and before an
     # existing output is touched (--overwrite deletes it only once the job can run).
     manifest = validate_manifest(config)
@@ -42,7 +45,9 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
 
     block_rows = rows_per_block(config)
     inputs = fingerprint_inputs(config, manifest, block_rows)
+    overwrite = overwrite or overwrite_unowned
     with access_checked(config.output.path, config.storage_options, "checking output"):
+        check_output(config, overwrite=overwrite, unowned=overwrite_unowned, config_file=config_file)
         path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
     for part in ("prior", "decoder"):
         # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
@@ -59,9 +64,9 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     check_resources(config, manifest, ray.cluster_resources())
     fs, root = url_to_fs(path, config.storage_options)
     if mode == "overwrite":
-        fs.rm(root, recursive=True)
+        remove_owned(fs, root)
     if mode != "resume":
-        fs.makedirs(root, exist_ok=True)
+        ensure_dir(fs, root)
         write_run(fs, root, inputs)
     earlier = read_reports(fs, root)
     if fs.exists(f"{root}/{SUMMARY}"):
@@ -98,7 +103,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "records": sink.records,
     }
-    fs.makedirs(f"{root}/{RUNS}", exist_ok=True)
+    ensure_dir(fs, f"{root}/{RUNS}")
     with fs.open(f"{root}/{RUNS}/{sink.tmp_tag}.json", "w") as f:
         json.dump(report, f, indent=2)
     summary = write_summary(config, fs, root, path, [*earlier, report])

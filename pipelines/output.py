@@ -32,7 +32,17 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kandinsky_engine.storage import ensure_dir
+
 DATA, ERRORS, TMP = "data", "errors", "_tmp"
+DAMAGED = "_damaged"  # shards set aside as unreadable
+RUN_FILE, SUMMARY = "_RUN.json", "_SUCCESS.json"  # the fingerprint (jobs/resume.py), the summary (jobs/run.py)
+RUNS = "_runs"  # one report per run (also those that ended with failed rows)
+# Every entry a job writes under its output root, and so all that --overwrite may remove: the
+# root itself may hold other files (a README, the manifest, a bucket's other keys). In removal
+# order: the summary first (the output stops claiming to be complete), the run file last (a
+# removal cut short still holds _RUN.json, so --overwrite can take it up again).
+OWNED_ENTRIES = (SUMMARY, DATA, ERRORS, TMP, DAMAGED, RUNS, RUN_FILE)
 SHARD = re.compile(r"part-(\d{8})-a(\d+)\.parquet$")
 ERRORS_SHARD = re.compile(r"part-(\d{8})\.parquet$")
 
@@ -54,8 +64,8 @@ def put(fs, root: str, folder: str, name: str, table: pa.Table, tmp_tag: str) ->
     pq.write_table(table, sink)
     payload = sink.getvalue().to_pybytes()
     tmp = f"{root}/{TMP}/{tmp_tag}-{folder}-{name}"
-    fs.makedirs(f"{root}/{TMP}", exist_ok=True)
-    fs.makedirs(f"{root}/{folder}", exist_ok=True)
+    ensure_dir(fs, f"{root}/{TMP}")  # never s3fs's makedirs: it creates a missing bucket
+    ensure_dir(fs, f"{root}/{folder}")
     with fs.open(tmp, "wb") as f:
         f.write(payload)
     fs.mv(tmp, f"{root}/{folder}/{name}")
