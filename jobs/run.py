@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.manifest import validate_manifest
+from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
 from kandinsky_engine.storage import access_checked, ensure_dir, redact, url_to_fs
 from pipelines.output import RUNS, SUMMARY
@@ -40,6 +41,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     manifest or `config_file` (see jobs/output_guard.py)."""
     # Everything that can fail fast does so before Ray starts or a model loads, and before an
     # existing output is touched (--overwrite deletes it only once the job can run).
+    check_cache_dir(config.model.cache_dir)
     manifest = validate_manifest(config)
     from pipelines.generate import IO_CPUS, build_generation, check_resources, rows_per_block
 
