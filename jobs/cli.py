@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 
 def _config(args):
@@ -19,7 +20,8 @@ def cmd_run(args) -> int:
 
     config = _config(args)
     summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
-                      new_run=args.new_run, recompute_changed=args.recompute_changed, check_shards=args.check_shards)
+                      new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
+                      recompute_changed=args.recompute_changed, check_shards=args.check_shards)
     speed = f"{summary['images_per_s']:.2f} rows/s" if summary["images_per_s"] else "nothing left to run"
     print(
         f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s) at {summary['output']}; this run: "
@@ -87,16 +89,26 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky-batch", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)  # options every command takes, after its name
+    common.add_argument("--verbose", action="store_true", help="on failure, print the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, **kwargs):
+        return sub.add_parser(name, parents=[common], **kwargs)
 
     def with_config(p):
         p.add_argument("config", help="YAML job config")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. output.path=out")
         return p
 
-    run = with_config(sub.add_parser("run", help="run a batch job"))
+    run = with_config(add("run", help="run a batch job"))
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
-    run.add_argument("--overwrite", action="store_true", help="delete the output path first and start over")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over: remove this tool's entries (data/, errors/, _RUN.json, ...) from an output it "
+                          "wrote; other files stay")
+    run.add_argument("--overwrite-unowned", action="store_true",
+                     help="--overwrite also on a folder this tool did not write, or that holds the manifest or the "
+                          "config (still removes only this tool's entries)")
     run.add_argument("--new-run", action="store_true",
                      help="if the output holds a run with another fingerprint, write this one beside it (PATH-<fp>)")
     run.add_argument("--limit", type=positive_int, metavar="N",
@@ -109,21 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "whole output); by default sizes are compared and unrecorded shards read back")
     run.set_defaults(func=cmd_run)
 
-    validate = with_config(sub.add_parser("validate", help="check the config and manifest without running"))
+    validate = with_config(add("validate", help="check the config and manifest without running"))
     validate.set_defaults(func=cmd_validate)
 
-    check = sub.add_parser("verify", help="check an output's invariants (exit 0: sound, 1: problems listed)")
+    check = add("verify", help="check an output's invariants (exit 0: sound, 1: problems listed)")
     check.add_argument("output", help="output path (PATH of the job's output.path)")
     check.add_argument("--config", help="the job config (for storage options); default: the one in PATH/_RUN.json")
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
     check.add_argument("--quick", action="store_true", help="compare shard sizes only, not their sha256")
     check.set_defaults(func=cmd_verify)
 
-    tiny = sub.add_parser("tiny-model", help="write the tiny random model (DIR/prior, DIR/decoder)")
+    tiny = add("tiny-model", help="write the tiny random model (DIR/prior, DIR/decoder)")
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_tiny_model)
 
-    bench = sub.add_parser("bench", help="Ray job vs a plain diffusers loop on the same rows")
+    bench = add("bench", help="Ray job vs a plain diffusers loop on the same rows")
     bench.add_argument("--rows", type=int, default=32)
     bench.add_argument("--steps", type=int, default=10, help="decoder steps (prior uses the same)")
     bench.add_argument("--size", type=int, default=64)
@@ -141,11 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
-        # Config, manifest, storage access (403: storage.StorageAccessError names the URL) and
-        # output errors: one clear message, no traceback.
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # Exit code 1 means "finished, some rows are in errors/": any failure to run is 2, with one
+        # clear message (config, manifest, storage access, output: our own messages name the file
+        # or URL) and the traceback only when asked for.
+        if args.verbose:
+            traceback.print_exc()
+        message = describe(exc)
+        hint = "" if args.verbose or message == str(exc) else " (--verbose for the traceback)"
+        print(f"error: {message}{hint}", file=sys.stderr)
         return 2
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a failure: the engine's own errors as they are (they name the file or URL, and
+    may list problems below their first line); a Ray error as the last line of its text, which
+    ends with the remote traceback (`OSError: Unable to load weights ...`); anything else as its
+    type and first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    ray = sys.modules.get("ray")
+    if ray and isinstance(exc, ray.exceptions.RayError):
+        return f"{type(exc).__name__}: {lines[-1]}"
+    if isinstance(exc, (ValueError, FileNotFoundError, PermissionError, RuntimeError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {lines[0]}"
 
 
 if __name__ == "__main__":

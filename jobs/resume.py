@@ -16,8 +16,10 @@ from kandinsky_engine.config import JobConfig
 from kandinsky_engine.identity import PARTS, library_versions
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.storage import redact, redact_url, url_to_fs
+from pipelines.output import RUN_FILE
 
-RUN_FILE = "_RUN.json"
+from .output_guard import OWNED_TEXT, is_empty
+
 STAGES = ("prior", "hint", "encode", "decoder", "movq")
 
 
@@ -83,7 +85,7 @@ def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: 
 
     - an empty or missing output: fresh;
     - an output of the same fingerprint: resume;
-    - --overwrite: replace whatever is there;
+    - --overwrite: replace the tool's entries there (jobs/output_guard.py checks it may);
     - another fingerprint: refused, or with --new-run written beside it at PATH-<fingerprint>;
     - a non-empty folder without _RUN.json (not ours, or older than resume): refused.
     """
@@ -91,13 +93,13 @@ def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: 
     fs, root = url_to_fs(path, config.storage_options)
     if overwrite:
         return path, "overwrite" if fs.exists(root) else "fresh"
-    if not fs.exists(root) or not fs.ls(root):
+    if is_empty(fs, root):  # missing, empty, or only a console-made folder's marker
         return path, "fresh"
     run = read_run(fs, root)
     if run is None:
         raise FingerprintMismatch(
             f"output {path} is not empty and holds no {RUN_FILE}: not the output of a job run by this tool; "
-            "choose another output.path or pass --overwrite to replace it")
+            f"choose another output.path (--overwrite-unowned would write into it, removing {OWNED_TEXT} there)")
     if run["fingerprint"] == fp:
         return path, "resume"
     changed = "\n  ".join(differences(run["inputs"], inputs)[:20])

@@ -13,17 +13,19 @@ from kandinsky_engine.columns import output_schema
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.identity import model_identity, weights_digests
 from kandinsky_engine.manifest import validate_manifest
+from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
-from kandinsky_engine.storage import access_checked, redact, url_to_fs
+from kandinsky_engine.storage import access_checked, ensure_dir, redact, url_to_fs
 from kandinsky_engine.units import Unit, cut_units, in_scope
-from pipelines.output import TMP
+from pipelines.output import RUNS, SUMMARY, TMP
 
+from .output_guard import check_output as check_target
+from .output_guard import remove_owned
 from .resume import choose_output, fingerprint_inputs, write_run
-from .verify import SUMMARY, check_output
+from .verify import check_output
 from .verify import report as verify_report
 
 log = logging.getLogger("kandinsky_engine")
-RUNS = "_runs"  # one report per run (also those that ended with failed rows)
 
 
 def connect(address: str | None) -> float:
@@ -43,22 +45,29 @@ class ManifestChanged(RuntimeError):
 
 
 def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None,
-            new_run: bool = False, recompute_changed: bool = False, check_shards: bool = False) -> dict:
+            new_run: bool = False, recompute_changed: bool = False, check_shards: bool = False,
+            overwrite_unowned: bool = False, config_file: str | None = None) -> dict:
     """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json.
 
     `limit`: only the first N rows (whole units); `recompute_changed`: rerun the committed units
     whose manifest rows changed instead of refusing; `check_shards`: compare every committed shard's
-    sha256 with its record before resuming (reads the whole output), not only its size.
+    sha256 with its record before resuming (reads the whole output), not only its size;
+    `overwrite_unowned` also overwrites a folder this tool did not write or that holds the
+    manifest or `config_file` (see jobs/output_guard.py).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     # Everything that can fail fast does so before Ray starts or a model loads, and before an
     # existing output is touched (--overwrite deletes it only once the job can run).
+    check_cache_dir(config.model.cache_dir)
     manifest = validate_manifest(config)
     from pipelines.output import Inspection, inspect, put_json, reconcile, shard_records
 
     units = cut_units(manifest.ids, manifest.unit_digests, config.rows_per_block())
     scope = in_scope(units, limit)
+    overwrite = overwrite or overwrite_unowned
+    with access_checked(config.output.path, config.storage_options, "checking output"):
+        check_target(config, overwrite=overwrite, unowned=overwrite_unowned, config_file=config_file)
     for part in ("prior", "decoder"):
         # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
         check_source(getattr(config.model, part), part, config.model.cache_dir, config.storage_options)
@@ -84,9 +93,9 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
 
     check_resources(config, manifest, ray.cluster_resources())
     if mode == "overwrite":
-        fs.rm(root, recursive=True)
+        remove_owned(fs, root)
     if mode != "resume":
-        fs.makedirs(root, exist_ok=True)
+        ensure_dir(fs, root)
         write_run(fs, root, inputs, config, tag)
     if fs.exists(f"{root}/{SUMMARY}"):
         fs.rm(f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends

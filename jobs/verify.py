@@ -24,11 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kandinsky_engine.units import Unit
-from pipelines.output import DATA, ERRORS, entries, parse_shard, record_of
+from pipelines.output import DATA, ERRORS, SUMMARY, entries, parse_shard, record_of
 
-SUMMARY = "_SUCCESS.json"
 MAX_SHOWN = 30  # problems listed; the count of the rest is given
-
 
 @dataclass
 class Check:
@@ -42,7 +40,6 @@ class Check:
     def ok(self) -> bool:
         return not self.problems
 
-
 def _read(fs, path: str, deep: bool) -> tuple[pa.Schema, list, dict | None]:
     """(schema, ids, record if deep) of a shard."""
     if deep:
@@ -52,7 +49,6 @@ def _read(fs, path: str, deep: bool) -> tuple[pa.Schema, list, dict | None]:
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         return parquet.schema_arrow, parquet.read(columns=["id"])["id"].to_pylist(), None
-
 
 def check_output(fs, root: str, units: list[Unit], scope: int, schema: pa.Schema, records: dict[str, dict],
                  deep: bool) -> Check:
@@ -114,14 +110,12 @@ def check_output(fs, root: str, units: list[Unit], scope: int, schema: pa.Schema
                                       f"{', '.join(repr(i) for i in ids[:5])}")
     return check
 
-
 def _schema_diff(found: pa.Schema, want: pa.Schema) -> str:
     got = {f.name: str(f.type) for f in found}
     expected = {f.name: str(f.type) for f in want}
     diff = [f"{n}: {got.get(n, 'absent')} (expected {expected.get(n, 'absent')})"
             for n in dict.fromkeys([*expected, *got]) if got.get(n) != expected.get(n)]
     return "; ".join(diff[:5]) or "column order"
-
 
 def verify(path: str, *, config=None, deep: bool = True) -> Check:
     """Every invariant of the output at `path`. The job config comes from its `_RUN.json`, or from
@@ -166,7 +160,6 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
                                   "are not committed")
     return check
 
-
 def _read_summary(fs, root: str, problems: list[str]) -> dict:
     try:
         with fs.open(f"{root}/{SUMMARY}", "r") as f:
@@ -176,7 +169,6 @@ def _read_summary(fs, root: str, problems: list[str]) -> dict:
     except ValueError as exc:
         problems.append(f"{SUMMARY} is damaged ({exc}); rerun the job to rewrite it")
     return {}
-
 
 def report(check: Check, path: str) -> str:
     if check.ok:

@@ -11,7 +11,9 @@ is bad):
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import fsspec
 import pyarrow as pa
@@ -63,15 +65,19 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
 def find_files(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """A file, a directory (every *.parquet below it) or a glob -> sorted list of files.
 
+    A path that exists is taken as given, even with glob characters in it (`run[1]/m.parquet`).
+    In a directory, names below it that start with '_' or '.' are skipped, as Spark and pyarrow
+    do: `_tmp/`, `_SUCCESS`, `.DS_Store`, a job output's `_damaged/`.
     Refused access (403) raises StorageAccessError naming the manifest, before any model loads."""
     fs, path = url_to_fs(location, storage_options)
     with access_checked(location, storage_options, "listing manifest"):
-        if any(ch in path for ch in "*?["):
-            files = fs.glob(path)
-        elif fs.isdir(path):
-            files = [f for f in fs.find(path) if f.endswith(".parquet")]
+        if fs.isdir(path):
+            files = [f for f in fs.find(path) if f.endswith(".parquet")
+                     and not any(part.startswith(("_", ".")) for part in PurePosixPath(f).relative_to(path).parts)]
         elif fs.exists(path):
             files = [path]
+        elif glob.has_magic(path):
+            files = fs.glob(path)
         else:
             raise ManifestError(f"manifest {location}: no such file or directory")
     if not files:

@@ -59,6 +59,22 @@ def is_remote(source: str) -> bool:
     return "://" in source and protocol(source) not in LOCAL_PROTOCOLS
 
 
+def check_cache_dir(cache_dir: str | os.PathLike) -> None:
+    """Fail in the driver, naming the folder, if `cache_dir` cannot be written: the tiny model is
+    built and remote model directories are mirrored into it, and an actor that fails there stops
+    the job with a Ray error far from the cause. Writes and removes a probe file in the folder, or
+    in the nearest folder above it if it does not exist yet (the model stages create it): a job
+    that stops before any model loads leaves nothing behind."""
+    folder = Path(cache_dir).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-") as probe:
+            probe.write(b"ok")
+    except OSError as exc:
+        raise PermissionError(f"model.cache_dir {folder} is not writable ({exc.strerror or exc}); set model.cache_dir "
+                              "(or KANDINSKY_CACHE) to a writable folder") from None
+
+
 def _version(info: dict) -> str | None:
     return next((str(info[k]) for k in VERSION_FIELDS if info.get(k) not in (None, "")), None)
 

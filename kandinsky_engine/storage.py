@@ -34,6 +34,8 @@ import fsspec
 # ride out a minute of trouble. At a 20% transient fault rate all 10 fail with p = 1e-7.
 S3_RETRIES = {"mode": "standard", "total_max_attempts": 10}
 S3_PROTOCOLS = ("s3", "s3a")
+# Object stores: a path starts with a bucket (or container), and a folder is only a key prefix.
+OBJECT_STORES = (*S3_PROTOCOLS, "gs", "gcs", "abfs", "abfss", "az")
 
 # `scheme://user:password@host/...`: the userinfo part of a URL (ftp, sftp, http, smb...).
 _USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
@@ -67,6 +69,19 @@ def with_s3_retries(options: dict) -> dict:
 
 def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return not set(protocols).isdisjoint(OBJECT_STORES)
+
+
+def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Make the folder `path` where folders exist (local disk, ...). Nothing on object stores: a
+    key needs no folder there, and s3fs's makedirs creates a missing bucket, so one typo in a
+    bucket name would silently make a new bucket."""
+    if not is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
 
 
 def secret_values(storage_options: dict | None) -> list[str]:

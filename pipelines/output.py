@@ -44,9 +44,18 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kandinsky_engine.storage import ensure_dir
 from kandinsky_engine.units import Unit
 
-DATA, ERRORS, TMP, DAMAGED = "data", "errors", "_tmp", "_damaged"
+DATA, ERRORS, TMP = "data", "errors", "_tmp"
+DAMAGED = "_damaged"  # shards set aside as unreadable
+RUN_FILE, SUMMARY = "_RUN.json", "_SUCCESS.json"  # the fingerprint (jobs/resume.py), the summary (jobs/run.py)
+RUNS = "_runs"  # one report per run (also those that ended with failed rows)
+# Every entry a job writes under its output root, and so all that --overwrite may remove: the
+# root itself may hold other files (a README, the manifest, a bucket's other keys). In removal
+# order: the summary first (the output stops claiming to be complete), the run file last (a
+# removal cut short still holds _RUN.json, so --overwrite can take it up again).
+OWNED_ENTRIES = (SUMMARY, DATA, ERRORS, TMP, DAMAGED, RUNS, RUN_FILE)
 DATA_SHARD = re.compile(r"part-(\d{8})-([0-9a-f]{16})-a(\d+)\.parquet")
 ERRORS_SHARD = re.compile(r"part-(\d{8})-([0-9a-f]{16})\.parquet")
 
@@ -65,9 +74,9 @@ def put_bytes(fs, root: str, relpath: str, payload: bytes, tmp_tag: str) -> None
     On local disk the move is a rename; on S3 a server-side copy, whose new object appears whole."""
     folder = relpath.rsplit("/", 1)[0] if "/" in relpath else ""
     tmp = f"{root}/{TMP}/{tmp_tag}-{relpath.replace('/', '-')}"
-    fs.makedirs(f"{root}/{TMP}", exist_ok=True)
+    ensure_dir(fs, f"{root}/{TMP}")  # never s3fs's makedirs: it creates a missing bucket
     if folder:
-        fs.makedirs(f"{root}/{folder}", exist_ok=True)
+        ensure_dir(fs, f"{root}/{folder}")
     with fs.open(tmp, "wb") as f:
         f.write(payload)
     fs.mv(tmp, f"{root}/{relpath}")
@@ -211,7 +220,7 @@ def reconcile(fs, root: str, units: list[Unit], found: Inspection, tag: str) -> 
             continue
         if fs.exists(shard.path):
             target = f"{root}/{DAMAGED}/{tag}/{shard.file}"
-            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            ensure_dir(fs, target.rsplit("/", 1)[0])
             fs.mv(shard.path, target)
         state.damaged.append(shard.file)
         _remove_unit(fs, found, shard.unit)
