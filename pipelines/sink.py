@@ -34,6 +34,7 @@ DATA_TYPES = {
     "prior_num_inference_steps": pa.int64(), "prior_guidance_scale": pa.float64(), "strength": pa.float64(),
     "image_uri": pa.string(), "mask_uri": pa.string(), "image": pa.binary(), "prior_model": pa.string(),
     "decoder_model": pa.string(), "mix": pa.list_(MIX_ITEM),
+    "image_sha256": pa.string(), "mask_sha256": pa.string(), "hint_sha256": pa.string(),  # kandinsky_engine.inputs
 }
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
                           ("error_type", pa.string()), ("message", pa.string()), ("attempt", pa.int64())])
