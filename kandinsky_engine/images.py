@@ -214,6 +214,28 @@ def decode_input(data, kind: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, mask:
         raise ImageInputError(f"{kind}: {exc}") from None
 
 
+def centre_offsets(outer: tuple[int, int], inner: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of an inner (h, w) box centred in an outer (H, W) one: where a padded input's
+    content sits, and the window the size policy `crop` cuts from the output."""
+    return (outer[0] - inner[0]) // 2, (outer[1] - inner[1]) // 2
+
+
+def pad_centred(pixels: np.ndarray, height: int, width: int, fill: int | None = None) -> np.ndarray:
+    """(h, w[, C]) pixels -> (height, width[, C]) with the content centred where the size policy
+    `crop` cuts the output back (`centre_offsets`); the border repeats the edge pixels, or is `fill`."""
+    top, left = centre_offsets((height, width), pixels.shape[:2])
+    widths = ((top, height - pixels.shape[0] - top), (left, width - pixels.shape[1] - left))
+    widths += ((0, 0),) * (pixels.ndim - 2)
+    return np.pad(pixels, widths, mode="edge") if fill is None else np.pad(pixels, widths, constant_values=fill)
+
+
+def fit_and_pad(image: Image.Image, size: tuple[int, int], working: tuple[int, int], resample, *,
+                reducing_gap: float | None = None, fill: int | None = None) -> Image.Image:
+    """Resize to `size` (w, h), then pad to `working` (W, H) with `pad_centred`."""
+    pixels = np.asarray(image.resize(size, resample, reducing_gap=reducing_gap))
+    return Image.fromarray(pad_centred(pixels, working[1], working[0], fill))
+
+
 def fit_to_size(image: Image.Image, width: int, height: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
     """Resize to exactly (width, height), aspect ratio not kept; the same object if already that size."""
     if image.size == (width, height):

@@ -10,9 +10,10 @@ import hashlib
 from collections import defaultdict
 
 import numpy as np
+from PIL import Image
 
 from .config import JobConfig
-from .images import ImageInputError, decode_input, read_uri
+from .images import ImageInputError, decode_input, fit_and_pad, read_uri
 from .inpaint import image_tensor, keep_mask
 from .models import load_module
 from .rows import failed, is_null, mark_failed, object_column, working_size
@@ -142,6 +143,7 @@ class MovqEncodeStage:
             reducing_gap=1,
         )
         self.max_pixels = config.input.max_image_pixels
+        self.pad = config.output.size_policy == "crop"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -170,15 +172,24 @@ class MovqEncodeStage:
 
     def _prepare(self, batch, i: int):
         """-> ((1, 3, H, W) pixels in [-1, 1], packed keep mask or None) for row i."""
-        # The working size is the 64-rounded output size, as for text2img; the size policy crops
-        # back afterwards.
-        h, w = working_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
+        # The working size is the 64-rounded output size, as for text2img. With size_policy crop,
+        # the input is resized to the requested size and padded to the working size, centred as
+        # MovqStage crops it back (images: edges repeated; masks: padding kept, never repainted), so
+        # the output keeps the input's borders and scale. Otherwise it is stretched to the working size.
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        work_h, work_w = working_size(h, w, self.scale_factor)
+        pad = self.pad and (h, w) != (work_h, work_w)
         image = decode_input(batch["image_bytes"][i], "image", max_pixels=self.max_pixels)
         if batch["task"][i] in ("img2img", "controlnet_img2img"):
+            if pad:  # the processor's own resample; its resize to the padded size is then a copy
+                image = fit_and_pad(image, (w, h), (work_w, work_h), Image.Resampling.BICUBIC, reducing_gap=1)
             # Height and width in the processor's order: diffusers 0.42 calls
             # preprocess(image, width, height) in both img2img pipelines, swapping them for
             # non-square sizes.
-            return self.processor.preprocess(image, height=h, width=w), None
+            return self.processor.preprocess(image, height=work_h, width=work_w), None
         mask = decode_input(batch["mask_bytes"][i], "mask", max_pixels=self.max_pixels, mask=True)
-        mask = keep_mask(mask, w, h, (h // self.scale_factor, w // self.scale_factor))
-        return image_tensor(image, w, h), pack(mask.numpy())
+        if pad:  # inpaint.image_tensor's and keep_mask's resamples, then their resizes are copies
+            image = fit_and_pad(image, (w, h), (work_w, work_h), Image.Resampling.BICUBIC, reducing_gap=1)
+            mask = fit_and_pad(mask, (w, h), (work_w, work_h), Image.Resampling.LANCZOS, fill=0)
+        mask = keep_mask(mask, work_w, work_h, (work_h // self.scale_factor, work_w // self.scale_factor))
+        return image_tensor(image, work_w, work_h), pack(mask.numpy())
