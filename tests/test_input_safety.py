@@ -447,15 +447,17 @@ def test_s3_job_reads_its_own_prefix_only(ray_cluster, model_cache, s3):
         {"id": "t2i", "prompt": "a cat", "task": "text2img", "image_uri": "s3://kandinsky/m/missing.png"},
     ]
     put_manifest(fs, "kandinsky/m/part-0.parquet", rows)
-    config = make_config(model_cache, "s3://kandinsky/m/part-0.parquet", "s3://kandinsky/out",
+    # Not kandinsky/out: s3fs keeps its listings per process (driver and Ray workers) across test modules,
+    # and test_s3.py writes there after moto's reset.
+    config = make_config(model_cache, "s3://kandinsky/m/part-0.parquet", "s3://kandinsky/policy-out",
                          input={"max_input_bytes": 100_000, "rows_per_block": 2})
     config = config.model_copy(update={"storage_options": options})
     summary = run_job(config)
     assert (summary["rows"], summary["failed_rows"]) == (2, 4)
     # One schema across units with and without a fetched image: data/ reads as one table.
-    data = pq.read_table("kandinsky/out/data", filesystem=fs).to_pylist()
+    data = pq.read_table("kandinsky/policy-out/data", filesystem=fs).to_pylist()
     assert {r["id"]: r["image_sha256"] for r in data} == {"own": hashlib.sha256(png("blue")).hexdigest(), "t2i": None}
-    errors = {r["id"]: r for r in pq.read_table("kandinsky/out/errors", filesystem=fs).to_pylist()}
+    errors = {r["id"]: r for r in pq.read_table("kandinsky/policy-out/errors", filesystem=fs).to_pylist()}
     assert errors["other"]["stage"] == "validate"
     assert (f"column 'image_uri': {RULE}: s3://other-bucket/secret.png is outside [s3://kandinsky/m]"
             in errors["other"]["message"])
