@@ -1,17 +1,22 @@
 """Job configuration: one documented pydantic model per concern, loaded from YAML.
 
 `load_config(path, overrides)` is the single place where defaults are resolved; the CLI's
-`--set a.b=value` overrides are parsed as YAML scalars and applied before validation.
+`--set a.b=value` overrides are parsed against their field's type and applied before validation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .images import DEFAULT_MAX_INPUT_BYTES, DEFAULT_READ_TIMEOUT_S
+from .uri_policy import canonical
 
 TINY = "tiny"
 HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
@@ -105,7 +110,9 @@ class GenerationDefaults(_Strict):
     height: int = Field(512, ge=1, description="Output height in pixels.")
     num_inference_steps: int = Field(100, ge=1, description="Decoder (U-Net) denoising steps.")
     guidance_scale: float = Field(4.0, description="Decoder classifier-free guidance; > 1 enables it.")
-    prior_num_inference_steps: int = Field(25, ge=1, description="Prior denoising steps.")
+    prior_num_inference_steps: int = Field(
+        25, ge=2, description="Prior denoising steps; at least 2 (diffusers' UnCLIPScheduler divides by steps - 1)."
+    )
     prior_guidance_scale: float = Field(4.0, description="Prior classifier-free guidance; > 1 enables it.")
     strength: float = Field(
         0.3, ge=0, le=1, description="img2img and variation: the share of the schedule re-run from the input "
@@ -129,6 +136,39 @@ class InputConfig(_Strict):
         8192 * 8192, ge=1, description="Input images above this many pixels are refused (decompression bombs), "
         "checked from the header before decoding."
     )
+    allowed_uri_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Where input URIs (image_uri, mask_uri, hint_uri, mix image_uri) may point besides the "
+        "manifest's own location (the folder of a file manifest, the folder itself, or a glob's part before its "
+        "first wildcard), e.g. ['s3://bucket/images/', '/data/inputs', 'https://cdn.example.com/img/']. Matched "
+        "on whole path segments; local paths after resolving symlinks; '..' segments are always refused. Other "
+        "buckets, local files, http(s), chained URLs ('a::b') and other schemes are refused unless listed. "
+        "Allowed inputs are read with the job's storage_options and environment credentials.",
+    )
+    max_input_bytes: int = Field(
+        DEFAULT_MAX_INPUT_BYTES, ge=1, description="Input files (and inline *_bytes values) larger than this are "
+        "refused; at most this many bytes + 1 are read. Default 64 MiB."
+    )
+    read_timeout_s: float = Field(
+        DEFAULT_READ_TIMEOUT_S, gt=0, description="Seconds within which one input file must be read, else its row "
+        "fails. Default 60."
+    )
+    max_steps: int = Field(
+        1000, ge=1, description="Rows with more num_inference_steps or prior_num_inference_steps than this are "
+        "refused at validation (one row must not hold a job for hours)."
+    )
+    max_side: int = Field(
+        4096, ge=1, description="Rows with a width or height above this are refused at validation."
+    )
+
+    @field_validator("allowed_uri_prefixes")
+    @classmethod
+    def _prefixes_are_checkable(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            if not prefix.strip():
+                raise ValueError("an empty prefix would allow the current folder; name the folder")
+            canonical(prefix)  # raises ValueError naming what is wrong with it
+        return prefixes
 
 
 class OutputConfig(_Strict):
@@ -186,19 +226,104 @@ class JobConfig(_Strict):
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML scalars."""
+    """Apply `a.b.c=value` strings to a nested dict, each value parsed against the type of the
+    JobConfig field it sets (see `parse_value`). An unknown key is an error naming it."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key.sub=value, got {item!r}")
-        node = data
         parts = key.split(".")
+        value = parse_value(key, raw, _field_type(key, parts))
+        node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = value
     return data
+
+
+def _field_type(key: str, parts: list[str]):
+    """The type annotation of the JobConfig field at `parts` (Any below a free-form dict such as
+    storage_options)."""
+    annotation = JobConfig
+    for depth, part in enumerate(parts):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if part not in annotation.model_fields:
+                where = ".".join(parts[:depth]) or "the top level"
+                raise ValueError(f"--set {key}: unknown key {part!r} in {where} "
+                                 f"(known: {', '.join(annotation.model_fields)})")
+            annotation = annotation.model_fields[part].annotation
+        elif annotation is dict or get_origin(annotation) is dict:
+            annotation = (get_args(annotation) or (str, Any))[1]
+        elif annotation is not Any:
+            raise ValueError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section")
+    return annotation
+
+
+def _members(annotation) -> tuple:
+    """The types of a union (`int | None` -> (int, NoneType)), or the type itself."""
+    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+
+
+def _admits_str(annotation) -> bool:
+    return any(t is str or (get_origin(t) is Literal and any(isinstance(v, str) for v in get_args(t)))
+               for t in _members(annotation))
+
+
+def _is_collection(annotation) -> bool:
+    return any((get_origin(t) or t) in (dict, list) or (isinstance(t, type) and issubclass(t, BaseModel))
+               for t in _members(annotation))
+
+
+# What each scalar type accepts on the command line (JSON scalars), for the check and its message.
+_SCALARS = {bool: ("true or false", lambda v: isinstance(v, bool)),
+            int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+            float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+            type(None): ("null", lambda v: v is None)}
+
+
+def _json_scalar(raw: str):
+    def refuse(name):  # NaN and Infinity: Python's json accepts them, JSON does not
+        raise ValueError(name)
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def parse_value(key: str, raw: str, annotation):
+    """A `--set` value, parsed against its field's type instead of by YAML 1.1's guesses (which make
+    `no` a boolean and `2024-01-01` a date):
+    - a field whose type admits a string gets `raw` exactly (`defaults.negative_prompt=no` is "no");
+    - a dict, list or section gets YAML flow syntax (`storage_options={s3: {anon: true}}`, `[a, b]`);
+    - a bool, int or float field gets a JSON scalar of its type (true/false only for a bool, never
+      yes/no/on/off; null where the field is optional);
+    - a key inside a free-form dict (`storage_options.s3.anon`) gets a JSON scalar if `raw` is one,
+      else the string.
+    """
+    if annotation is Any:
+        if raw.lstrip()[:1] in ("{", "["):
+            return yaml.safe_load(raw)
+        try:
+            return _json_scalar(raw)
+        except ValueError:
+            return raw
+    if _admits_str(annotation):
+        return raw
+    if _is_collection(annotation):
+        value = yaml.safe_load(raw)
+        if not isinstance(value, (dict, list)):
+            raise ValueError(f"--set {key}={raw}: expected YAML flow syntax, e.g. [a, b] or {{a: 1}}")
+        return value
+    accepted = [_SCALARS[t] for t in _members(annotation) if t in _SCALARS]
+    if not accepted:  # a type without a command-line form here: pydantic says what it takes
+        return raw
+    try:
+        value = _json_scalar(raw)
+    except ValueError:
+        value = ...  # matches nothing below
+    if not any(fits(value) for _, fits in accepted):
+        raise ValueError(f"--set {key}={raw}: expected {' or '.join(name for name, _ in accepted)}")
+    return value
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig:
@@ -210,6 +335,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig
     cfg = JobConfig.model_validate(apply_overrides(data, list(overrides)))
     base = path.resolve().parent
     cfg.input.manifest = _resolve_local(cfg.input.manifest, base)
+    cfg.input.allowed_uri_prefixes = [_resolve_local(p, base) for p in cfg.input.allowed_uri_prefixes]
     cfg.output.path = _resolve_local(cfg.output.path, base)
     for field in ("prior", "decoder"):
         value = getattr(cfg.model, field)

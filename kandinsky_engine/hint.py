@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import JobConfig
-from .images import ImageInputError, decode_input
+from .images import ImageInputError, decode_input, pad_centred
 from .rows import failed, is_null, mark_failed, working_size
 
 CONTROLNET_TASKS = ("controlnet", "controlnet_img2img")
@@ -42,6 +42,7 @@ class HintStage:
                               device=config.model.device)
         self.scale_factor = 8  # MoVQ factor of every Kandinsky 2.2 decoder: the hint is at image size
         self.max_pixels = config.input.max_image_pixels
+        self.pad = config.output.size_policy == "crop"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
@@ -52,8 +53,12 @@ class HintStage:
         for i in np.flatnonzero(~failed(batch)):
             if batch["task"][i] not in CONTROLNET_TASKS:
                 continue
-            h, w = working_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor)
-            size = (w, h)  # PIL order
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            work = working_size(h, w, self.scale_factor)
+            # With size_policy crop, the hint (or the image its depth comes from) is resized to the
+            # requested size and padded to the working size, centred as the output is cropped back,
+            # so it stays aligned with the image (see MovqEncodeStage); otherwise it is stretched.
+            size = (w, h) if self.pad else work[::-1]  # PIL order
             given = batch.get("hint_bytes", [None] * n)[i]
             kind = "image" if is_null(given) else "hint"
             try:
@@ -64,13 +69,14 @@ class HintStage:
             if image.size != size:
                 image = image.resize(size, resample=Image.BICUBIC)
             if kind == "hint":
-                hints[i] = np.asarray(image).tobytes()
+                hints[i] = pad_centred(np.asarray(image), *work).tobytes()
             else:
-                need_depth[i] = image
+                need_depth[i] = image, work
         if need_depth:
             rows = list(need_depth)
-            for i, out in zip(rows, self._estimate([need_depth[i] for i in rows])):
-                hints[i] = hint_from_depth(out["depth"]).tobytes()
+            for i, out in zip(rows, self._estimate([need_depth[i][0] for i in rows])):
+                # Depth of the image itself (not of repeated edges), padded like a given hint.
+                hints[i] = pad_centred(hint_from_depth(out["depth"]), *need_depth[i][1]).tobytes()
         out = {k: v for k, v in batch.items() if k != "hint_bytes"}
         out["hint_pixels"] = hints
         return out

@@ -16,19 +16,28 @@ Decoding rules:
 from __future__ import annotations
 
 import io
+import os
+import stat
 import struct
 import threading
 import zlib
 from contextlib import contextmanager
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .storage import redact, url_to_fs
+from .storage import redact, redact_url, url_to_fs
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: the neutral "paper" colour
 MASK_BACKGROUND = (0, 0, 0)  # transparent mask pixels become 0 = keep, so nothing is repainted by accident
 DEFAULT_MAX_PIXELS = 8192 * 8192  # decompression-bomb limit; configurable per call
+# 64 MiB holds any usual JPEG and a lossless photo of about 4096x4096 (48 MiB raw RGB); it bounds
+# the memory one row's read can take, before the pixel count is known.
+DEFAULT_MAX_INPUT_BYTES = 64 << 20
+DEFAULT_READ_TIMEOUT_S = 60.0
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFSOCK: "a socket"}
 
 # What Pillow raises for corrupt or truncated data varies by plugin.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
@@ -47,16 +56,79 @@ class ImageInputError(ValueError):
     """A row's input image cannot be used; str(err) is the reason."""
 
 
-def read_uri(uri: str, storage_options: dict | None = None) -> bytes:
-    """Whole file at a local path or fsspec URL (file://, s3://, ...) as bytes."""
+def read_uri(uri: str, storage_options: dict | None = None, *, max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+             timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
+    """The file at a local path or fsspec URL (file://, s3://, ...) as bytes, if it holds at most
+    `max_bytes` and arrives within `timeout_s`. Which URIs may be read at all is the caller's
+    business (uri_policy); messages show the URI redacted (storage.redact_url)."""
+    shown = redact_url(uri)
     try:
         fs, path = url_to_fs(uri, storage_options)
-        return fs.cat_file(path)
+        if isinstance(fs, LocalFileSystem) and (kind := _special_file(path)):
+            raise ImageInputError(f"cannot read {shown}: {kind}, not a regular file")
+        data = _within(timeout_s, lambda: _read_at_most(fs, path, max_bytes))
+    except ImageInputError:
+        raise
     except FileNotFoundError:
-        raise ImageInputError(f"file not found: {uri}") from None
+        raise ImageInputError(f"file not found: {shown}") from None
+    except TimeoutError:  # before OSError, its base class; fsspec's FSTimeoutError is one too
+        raise ImageInputError(f"cannot read {shown}: no answer within input.read_timeout_s={timeout_s:g}") from None
     except (OSError, ValueError, ImportError) as exc:
         # ImportError/ValueError: unknown protocol or missing backend (e.g. s3fs not installed).
-        raise ImageInputError(f"cannot read {uri}: {type(exc).__name__}: {redact(str(exc), storage_options)}") from None
+        raise ImageInputError(f"cannot read {shown}: {type(exc).__name__}: {redact(str(exc), storage_options)}") from None
+    if data is None:
+        raise ImageInputError(f"{shown} is larger than input.max_input_bytes={max_bytes}")
+    return data
+
+
+def _special_file(path: str) -> str | None:
+    """What a local path is if it is neither a regular file nor a folder (the open reports a folder).
+    Such inputs are refused before opening: /dev/zero would be read forever, and opening a FIFO
+    blocks until someone writes to it."""
+    mode = os.stat(path).st_mode  # follows symlinks: the file that would be opened
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+
+
+def _read_at_most(fs, path: str, max_bytes: int) -> bytes | None:
+    """The file's bytes, or None if it holds more than max_bytes: at most max_bytes + 1 are read.
+    cache_type="none": s3fs's default read-ahead would fetch a 50 MB block beyond what is asked."""
+    chunks, total = [], 0
+    with fs.open(path, "rb", cache_type="none") as f:
+        if (getattr(f, "size", None) or 0) > max_bytes:  # known up front (stat, HEAD): nothing to read
+            return None
+        while total <= max_bytes:  # a streamed read (http without a length) may return less than asked
+            chunk = f.read(max_bytes + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    return None if total > max_bytes else b"".join(chunks)
+
+
+def _within(timeout_s: float, read):
+    """read() in a daemon thread, waited for at most timeout_s. No filesystem bounds a whole read
+    (s3fs and http only bound each request; local opens have no timeout at all), and a thread
+    is the one way to bound any of them. A read that never returns keeps its daemon thread, which
+    never holds up the worker's exit."""
+    result: dict = {}
+    done = threading.Event()
+
+    def run():
+        try:
+            result["data"] = read()
+        except BaseException as exc:  # handed to the caller as is
+            result["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="read_uri", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["data"]
 
 
 @contextmanager
@@ -140,6 +212,28 @@ def decode_input(data, kind: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, mask:
         return (decode_mask if mask else decode_image)(b"" if is_null(data) else data, max_pixels=max_pixels)
     except ImageInputError as exc:
         raise ImageInputError(f"{kind}: {exc}") from None
+
+
+def centre_offsets(outer: tuple[int, int], inner: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of an inner (h, w) box centred in an outer (H, W) one: where a padded input's
+    content sits, and the window the size policy `crop` cuts from the output."""
+    return (outer[0] - inner[0]) // 2, (outer[1] - inner[1]) // 2
+
+
+def pad_centred(pixels: np.ndarray, height: int, width: int, fill: int | None = None) -> np.ndarray:
+    """(h, w[, C]) pixels -> (height, width[, C]) with the content centred where the size policy
+    `crop` cuts the output back (`centre_offsets`); the border repeats the edge pixels, or is `fill`."""
+    top, left = centre_offsets((height, width), pixels.shape[:2])
+    widths = ((top, height - pixels.shape[0] - top), (left, width - pixels.shape[1] - left))
+    widths += ((0, 0),) * (pixels.ndim - 2)
+    return np.pad(pixels, widths, mode="edge") if fill is None else np.pad(pixels, widths, constant_values=fill)
+
+
+def fit_and_pad(image: Image.Image, size: tuple[int, int], working: tuple[int, int], resample, *,
+                reducing_gap: float | None = None, fill: int | None = None) -> Image.Image:
+    """Resize to `size` (w, h), then pad to `working` (W, H) with `pad_centred`."""
+    pixels = np.asarray(image.resize(size, resample, reducing_gap=reducing_gap))
+    return Image.fromarray(pad_centred(pixels, working[1], working[0], fill))
 
 
 def fit_to_size(image: Image.Image, width: int, height: int, resample=Image.Resampling.BICUBIC) -> Image.Image:

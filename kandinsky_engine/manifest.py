@@ -12,6 +12,7 @@ is bad):
 from __future__ import annotations
 
 import glob
+import math
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -22,9 +23,12 @@ import pyarrow.parquet as pq
 
 from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401 (MIX_ITEM: re-exported)
 from .config import TASKS, JobConfig
+from .inputs import INPUTS, inputs_used
 from .models import supported_tasks
+from .rows import strength_start
 from .storage import access_checked, redact, url_to_fs
 from .units import UnitDigests
+from .uri_policy import UriPolicy, UriRefused
 
 # Inputs each task needs, each given as `{input}_uri` or `{input}_bytes`.
 TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "variation": ("image",),
@@ -199,6 +203,8 @@ def _check_rows(name: str, table: pa.Table, config: JobConfig, ids: list, allowe
                        "(output.size_policy=reject)")
                       for r, v in enumerate(values) if (v if v is not None else default) % 64]
     found += _check_tasks(table, config, allowed)
+    found += _check_values(table, config)
+    found += _check_inputs(name, table, config)
     errors: dict[str, str] = {}
     for r, message in sorted(found, key=lambda f: f[0]):
         errors.setdefault(ids[r], f"{name}: {message} at id {ids[r]!r}")
@@ -240,6 +246,88 @@ def _check_tasks(table: pa.Table, config: JobConfig, allowed: tuple[str, ...]) -
             if len(sources) != 1 or item.get("weight") is None:
                 found.append((r, f"column 'mix' item {n} needs exactly one of text, image_uri, image_bytes "
                                  "and a weight,"))
+    return found
+
+
+LIMITS = {"width": "max_side", "height": "max_side", "num_inference_steps": "max_steps",
+          "prior_num_inference_steps": "max_steps"}  # column -> its upper bound in config.input
+FINITE = ("guidance_scale", "prior_guidance_scale", "strength")
+# Tasks whose `strength` cuts a schedule short, and the steps column of that schedule.
+STRENGTH_STEPS = {"img2img": "num_inference_steps", "controlnet_img2img": "num_inference_steps",
+                  "variation": "prior_num_inference_steps"}
+
+
+def _resolved(table: pa.Table, config: JobConfig, column: str) -> list:
+    """A parameter column as the stages see it: the row's value, else the job default."""
+    default = getattr(config.defaults, column)
+    values = table.column(column).to_pylist() if column in table.column_names else [None] * table.num_rows
+    return [default if v is None else v for v in values]
+
+
+def _check_values(table: pa.Table, config: JobConfig) -> list[tuple[int, str]]:
+    """Parameter values (the row's, else the job default's) that always fail at run time, or that
+    would hold a job for hours: steps and sizes above the configured limits, fewer than 2 prior
+    steps, NaN or infinite numbers, and a strength that leaves no step to run."""
+    values = {c: _resolved(table, config, c) for c in (*LIMITS, *FINITE, "strength")}
+    found = []
+    for column, limit in LIMITS.items():
+        bound = getattr(config.input, limit)
+        found += [(r, f"column '{column}' is {v}, above input.{limit}={bound}")
+                  for r, v in enumerate(values[column]) if v > bound]
+    found += [(r, f"column 'prior_num_inference_steps' must be >= 2 (diffusers' UnCLIPScheduler divides by "
+                  f"steps - 1), got {v}") for r, v in enumerate(values["prior_num_inference_steps"]) if v < 2]
+    for column in FINITE:
+        found += [(r, f"column '{column}' must be a finite number, got {v}")
+                  for r, v in enumerate(values[column]) if not math.isfinite(v)]
+    for r, task in enumerate(_tasks(table, config)):
+        steps_column, strength = STRENGTH_STEPS.get(task), values["strength"][r]
+        if steps_column is None or not 0 <= strength <= 1:  # NaN and out-of-range strengths are reported above
+            continue
+        steps = values[steps_column][r]
+        try:
+            strength_start(steps, strength)  # the stages' own rule, so validation agrees with the run
+        except ValueError:
+            found.append((r, f"column 'strength': {strength} x {steps} {steps_column} leaves no step to run "
+                             f"(task {task!r} runs int(steps x strength) steps)"))
+    return found
+
+
+def _check_inputs(name: str, table: pa.Table, config: JobConfig) -> list[tuple[int, str]]:
+    """The inputs each row's task uses (inputs.inputs_used): URIs the input policy refuses, and inline
+    bytes above input.max_input_bytes. An input the task does not use is never read, so it is no
+    error. Files are not opened here: a missing or oversized file fails when it is fetched."""
+    policy = UriPolicy.for_manifest(config.input.manifest, name, config.input.allowed_uri_prefixes)
+    limit = config.input.max_input_bytes
+
+    def problem(uri: str | None, size: int | None) -> tuple[str, str] | None:
+        """(which cell, reason) of an input given as a URI and/or inline bytes of `size`."""
+        if size is not None:  # inline bytes win over a URI, as in fetch_inputs
+            return ("bytes", f"{size} bytes is larger than input.max_input_bytes={limit}") if size > limit else None
+        try:
+            if uri is not None:
+                policy.check(uri)
+        except UriRefused as exc:
+            return "uri", str(exc)
+        return None
+
+    def cells(column: str, sizes: bool = False) -> list:
+        if column not in table.column_names:
+            return [None] * table.num_rows
+        return (pc.binary_length(table.column(column)) if sizes else table.column(column)).to_pylist()
+
+    tasks = _tasks(table, config)
+    hint_given = [u is not None or b is not None for u, b in zip(cells("hint_uri"), cells("hint_bytes", True))]
+    found = []
+    for kind in INPUTS:
+        uris, sizes = cells(f"{kind}_uri"), cells(f"{kind}_bytes", sizes=True)
+        for r, task in enumerate(tasks):
+            if kind in inputs_used(task, hint_given[r]) and (bad := problem(uris[r], sizes[r])):
+                found.append((r, f"column '{kind}_{bad[0]}': {bad[1]}"))
+    for r, (task, mix) in enumerate(zip(tasks, cells("mix"))):
+        for n, item in enumerate(mix if task == "mix" and mix else []):
+            image = item.get("image_bytes")
+            if bad := problem(item.get("image_uri"), None if image is None else len(image)):
+                found.append((r, f"column 'mix' item {n} image_{bad[0]}: {bad[1]}"))
     return found
 
 

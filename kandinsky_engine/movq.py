@@ -7,6 +7,7 @@ import io
 import numpy as np
 
 from .config import JobConfig
+from .images import centre_offsets
 from .inputs import unpack
 from .models import load_module
 from .rows import failed, group_rows, latent_size, object_column
@@ -28,7 +29,7 @@ def to_uint8(images) -> np.ndarray:
 
 
 def centre_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    top, left = centre_offsets(image.shape[:2], (height, width))
     return image[top : top + height, left : left + width]
 
 

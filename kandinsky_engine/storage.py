@@ -37,8 +37,15 @@ S3_PROTOCOLS = ("s3", "s3a")
 # Object stores: a path starts with a bucket (or container), and a folder is only a key prefix.
 OBJECT_STORES = (*S3_PROTOCOLS, "gs", "gcs", "abfs", "abfss", "az")
 
-# `scheme://user:password@host/...`: the userinfo part of a URL (ftp, sftp, http, smb...).
-_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+# `scheme://user:password@host/...`: the userinfo part of a URL (ftp, sftp, http, smb...). Up to
+# the last `@` before the path, so that an unencoded `@` in a password is not left half shown.
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/?#\s]+@")
+# Query parameters that carry a credential: presigned S3 and GCS URLs, Azure SAS (`sig`), tokened
+# links. The value, up to the next parameter, is replaced; the name stays, to say what was there.
+SECRET_PARAMS = ("x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+                 "x-goog-credential", "awsaccesskeyid", "sig", "signature", "token", "access_token",
+                 "refresh_token", "id_token", "api_key", "apikey", "password", "key", "secret", "client_secret")
+_SECRET_QUERY = re.compile(r"([?&;](?:" + "|".join(SECRET_PARAMS) + r")=)[^&#\s'\"]*", re.IGNORECASE)
 
 
 def protocol(url: str) -> str:
@@ -97,8 +104,9 @@ def secret_values(storage_options: dict | None) -> list[str]:
 
 
 def redact_url(url: str) -> str:
-    """`sftp://user:pass@host/m` -> `sftp://***@host/m`: for URLs that are logged or recorded."""
-    return _USERINFO.sub(r"\1***@", url)
+    """`sftp://user:pass@host/m` -> `sftp://***@host/m`, `...?X-Amz-Signature=ab12` ->
+    `...?X-Amz-Signature=***`: for URLs that are logged or recorded, alone or inside a message."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 def redact(message: str, storage_options: dict | None) -> str:

@@ -222,8 +222,8 @@ def build_generation(config: JobConfig, manifest: Manifest, units: list[Unit],
     }
     ds = ds.map_batches(prepare_unit, fn_kwargs=prepare_args, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS)
     if manifest.tasks & set(FETCH_TASKS):
-        ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy",
-                            num_cpus=IO_CPUS)
+        ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0]},
+                            batch_format="numpy", num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
         ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config))
     return ds

@@ -21,12 +21,12 @@ def test_demo_config_loads_and_resolves_relative_paths():
     assert cfg.model.prior == "tiny" and cfg.decoder.num_cpus == 0.5
 
 
-def test_set_overrides_parse_yaml_scalars(tmp_path):
+def test_set_overrides_parse_against_field_types(tmp_path):
     path = write_yaml(tmp_path / "job.yaml", {"input": {"manifest": "m.parquet"}, "output": {"path": "out"}})
     cfg = load_config(path, ["decoder.batch_size=8", "defaults.guidance_scale=7.5", "output.image_format=jpeg",
-                             "defaults.negative_prompt=null", "output.path=s3://bucket/out"])
+                             "input.rows_per_block=null", "output.path=s3://bucket/out"])
     assert cfg.decoder.batch_size == 8 and cfg.defaults.guidance_scale == 7.5
-    assert cfg.output.image_format == "jpeg" and cfg.defaults.negative_prompt is None
+    assert cfg.output.image_format == "jpeg" and cfg.input.rows_per_block is None
     assert cfg.output.path == "s3://bucket/out"  # URLs are not resolved as local paths
     assert cfg.input.manifest == str(tmp_path / "m.parquet")
 

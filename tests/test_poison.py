@@ -51,8 +51,8 @@ def poison(files: Path) -> dict[str, tuple[dict, str, str]]:
         # Inputs that cannot be read or decoded.
         "p-missing-file": ({**img2img, "image_uri": missing}, "fetch_inputs", f"image_uri: file not found: {missing}"),
         "p-directory": ({**img2img, "image_uri": str(files)}, "fetch_inputs", "image_uri: cannot read"),
-        "p-unknown-protocol": ({**img2img, "image_uri": "nosuchproto://b/x.png"}, "fetch_inputs",
-                               "image_uri: cannot read nosuchproto://b/x.png"),
+        "p-unknown-protocol": ({**img2img, "image_uri": "nosuchproto://b/x.png"}, "validate",
+                               "column 'image_uri': refused by input.allowed_uri_prefixes: nosuchproto://b/x.png"),
         "p-truncated-png": ({**img2img, "image_bytes": truncated}, "MovqEncodeStage", "image: not a decodable image"),
         "p-not-an-image": ({**img2img, "image_bytes": b"%PDF-1.4 not an image at all"}, "MovqEncodeStage",
                            "image: not a decodable image: unrecognised format"),
@@ -75,9 +75,9 @@ def poison(files: Path) -> dict[str, tuple[dict, str, str]]:
         "p-mix-two-sources": ({"task": "mix", "mix": [{"text": "a cat", "image_uri": good, "weight": 1.0}]},
                               "validate", "column 'mix' item 0 needs exactly one of"),
         "p-mix-empty": ({"task": "mix", "mix": []}, "validate", "column 'mix': task 'mix' needs a non-empty"),
-        # Valid-looking rows that fail inside the pipeline.
         "p-strength-no-step": ({**img2img, "image_uri": good, "strength": 0.01, "num_inference_steps": 4},
-                               "DecoderStage", "strength 0.01 x 4 steps leaves no step to run"),
+                               "validate", "column 'strength': 0.01 x 4 num_inference_steps leaves no step to run"),
+        # Valid-looking rows that fail inside the pipeline.
         "p-mix-missing-image": ({"task": "mix", "mix": [{"text": "a cat", "weight": 0.5},
                                                         {"image_uri": missing, "weight": 0.5}]},
                                 "fetch_inputs", f"mix image_uri: file not found: {missing}"),

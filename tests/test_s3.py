@@ -42,7 +42,8 @@ def test_job_reads_and_writes_s3(ray_cluster, model_cache, s3, caplog, capfd):
     put_manifest(fs, "kandinsky/manifests/part-0.parquet", rows)
 
     config = make_config(model_cache, "s3://kandinsky/manifests/", "s3://kandinsky/out",
-                         defaults={"strength": 0.5, "num_inference_steps": 4})
+                         defaults={"strength": 0.5, "num_inference_steps": 4},
+                         input={"allowed_uri_prefixes": ["s3://kandinsky/in/"]})
     config = config.model_copy(update={"storage_options": options})
     caplog.set_level(logging.INFO)  # the job's own log level (jobs.cli); DEBUG is botocore's wire dump
     summary = run_job(config)

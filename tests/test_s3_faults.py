@@ -75,7 +75,8 @@ def test_job_survives_transient_s3_faults(ray_cluster, model_cache, s3, proxy):
               "image_uri": f"s3://{BUCKET}/in/{COLORS[i % len(COLORS)]}.png"} for i in range(8)]
     put_manifest(fs, f"{BUCKET}/manifests/part-0.parquet", rows[::2])  # two files: text2img and img2img mixed
     put_manifest(fs, f"{BUCKET}/manifests/part-1.parquet", rows[1::2])
-    config = make_config(model_cache, f"s3://{BUCKET}/manifests/", f"s3://{BUCKET}/out", defaults={"strength": 0.5})
+    config = make_config(model_cache, f"s3://{BUCKET}/manifests/", f"s3://{BUCKET}/out", defaults={"strength": 0.5},
+                         input={"allowed_uri_prefixes": [f"s3://{BUCKET}/in/"]})
     config = config.model_copy(update={"storage_options": options})
 
     proxy.mode, proxy.fault_rate = "faults", 0.2  # about one request in five: 503, 500, reset in turn
