@@ -25,7 +25,7 @@ from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401
 from .config import TASKS, JobConfig
 from .inputs import INPUTS, inputs_used
 from .models import supported_tasks
-from .rows import strength_start
+from .rows import INT64_MAX, strength_start
 from .storage import access_checked, redact, url_to_fs
 from .units import UnitDigests
 from .uri_policy import UriPolicy, UriRefused
@@ -195,6 +195,9 @@ def _check_rows(name: str, table: pa.Table, config: JobConfig, ids: list, allowe
             values = table.column(column).to_pylist()
             found += [(r, f"column '{column}' must be >= {low}, got {v}")
                       for r, v in enumerate(values) if v is not None and v < low]
+    if "seed" in schema.names:  # a uint64 column can hold seeds torch and the output's int64 cannot
+        found += [(r, f"column 'seed' must be <= {INT64_MAX} (a signed 64-bit integer), got {v}")
+                  for r, v in enumerate(table.column("seed").to_pylist()) if v is not None and v > INT64_MAX]
     if config.output.size_policy == "reject":
         for column in ("width", "height"):
             values = table.column(column).to_pylist() if column in schema.names else [None] * len(ids)

@@ -319,3 +319,17 @@ def test_verify_names_what_is_wrong(finished, capsys):
     assert "data/notes.txt: not a file of the output layout" in err
     assert f"data/{shard.name}: " in err and ("sha256" in err or "unreadable" in err)
     assert main(["verify", str(out), "--quick"]) == 1  # sizes alone miss bit rot, but not the stray file
+
+
+def test_a_seed_beyond_int64_is_a_row_error_at_validation_and_run(ray_cluster, model_cache, tmp_path):
+    """2**63 used to pass validation and crash the job outside the per-row error handling."""
+    from kandinsky_engine.manifest import validate_manifest
+
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.uint64())])
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "ok", "prompt": "p", "seed": 1},
+                                                       {"id": "huge", "prompt": "p", "seed": 2**63}], schema=schema)
+    config = config_for(model_cache, manifest, tmp_path / "out")
+    assert "must be <= 9223372036854775807" in validate_manifest(config).row_errors["huge"]
+    summary = run_job(config)
+    assert (summary["rows"], summary["failed_rows"]) == (1, 1)
+    assert data_ids(tmp_path / "out") == ["ok"]

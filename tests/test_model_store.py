@@ -15,7 +15,8 @@ import pytest
 
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.model_cache import MANIFEST, ModelSourceError, mirror, url_folder
-from kandinsky_engine.models import check_source, model_identity, resolve_source, supported_tasks
+from kandinsky_engine.identity import model_identity
+from kandinsky_engine.models import check_source, resolve_source, supported_tasks
 from tests.conftest import KEY, SECRET, make_config, write_manifest
 
 BUCKET = "kandinsky/models"
@@ -81,7 +82,9 @@ def test_job_with_s3_models_matches_local_dirs(ray_cluster, tiny_root, remote, t
     for i in ("a", "b"):
         assert out["s3"][i]["image"] == out["local"][i]["image"]
     # The URL as configured is recorded, not the node's cache path.
-    assert {(r["prior_model"], r["decoder_model"]) for r in out["s3"].values()} == {(urls["prior"], urls["decoder"])}
+    # (before the "@": the weights digest, a hash of the remote listing here)
+    assert {(r["prior_model"].split("@")[0], r["decoder_model"].split("@")[0]) for r in out["s3"].values()} == \
+        {(urls["prior"], urls["decoder"])}
     # Three actors (prior, decoder, movq) in three processes, two of them on the decoder URL:
     # one mirror per URL, one version each, no temporary folder left.
     mirrors = sorted((cache / "remote").iterdir())
@@ -201,8 +204,10 @@ def test_errors_and_identity_hold_no_credentials(remote, tmp_path):
         resolve_source("s3://no-such-bucket/decoder", "decoder", str(tmp_path), options)
     for message in (str(err.value), str(err2.value)):
         assert KEY not in message and SECRET not in message
-    identity = model_identity(ModelConfig(prior="sftp://alice:hunter22@host/models/prior", decoder="s3://b/d"))
-    assert identity == {"prior_model": "sftp://***@host/models/prior", "decoder_model": "s3://b/d"}
+    digests = {"prior": "a" * 64, "decoder": "b" * 64, "depth": "unresolved"}
+    identity = model_identity(ModelConfig(prior="sftp://alice:hunter22@host/models/prior", decoder="s3://b/d"), digests)
+    assert identity == {"prior_model": f"sftp://***@host/models/prior@{'a' * 16}", "decoder_model": f"s3://b/d@{'b' * 16}",
+                        "depth_model": "tiny@unresolved"}
 
 
 def test_any_fsspec_filesystem(tiny_root, tmp_path):
