@@ -123,8 +123,6 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         ds = build_generation(config, manifest, scope, state.todo)
         ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
     wall = time.perf_counter() - started
-    if fs.exists(f"{root}/{TMP}"):
-        fs.rm(f"{root}/{TMP}", recursive=True)
     this_run = {**found.records, **{r["file"]: r for r in sink.records}}
     records = shard_records(fs, root, {**known, **this_run})
     report = {
@@ -148,8 +146,11 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     check = check_output(fs, root, units, len(scope), schema, {r["file"]: r for r in records}, deep=False)
     if not check.ok:
         raise RuntimeError(f"the output failed its check, so no {SUMMARY} was written: {verify_report(check, path)}")
-    return write_summary(config, fs, root, path, [*earlier, report], records, complete=check.committed_units == len(units),
-                         manifest_rows=manifest.num_rows, tag=tag)
+    summary = write_summary(config, fs, root, path, [*earlier, report], records,
+                            complete=check.committed_units == len(units), manifest_rows=manifest.num_rows, tag=tag)
+    if fs.exists(f"{root}/{TMP}"):  # written through by the shards and the metadata files; empty by now
+        fs.rm(f"{root}/{TMP}", recursive=True)
+    return summary
 
 
 def _changed_message(path: str, changed: list[int], units: list[Unit]) -> str:

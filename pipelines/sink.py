@@ -51,9 +51,11 @@ def mix_recipe(items) -> list[dict] | None:
              "image_sha256": item.get("image_sha256"), "weight": item.get("weight")} for item in items]
 
 
-def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str]) -> pa.Table:
+def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blobs: list[bytes]) -> pa.Table:
     """The rows that succeeded, in the job's output schema: engine columns with their fixed types,
-    URIs redacted, model identities, then the pass-through columns joined back by id."""
+    URIs redacted, model identities, then the pass-through columns joined back by id from the
+    unit's `blobs` (taken before failed rows were dropped: the blob rides on the unit's first row,
+    which may be a failed one)."""
     n = rows.num_rows
     columns = {}
     for name, type_ in OUTPUT_TYPES.items():
@@ -76,7 +78,6 @@ def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str]) -> p
             columns[name] = engine_column(rows, name, type_)
     extra = [f for f in schema if f.name not in OUTPUT_TYPES]
     if extra:
-        blobs = [b for b in rows[PASSTHROUGH_BLOB].to_pylist() if b is not None] if n else []
         given = unpack_passthrough(blobs) if blobs else None
         position = {} if given is None else {row_id: i for i, row_id in enumerate(given["id"].to_pylist())}
         ids = rows["id"].to_pylist()
@@ -137,7 +138,8 @@ class ShardSink(Datasink):
 
     def _commit(self, fs, root: str, unit: int, digest: str, attempt: int, rows: pa.Table) -> list[dict]:
         failed = pc.not_equal(rows["error_message"], "")
-        data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity)
+        blobs = [b for b in rows[PASSTHROUGH_BLOB].to_pylist() if b is not None]
+        data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity, blobs)
         errors = errors_table(rows.filter(failed), attempt)
         data_file, errors_file = data_name(unit, digest, attempt), errors_name(unit, digest)
         records = []

@@ -57,8 +57,9 @@ def put_manifest(fs, key: str, rows: list[dict]) -> None:
     """Write `rows` as a Parquet manifest at `key` of the filesystem `fs` (e.g. s3fs)."""
     import io
 
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist alone takes the first row's keys
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), buf)
     fs.pipe(key, buf.getvalue())
 
 
