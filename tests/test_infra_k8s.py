@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.infra_rules import (ROOT, core_problems, crd_problems, load_docs, manifest_problems, min_interval,
-                               operator_problems, policy_problems, tighten, worst_case)
+                               operator_problems, pod_specs, policy_problems, tighten, worst_case)
 
 K8S = ROOT / "infra" / "k8s"
 FORMS = ("rayjob.yaml", "raycluster.yaml", "raycronjob.yaml", "cronjob.yaml")
@@ -57,6 +57,17 @@ def test_manifest_is_valid(name):
     assert docs
     for obj in docs:
         assert manifest_problems(obj) == [], obj["kind"]
+
+
+def test_settings_name_the_image_make_builds():
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    settings = yaml.safe_load((K8S / "settings" / "settings.yaml").read_text())
+    assert settings["image"] == f"kandinsky-engine:{version}"  # `make image`'s tag: push it and rename here
+    images = {c["image"] for n in ("rayjob.yaml", "raycluster.yaml", "raycronjob.yaml")
+              for d in load_docs(K8S / n) for _, pod in pod_specs(d) for c in pod["containers"]}
+    assert images == {settings["image"]}
 
 
 def test_raycronjob_template_is_the_rayjob_spec():
