@@ -21,7 +21,11 @@ def cmd_run(args) -> int:
     config = _config(args)
     summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
                       new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
-                      recompute_changed=args.recompute_changed, check_shards=args.check_shards)
+                      recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=args.wait,
+                      dry_run=args.dry_run)
+    if summary.get("dry_run"):
+        print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
+        return 0
     speed = f"{summary['images_per_s']:.2f} rows/s" if summary["images_per_s"] else "nothing left to run"
     print(
         f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s) at {summary['output']}; this run: "
@@ -126,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=positive_int, metavar="N",
                      help="smoke run: the first N rows, rounded up to whole units (a later full run resumes it)")
     run.add_argument("--recompute-changed", action="store_true",
-                     help="if the manifest's rows changed under committed units, recompute those units "
+                     help="if manifest files changed since their units were committed, recompute those units "
                           "(default: refuse and change nothing)")
+    run.add_argument("--wait", action="store_true",
+                     help="if another run is writing the output (holds its lease), wait for it instead of exiting 3")
+    run.add_argument("--dry-run", action="store_true",
+                     help="plan, validate and compare with the output, print what a run would do; write nothing")
     run.add_argument("--check-shards", action="store_true",
                      help="before resuming, compare every committed shard's sha256 with its record (reads the "
                           "whole output); by default sizes are compared and unrecorded shards read back")
@@ -197,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
+        from jobs.lease import LeaseHeld
+
+        if isinstance(exc, LeaseHeld):  # not a failure of this job: another run is writing the output
+            print(f"busy: {exc}", file=sys.stderr)
+            return 3
         # Exit code 1 means "finished, some rows are in errors/": any failure to run is 2, with one
         # clear message (config, manifest, storage access, output: our own messages name the file
         # or URL) and the traceback only when asked for.

@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.storage import is_object_store, redact_url, url_to_fs
-from pipelines.output import OWNED_ENTRIES, RUN_FILE
+from pipelines.output import LEASE, OWNED_ENTRIES, RUN_FILE
 
 log = logging.getLogger("kandinsky_engine")
 # For messages: "data/, errors/, _tmp/, _damaged/, _runs/, _SUCCESS.json, _RUN.json" (folders first).
@@ -130,7 +130,13 @@ def is_empty(fs, root: str) -> bool:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         return True
-    return all(is_object_store(fs) and _is_marker(entry, root) for entry in entries)
+    return all((is_object_store(fs) and _is_marker(entry, root)) or _is_lease(entry) for entry in entries)
+
+
+def _is_lease(entry: dict) -> bool:
+    """A run's lease, which it takes before it writes anything: a killed run can leave one in an
+    output that is otherwise empty."""
+    return entry["name"].rstrip("/").rsplit("/", 1)[-1] == LEASE
 
 
 def _is_marker(entry: dict, root: str) -> bool:

@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.identity import PARTS, library_versions
-from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.storage import redact, redact_url, url_to_fs
 from pipelines.output import RUN_FILE
 
@@ -27,8 +26,12 @@ class FingerprintMismatch(RuntimeError):
     pass
 
 
-def fingerprint_inputs(config: JobConfig, manifest: Manifest, weights: dict[str, str]) -> dict:
-    """`weights`: identity.weights_digests(config.model): the content behind each model source."""
+def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> dict:
+    """What a row's pixels and the output's shape depend on besides the row itself. `schema`: the
+    manifest's unified schema (it decides the output schema); `weights`:
+    identity.weights_digests(config.model). The manifest's files and row count are not in it: a
+    manifest location that receives new files is the same job, and each file's identity is in its
+    units' digests (kandinsky_engine/units.py)."""
     model = config.model
     return {
         "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in PARTS},
@@ -40,11 +43,8 @@ def fingerprint_inputs(config: JobConfig, manifest: Manifest, weights: dict[str,
         "rows_per_block": config.rows_per_block(),
         "batch_size": {s: getattr(config, s).batch_size for s in STAGES},
         "torch_threads": {s: getattr(config, s).threads() for s in STAGES},
-        # The rows themselves are checked unit by unit (shard names carry each unit's digest); the
-        # schema decides the output schema, which every shard of a run shares.
-        "manifest": {"location": redact_url(config.input.manifest), "rows": manifest.num_rows,
-                     "files": [f.rsplit("/", 1)[-1] for f in manifest.files],
-                     "schema": [[f.name, str(f.type)] for f in manifest.schema]},
+        "manifest": {"location": redact_url(config.input.manifest),
+                     "schema": [[f.name, str(f.type)] for f in schema]},
     }
 
 

@@ -12,14 +12,14 @@ from datetime import datetime, timezone
 from kandinsky_engine.columns import output_schema
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.identity import model_identity, weights_digests
-from kandinsky_engine.manifest import validate_manifest
+from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema, validate_manifest
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
 from kandinsky_engine.storage import access_checked, ensure_dir, redact, url_to_fs
-from kandinsky_engine.units import Unit, cut_units, in_scope
-from pipelines.output import RUNS, SUMMARY, TMP
+from pipelines.output import INDEX, RUNS, SUMMARY, TMP
 
 from .output_guard import check_output as check_target
+from .lease import Lease
 from .output_guard import remove_owned
 from .resume import choose_output, fingerprint_inputs, write_run
 from .verify import check_output
@@ -46,25 +46,27 @@ class ManifestChanged(RuntimeError):
 
 def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None,
             new_run: bool = False, recompute_changed: bool = False, check_shards: bool = False,
-            overwrite_unowned: bool = False, config_file: str | None = None) -> dict:
-    """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json.
+            overwrite_unowned: bool = False, config_file: str | None = None, wait: bool = False,
+            dry_run: bool = False) -> dict:
+    """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json, plus
+    the shard records (`shards`, `error_shards`), which the file keeps in PATH/_index.parquet.
 
-    `limit`: only the first N rows (whole units); `recompute_changed`: rerun the committed units
-    whose manifest rows changed instead of refusing; `check_shards`: compare every committed shard's
+    `limit`: only the first N rows (whole units); `recompute_changed`: rerun the committed units of
+    manifest files that changed instead of refusing; `check_shards`: compare every committed shard's
     sha256 with its record before resuming (reads the whole output), not only its size;
-    `overwrite_unowned` also overwrites a folder this tool did not write or that holds the
-    manifest or `config_file` (see jobs/output_guard.py).
+    `overwrite_unowned` also overwrites a folder this tool did not write or that holds the manifest
+    or `config_file` (see jobs/output_guard.py); `wait`: if another run holds the output's lease,
+    wait for it instead of failing; `dry_run`: plan, validate and inspect, print, write nothing.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     # Everything that can fail fast does so before Ray starts or a model loads, and before an
     # existing output is touched (--overwrite deletes it only once the job can run).
     check_cache_dir(config.model.cache_dir)
-    manifest = validate_manifest(config)
-    from pipelines.output import Inspection, inspect, put_json, reconcile, shard_records
-
-    units = cut_units(manifest.ids, manifest.unit_digests, config.rows_per_block())
-    scope = in_scope(units, limit)
+    planned = plan_files(config)  # file metadata only: footers and identities, no rows
+    if planned[3]:
+        raise ManifestError("invalid manifest:\n  " + "\n  ".join(planned[3][:20]))
+    schema_in = unified_schema(planned[2])
     overwrite = overwrite or overwrite_unowned
     with access_checked(config.output.path, config.storage_options, "checking output"):
         check_target(config, overwrite=overwrite, unowned=overwrite_unowned, config_file=config_file)
@@ -72,44 +74,70 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
         check_source(getattr(config.model, part), part, config.model.cache_dir, config.storage_options)
     weights = weights_digests(config.model, config.storage_options)
-    inputs = fingerprint_inputs(config, manifest, weights)
+    inputs = fingerprint_inputs(config, schema_in, weights)
     with access_checked(config.output.path, config.storage_options, "checking output"):
         path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
     if path != config.output.path.rstrip("/"):
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     fs, root = url_to_fs(path, config.storage_options)
+    lease = Lease(fs, root, config.output.lease_ttl_s, path)
+    if not dry_run:
+        ensure_dir(fs, root)
+        lease.acquire(wait=wait)  # before anything below reads what a live run may be changing
+    try:
+        if not dry_run:  # again, now that no other run can change the output under us
+            with access_checked(config.output.path, config.storage_options, "checking output"):
+                path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
+        return _run(config, path, mode, fs, root, planned, inputs, weights, lease, address=address, limit=limit,
+                    recompute_changed=recompute_changed, check_shards=check_shards, dry_run=dry_run)
+    finally:
+        if not dry_run:
+            lease.release()
+
+
+def _run(config, path, mode, fs, root, planned, inputs, weights, lease, *, address, limit, recompute_changed,
+         check_shards, dry_run) -> dict:
+    from pipelines.output import Inspection, inspect, put_json, put_records, reconcile, shard_records
+
+    rows_per_block = config.rows_per_block()
     tag = uuid.uuid4().hex[:12]  # this run: its report, temporary files, quarantine folder
-    earlier, damaged_reports = read_reports(fs, root) if mode == "resume" else ([], [])
-    known = {r["file"]: r for rep in earlier for r in rep.get("records", []) if r.get("sha256")}
-    found = inspect(fs, root, units, known, deep=check_shards) if mode == "resume" else Inspection()
-    if found.changed and not recompute_changed:
-        raise ManifestChanged(_changed_message(path, found.changed, units))
     ray_startup_s = connect(address or config.ray_address)
 
     import ray
 
     from pipelines.generate import IO_CPUS, build_generation, check_resources
     from pipelines.sink import ShardSink
+    from pipelines.validate import check_with_ray
 
+    manifest = validate_manifest(config, checker=check_with_ray, planned=planned)
+    files = manifest.files
+    stops = limit_stops(files, limit, rows_per_block)
+    earlier, damaged_reports = read_reports(fs, root) if mode == "resume" else ([], [])
+    known = {r["file"]: r for rep in earlier for r in rep.get("records", []) if r.get("sha256")}
+    found = inspect(fs, root, files, rows_per_block, known, deep=check_shards) if mode == "resume" else Inspection()
+    if found.changed and not recompute_changed:
+        raise ManifestChanged(_changed_message(path, found.changed))
+    if found.gone:
+        log.warning("%d folder(s) of shards in %s/data belong to files no longer in the manifest (%s): left as they "
+                    "are", len(found.gone), path, ", ".join(list(found.gone)[:5]))
     check_resources(config, manifest, ray.cluster_resources())
+    if dry_run:
+        return _dry_run_report(manifest, stops, found, rows_per_block, ray_startup_s)
     if mode == "overwrite":
         remove_owned(fs, root)
     if mode != "resume":
-        ensure_dir(fs, root)
         write_run(fs, root, inputs, config, tag)
     if fs.exists(f"{root}/{SUMMARY}"):
         fs.rm(f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends
 
-    state = reconcile(fs, root, scope, found, tag)
-    todo_rows = sum(len(u.ids) if state.todo[u.index][1] is None else len(state.todo[u.index][1])
-                    for u in scope if u.index in state.todo)
-    log.info("manifest: %d rows in %d file(s); %d units of %d rows%s; already committed: %d rows; to run: %d rows "
-             "(%d retried)%s", manifest.num_rows, len(manifest.files), len(units), config.rows_per_block(),
-             f" ({len(scope)} in --limit {limit})" if limit else "", state.rows_done, todo_rows, state.rows_retried,
-             f"; removed stale {', '.join(state.cleaned)}" if state.cleaned else "")
+    state = reconcile(fs, root, files, stops, rows_per_block, found, tag)
+    log.info("manifest: %d rows in %d file(s); units of %d rows%s; already committed: %d rows; to run: %d rows "
+             "(%d retried)%s", manifest.num_rows, len(files), rows_per_block,
+             f"; --limit {limit} covers {sum(stops)} rows" if limit else "", state.rows_done, state.rows_todo,
+             state.rows_retried, f"; removed stale {', '.join(state.cleaned[:10])}" if state.cleaned else "")
     if state.recomputed:
         log.warning("manifest rows changed in %d committed unit(s) (%s): their shards were removed and they run "
-                    "again", len(state.recomputed), ", ".join(map(str, state.recomputed[:10])))
+                    "again", len(state.recomputed), ", ".join(state.recomputed[:10]))
     if state.damaged or damaged_reports:
         log.warning("damaged and set aside in %s/_damaged/%s: %s; their units run again", path, tag,
                     ", ".join(state.damaged + damaged_reports))
@@ -119,53 +147,80 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     started = time.perf_counter()
     schema = output_schema(manifest.schema)
     sink = ShardSink(path, config.storage_options, schema, model_identity(config.model, weights), tag)
-    if state.todo:
-        ds = build_generation(config, manifest, scope, state.todo)
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
+    if state.rows_todo:
+        build_generation(config, manifest, state.plans).write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
     wall = time.perf_counter() - started
+    if lease.lost:
+        raise RuntimeError(f"output {path}: another run took over this run's lease while it ran; its report and "
+                           f"{SUMMARY} are not written (rerun to resume)")
     this_run = {**found.records, **{r["file"]: r for r in sink.records}}
     records = shard_records(fs, root, {**known, **this_run})
     report = {
         "run": tag,
         "limit": limit,
         "rows_skipped": state.rows_done,
-        "rows_computed": todo_rows,
+        "rows_computed": state.rows_todo,
         "rows_retried": state.rows_retried,
         "oom_splits": sink.oom_splits,
         "cleaned": state.cleaned,
         "recomputed_units": state.recomputed,
         "damaged": state.damaged + damaged_reports,
+        "files_gone": sorted(found.gone),
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(todo_rows / wall, 4) if wall and todo_rows else None,
+        "images_per_s": round(state.rows_todo / wall, 4) if wall and state.rows_todo else None,
         "ray_startup_s": round(ray_startup_s, 3),
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "records": records,
     }
+    put_records(fs, root, f"{RUNS}/{tag}.parquet", records, tag)
     put_json(fs, root, f"{RUNS}/{tag}.json", report, tag)
     # The invariants hold before _SUCCESS.json says so (sizes here; `verify` also checks sha256).
-    check = check_output(fs, root, units, len(scope), schema, {r["file"]: r for r in records}, deep=False)
+    check = check_output(fs, root, config, files, stops, schema, {r["file"]: r for r in records}, deep=False)
     if not check.ok:
         raise RuntimeError(f"the output failed its check, so no {SUMMARY} was written: {verify_report(check, path)}")
-    summary = write_summary(config, fs, root, path, [*earlier, report], records,
-                            complete=check.committed_units == len(units), manifest_rows=manifest.num_rows, tag=tag)
+    put_records(fs, root, INDEX, records, tag)
+    summary = write_summary(config, fs, root, path, [*earlier, report], records, check, manifest, tag)
     if fs.exists(f"{root}/{TMP}"):  # written through by the shards and the metadata files; empty by now
         fs.rm(f"{root}/{TMP}", recursive=True)
-    return summary
+    return {**summary, "shards": [r for r in records if r["file"].startswith("data/")],
+            "error_shards": [r for r in records if r["file"].startswith("errors/")]}
 
 
-def _changed_message(path: str, changed: list[int], units: list[Unit]) -> str:
-    shown = "; ".join(f"unit {n} (ids {units[n].ids[0]!r}..{units[n].ids[-1]!r})" if n < len(units) else f"unit {n}"
-                      for n in changed[:5])
+def limit_stops(files: list, limit: int | None, rows_per_block: int) -> list[int]:
+    """Rows of each file that the run covers: all, or with --limit N the first N rows in manifest
+    order rounded up to whole units (so that a full run resumes a smoke run's units)."""
+    stops, left = [], limit
+    for file in files:
+        if left is None:
+            stops.append(file.num_rows)
+            continue
+        stop = min(file.num_rows, -(-left // rows_per_block) * rows_per_block) if left > 0 else 0
+        stops.append(stop)
+        left -= stop
+    return stops
+
+
+def _dry_run_report(manifest, stops, found, rows_per_block, ray_startup_s) -> dict:
+    committed = sum(len(v) for k, v in found.data.items())
+    return {"dry_run": True, "manifest_rows": manifest.num_rows, "files": len(manifest.files),
+            "rows_in_scope": sum(stops), "units_in_scope": sum(-(-s // rows_per_block) for s in stops),
+            "committed_shards": committed, "failing_validation": len(manifest.row_errors),
+            "changed_files": sorted(found.changed), "ray_startup_s": round(ray_startup_s, 3)}
+
+
+def _changed_message(path: str, changed: dict[str, list[str]]) -> str:
+    shown = "; ".join(f"{file} ({len(units)} committed unit(s))" for file, units in list(changed.items())[:5])
     more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-    return (f"output {path}: the manifest changed since {len(changed)} committed unit(s) were computed "
-            f"(other rows, another order or other values under the same ids): {shown}{more}. Nothing was changed. "
-            "Restore the manifest to resume, rerun with --recompute-changed to recompute just those units, "
-            "--new-run to write this manifest beside it, or --overwrite to start over")
+    return (f"output {path}: {len(changed)} manifest file(s) changed since their units were committed (other rows, "
+            f"another order or other values under the same name): {shown}{more}. Nothing was changed. Restore "
+            "the files to resume, rerun with --recompute-changed to recompute their units, --new-run to write "
+            "this manifest beside it, or --overwrite to start over")
 
 
 def read_reports(fs, root: str) -> tuple[list[dict], list[str]]:
     """Reports of earlier runs that reached their end, oldest first (a killed run wrote none), and
     the names of damaged reports, which are skipped: their shards are read back instead."""
+    from pipelines.output import read_records
+
     reports, damaged = [], []
     fs.invalidate_cache(f"{root}/{RUNS}")
     for name in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
@@ -176,34 +231,41 @@ def read_reports(fs, root: str) -> tuple[list[dict], list[str]]:
         except (ValueError, KeyError, TypeError):
             damaged.append(f"{RUNS}/{name.rsplit('/', 1)[-1]}")
             continue
+        try:  # its shard records, beside it
+            report["records"] = read_records(fs, name[: -len(".json")] + ".parquet")
+        except Exception:  # missing or torn: the shards are read back instead
+            damaged.append(f"{RUNS}/{name.rsplit('/', 1)[-1][: -len('.json')]}.parquet")
+            report["records"] = []
         reports.append(report)
     return sorted(reports, key=lambda r: r["finished_at"]), damaged
 
 
-def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dict], records: list[dict], *,
-                  complete: bool, manifest_rows: int, tag: str) -> dict:
+def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dict], records: list[dict], check,
+                  manifest, tag: str) -> dict:
     """`_SUCCESS.json`, written last: its presence means the output passed its check, every row of
-    the units the run covered is in data/ or errors/ and every shard listed in it is complete.
-    `complete` is false after a --limit run that left units to do. `reports`: every run's, this one last."""
+    the units the run covered is in data/ or errors/, and every shard in `_index.parquet` is
+    complete. Small at any scale: counts, one line per manifest file, the runs' reports.
+    `reports`: every run's, this one last."""
     from pipelines.output import put_json
 
     report = reports[-1]
-    shards = [r for r in records if r["file"].startswith("data/")]
-    errors = [r for r in records if r["file"].startswith("errors/")]
     runs = [{k: v for k, v in r.items() if k != "records"} for r in reports]
+    complete = all(f["complete"] for f in check.files)
     summary = {
         "output": path,
         "complete": complete,
         "limit": None if complete else report["limit"],
-        "manifest_rows": manifest_rows,
-        "rows": sum(s["rows"] for s in shards),
-        "failed_rows": sum(s["rows"] for s in errors),
+        "manifest_rows": manifest.num_rows,
+        "rows": check.rows,
+        "failed_rows": check.failed_rows,
         "rows_skipped": report["rows_skipped"],
         "rows_computed": report["rows_computed"],
         "rows_retried": report["rows_retried"],
         "oom_splits": sum(r["oom_splits"] for r in runs),
-        "shards": shards,
-        "error_shards": errors,
+        "shards": sum(1 for r in records if r["file"].startswith("data/")),
+        "error_shards": sum(1 for r in records if r["file"].startswith("errors/")),
+        "index": INDEX,
+        "files": check.files,
         "wall_time_s": report["wall_time_s"],
         "images_per_s": report["images_per_s"],
         "ray_startup_s": report["ray_startup_s"],

@@ -1,32 +1,37 @@
 """`kandinsky-batch verify OUTPUT`: check the invariants of an output and name what is wrong.
 
 An output is sound when
-1. its `_RUN.json` is readable and the fingerprint recomputed from the recorded config (manifest,
-   weights, libraries) equals the recorded one;
-2. every file in data/ and errors/ is a shard of the layout, of a unit of the manifest, named with
-   that unit's digest (so it was computed from the manifest's current rows);
-3. every shard has the size and sha256 of its record (`_SUCCESS.json`); the job's own check before
-   it writes `_SUCCESS.json` compares sizes, the command reads every shard and compares sha256;
+1. its `_RUN.json` is readable and the fingerprint recomputed from the recorded config (manifest
+   schema, weights, libraries) equals the recorded one;
+2. every file in data/ and errors/ is a shard of the layout, of a unit of a manifest file, named
+   with that unit's digest (so it was computed from the file as it is now);
+3. every shard has the size and sha256 of its record (`_index.parquet`); the job's own check
+   before it writes `_SUCCESS.json` compares sizes, the command reads every shard and compares
+   sha256;
 4. every data shard has the job's output schema (one schema for the whole of data/);
-5. every manifest id of a committed unit is in data/ or errors/ exactly once, every unit the run
-   covered (all, or a --limit's) is committed, and `_SUCCESS.json`'s counts agree.
+5. every id of a committed unit is in data/ or errors/ exactly once, every unit the run covered
+   (all, or a --limit's) is committed, and `_SUCCESS.json`'s counts agree.
+Shards of manifest files that are gone from the manifest are reported, not judged.
 
-The job runs the same checks (`check_output`) before it writes `_SUCCESS.json`.
+The job runs the same checks (`check_output`) before it writes `_SUCCESS.json`. Both read the
+id column of every manifest file and every shard, one file at a time.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kandinsky_engine.units import Unit
-from pipelines.output import DATA, ERRORS, SUMMARY, entries, parse_shard, record_of
+from kandinsky_engine.storage import url_to_fs
+from kandinsky_engine.units import file_key
+from pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
 
 MAX_SHOWN = 30  # problems listed; the count of the rest is given
+
 
 @dataclass
 class Check:
@@ -35,10 +40,13 @@ class Check:
     failed_rows: int = 0  # ids in errors/
     committed_units: int = 0
     shards: int = 0
+    files: list[dict] = field(default_factory=list)  # per manifest file: rows, units, committed, complete
+    gone: dict[str, int] = field(default_factory=dict)  # folder of a file no longer in the manifest -> shards
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
 
 def _read(fs, path: str, deep: bool) -> tuple[pa.Schema, list, dict | None]:
     """(schema, ids, record if deep) of a shard."""
@@ -50,65 +58,96 @@ def _read(fs, path: str, deep: bool) -> tuple[pa.Schema, list, dict | None]:
         parquet = pq.ParquetFile(f)
         return parquet.schema_arrow, parquet.read(columns=["id"])["id"].to_pylist(), None
 
-def check_output(fs, root: str, units: list[Unit], scope: int, schema: pa.Schema, records: dict[str, dict],
+
+def _manifest_ids(file, storage_options) -> list:
+    fs, _ = url_to_fs(file.path, storage_options)
+    with fs.open(file.path, "rb") as f:
+        return pq.ParquetFile(f).read(columns=["id"])["id"].to_pylist()
+
+
+def check_output(fs, root: str, config, files: list, stops: list[int], schema: pa.Schema, records: dict[str, dict],
                  deep: bool) -> Check:
-    """Invariants 2-5 (without `_SUCCESS.json`'s counts) over the output at `root`. `scope`: how many
-    leading units the run covered; `records`: file -> {bytes, sha256} as recorded."""
+    """Invariants 2-5 (without `_SUCCESS.json`'s counts) over the output at `root`. `files`: the
+    manifest's (ManifestFile); `stops[i]`: the rows of files[i] the run covered; `records`: file ->
+    {bytes, sha256} as recorded."""
+    rows_per_block = config.rows_per_block()
     check = Check()
-    by_unit: dict[int, list] = {}
+    by_key = {file_key(f.relpath): f for f in files}
+    shards_by_key: dict[str, list] = defaultdict(list)
     for folder in (DATA, ERRORS):
         for entry in entries(fs, f"{root}/{folder}"):
             shard = parse_shard(entry["name"], root, int(entry.get("size") or 0))
             name = entry["name"][len(root) + 1:]
             if shard is None:
                 check.problems.append(f"{name}: not a file of the output layout")
-                continue
+            elif shard.key not in by_key:
+                check.gone[shard.key] = check.gone.get(shard.key, 0) + 1
+            else:
+                shards_by_key[shard.key].append(shard)
+    for file, stop in zip(files, stops):
+        key = file_key(file.relpath)
+        by_unit: dict[int, list] = defaultdict(list)
+        for shard in shards_by_key.get(key, []):
             check.shards += 1
-            if shard.unit >= len(units):
-                check.problems.append(f"{name}: unit {shard.unit} is not in the manifest ({len(units)} units)")
+            problem = _check_shard(fs, shard, by_key, rows_per_block, records.get(shard.file), schema, deep, by_unit)
+            if problem:
+                check.problems.append(problem)
+        ids = _manifest_ids(file, config.storage_options) if by_unit else []
+        committed = 0
+        for start in range(0, file.num_rows, rows_per_block):
+            shards = by_unit.get(start, [])
+            unit = f"{file.relpath} rows {start}..{min(start + rows_per_block, file.num_rows) - 1}"
+            if not any(s.attempt == 1 for s, _ in shards):
+                if start < stop:
+                    check.problems.append(f"{unit}: not committed")
+                elif shards:
+                    check.problems.append(f"{unit}: shards without its commit mark (attempt 1): "
+                                          + ", ".join(s.file for s, _ in shards))
                 continue
-            if shard.digest != units[shard.unit].digest:
-                check.problems.append(f"{name}: computed from other manifest rows than unit {shard.unit}'s "
-                                      f"(digest {shard.digest}, manifest {units[shard.unit].digest})")
-                continue
-            record = records.get(shard.file)
-            if record is None:
-                check.problems.append(f"{name}: no record of this shard (written by a run that did not finish?)")
-            elif record["bytes"] != shard.size:
-                check.problems.append(f"{name}: {shard.size} bytes, recorded {record['bytes']}")
-            try:
-                found_schema, ids, read = _read(fs, shard.path, deep)
-            except Exception as exc:
-                check.problems.append(f"{name}: unreadable ({type(exc).__name__}: {exc})")
-                continue
-            if deep and record is not None and read["sha256"] != record["sha256"]:
-                check.problems.append(f"{name}: sha256 {read['sha256'][:16]}..., recorded {record['sha256'][:16]}...")
-            if shard.attempt is not None and not found_schema.equals(schema, check_metadata=False):
-                check.problems.append(f"{name}: schema differs from the job's output schema: {_schema_diff(found_schema, schema)}")
-            by_unit.setdefault(shard.unit, []).append((shard, ids))
-    for unit in units:
-        shards = by_unit.get(unit.index, [])
-        committed = any(s.attempt == 1 for s, _ in shards)
-        if not committed:
-            if unit.index < scope:
-                check.problems.append(f"unit {unit.index} (ids {unit.ids[0]!r}..{unit.ids[-1]!r}) is not committed")
-            elif shards:
-                check.problems.append(f"unit {unit.index}: shards without its commit mark (attempt 1): "
-                                      + ", ".join(s.file for s, _ in shards))
-            continue
-        check.committed_units += 1
-        counts = Counter(i for _, ids in shards for i in ids)
-        data_ids = sum(len(ids) for s, ids in shards if s.attempt is not None)
-        check.rows += data_ids
-        check.failed_rows += sum(len(ids) for s, ids in shards if s.attempt is None)
-        twice = sorted(i for i, c in counts.items() if c > 1)
-        missing = [i for i in unit.ids if i not in counts]
-        extra = sorted(set(counts) - set(unit.ids))
-        for what, ids in (("more than once", twice), ("missing", missing), ("not in the unit", extra)):
-            if ids:
-                check.problems.append(f"unit {unit.index}: {len(ids)} id(s) {what} across data/ and errors/: "
-                                      f"{', '.join(repr(i) for i in ids[:5])}")
+            committed += 1
+            check.rows += sum(len(i) for s, i in shards if s.attempt is not None)
+            check.failed_rows += sum(len(i) for s, i in shards if s.attempt is None)
+            _check_ids(check, unit, ids[start:start + rows_per_block], shards)
+        check.committed_units += committed
+        units = -(-file.num_rows // rows_per_block)
+        check.files.append({"file": file.relpath, "rows": file.num_rows, "units": units, "committed_units": committed,
+                            "complete": committed == units})
     return check
+
+
+def _check_shard(fs, shard, by_key, rows_per_block, record, schema, deep, by_unit) -> str | None:
+    """A problem with one shard, or None (its ids then go to `by_unit`)."""
+    name = shard.file
+    want = expected_digest(by_key, shard.key, shard.start, rows_per_block)
+    if want != shard.digest:
+        return (f"{name}: computed from other manifest rows than {by_key[shard.key].relpath} holds now "
+                f"(digest {shard.digest}, expected {want})")
+    if record is None:
+        return f"{name}: no record of this shard (written by a run that did not finish?)"
+    if record["bytes"] != shard.size:
+        return f"{name}: {shard.size} bytes, recorded {record['bytes']}"
+    try:
+        found_schema, ids, read = _read(fs, shard.path, deep)
+    except Exception as exc:
+        return f"{name}: unreadable ({type(exc).__name__}: {exc})"
+    if deep and read["sha256"] != record["sha256"]:
+        return f"{name}: sha256 {read['sha256'][:16]}..., recorded {record['sha256'][:16]}..."
+    if shard.attempt is not None and not found_schema.equals(schema, check_metadata=False):
+        return f"{name}: schema differs from the job's output schema: {_schema_diff(found_schema, schema)}"
+    by_unit[shard.start].append((shard, ids))
+    return None
+
+
+def _check_ids(check: Check, unit: str, unit_ids: list, shards: list) -> None:
+    counts = Counter(i for _, ids in shards for i in ids)
+    twice = sorted(i for i, c in counts.items() if c > 1)
+    missing = [i for i in unit_ids if i not in counts]
+    extra = sorted(set(counts) - set(unit_ids))
+    for what, ids in (("more than once", twice), ("missing", missing), ("not in the unit", extra)):
+        if ids:
+            check.problems.append(f"{unit}: {len(ids)} id(s) {what} across data/ and errors/: "
+                                  f"{', '.join(repr(i) for i in ids[:5])}")
+
 
 def _schema_diff(found: pa.Schema, want: pa.Schema) -> str:
     got = {f.name: str(f.type) for f in found}
@@ -117,6 +156,7 @@ def _schema_diff(found: pa.Schema, want: pa.Schema) -> str:
             for n in dict.fromkeys([*expected, *got]) if got.get(n) != expected.get(n)]
     return "; ".join(diff[:5]) or "column order"
 
+
 def verify(path: str, *, config=None, deep: bool = True) -> Check:
     """Every invariant of the output at `path`. The job config comes from its `_RUN.json`, or from
     `config` (whose storage options then reach the manifest, output and models)."""
@@ -124,10 +164,9 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     from kandinsky_engine.config import JobConfig
     from kandinsky_engine.identity import weights_digests
     from kandinsky_engine.manifest import validate_manifest
-    from kandinsky_engine.storage import url_to_fs
-    from kandinsky_engine.units import cut_units, in_scope
 
     from .resume import differences, fingerprint, fingerprint_inputs, read_run
+    from .run import limit_stops
 
     options = config.storage_options if config is not None else {}
     fs, root = url_to_fs(path.rstrip("/"), options)
@@ -140,25 +179,28 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
         config = JobConfig.model_validate({**run["config"], "storage_options": {}})
     config = config.model_copy(update={"output": config.output.model_copy(update={"path": path})})
     manifest = validate_manifest(config)
-    inputs = fingerprint_inputs(config, manifest, weights_digests(config.model, config.storage_options))
+    inputs = fingerprint_inputs(config, manifest.schema, weights_digests(config.model, config.storage_options))
     problems = []
     if fingerprint(inputs) != run["fingerprint"]:
         changed = "; ".join(differences(run["inputs"], inputs)[:10])
         problems.append(f"_RUN.json: fingerprint {run['fingerprint']}, recomputed {fingerprint(inputs)} ({changed})")
     summary = _read_summary(fs, root, problems)
-    records = {r["file"]: r for r in summary.get("shards", []) + summary.get("error_shards", [])}
-    units = cut_units(manifest.ids, manifest.unit_digests, config.rows_per_block())
-    scope = len(in_scope(units, summary.get("limit")))
-    check = check_output(fs, root, units, scope, output_schema(manifest.schema), records, deep)
+    try:
+        records = {r["file"]: r for r in read_records(fs, f"{root}/{INDEX}")} if summary else {}
+    except Exception as exc:
+        problems.append(f"{INDEX} is unreadable ({type(exc).__name__}: {exc}); rerun the job to rewrite it")
+        records = {}
+    stops = limit_stops(manifest.files, summary.get("limit"), config.rows_per_block())
+    check = check_output(fs, root, config, manifest.files, stops, output_schema(manifest.schema), records, deep)
     check.problems = problems + check.problems
     if summary:
         if (summary.get("rows"), summary.get("failed_rows")) != (check.rows, check.failed_rows):
             check.problems.append(f"{SUMMARY}: says {summary.get('rows')} rows and {summary.get('failed_rows')} failed; "
                                   f"found {check.rows} and {check.failed_rows}")
-        if summary.get("complete") and check.committed_units != len(units):
-            check.problems.append(f"{SUMMARY}: says complete, but {len(units) - check.committed_units} unit(s) "
-                                  "are not committed")
+        if summary.get("complete") and not all(f["complete"] for f in check.files):
+            check.problems.append(f"{SUMMARY}: says complete, but not every unit is committed")
     return check
+
 
 def _read_summary(fs, root: str, problems: list[str]) -> dict:
     try:
@@ -170,10 +212,13 @@ def _read_summary(fs, root: str, problems: list[str]) -> dict:
         problems.append(f"{SUMMARY} is damaged ({exc}); rerun the job to rewrite it")
     return {}
 
+
 def report(check: Check, path: str) -> str:
+    gone = (f"; shards of {len(check.gone)} file(s) no longer in the manifest left as they are"
+            if check.gone else "")
     if check.ok:
         return (f"ok: {path}: {check.rows} rows in data/, {check.failed_rows} in errors/, {check.shards} shards, "
-                f"{check.committed_units} units committed")
+                f"{check.committed_units} units committed{gone}")
     shown = check.problems[:MAX_SHOWN]
     more = f"\n  ... and {len(check.problems) - MAX_SHOWN} more" if len(check.problems) > MAX_SHOWN else ""
-    return f"{path}: {len(check.problems)} problem(s):\n  " + "\n  ".join(shown) + more
+    return f"{path}: {len(check.problems)} problem(s):\n  " + "\n  ".join(shown) + more + gone

@@ -185,6 +185,13 @@ class OutputConfig(_Strict):
         "(as diffusers does); 'crop' centre-crops back to the requested size, 'round_up' keeps the larger "
         "image, 'reject' refuses such rows at validation.",
     )
+    lease_ttl_s: float = Field(
+        120.0,
+        gt=0,
+        description="One run at a time per output: a run holds PATH/_LEASE.json and renews it every third of this "
+        "time; a run that stops renewing (killed, machine lost) is taken over by the next one this long after its "
+        "last renewal.",
+    )
 
 
 class JobConfig(_Strict):

@@ -1,4 +1,10 @@
-"""Manifest discovery and validation, run in the driver before any model loads.
+"""Manifest discovery, planning and validation, before any model loads.
+
+The driver plans from file metadata only: each file's footer (row count, schema) and identity
+(ETag on object stores, sha256 of the bytes on disk). Rows are checked by `check_file`, one file
+at a time and streaming by record batch, returning only what failed; the job runs it as one Ray
+task per file (pipelines/validate.py), `kandinsky-batch validate` in its own process. So the
+driver's memory does not grow with the rows (only with the files and the rows that fail).
 
 Two kinds of problems, both named by file, column and row id (or row number where the id itself
 is bad):
@@ -7,51 +13,82 @@ is bad):
 - row-level (a null prompt, a size below 1, a task the decoder cannot run, a missing input...):
   one bad row never kills a job. Such rows are carried in `Manifest.row_errors` and the pipeline
   sends them to errors/ like any other failed row.
+
+Duplicate ids are found with bounded memory: every file's ids are hashed to 64 bits and the
+hashes split into buckets by their top bits; each bucket (from all files) is checked on its own,
+and only hashes seen twice are looked up again as strings, in a second pass over the id columns.
 """
 
 from __future__ import annotations
 
 import glob
-import math
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import fsspec
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401 (MIX_ITEM: re-exported)
-from .config import TASKS, JobConfig
-from .inputs import INPUTS, inputs_used
+from .config import JobConfig
+from .model_cache import VERSION_FIELDS
 from .models import supported_tasks
-from .rows import INT64_MAX, strength_start
-from .storage import access_checked, redact, url_to_fs
-from .units import UnitDigests
-from .uri_policy import UriPolicy, UriRefused
+from .row_checks import check_rows, tasks_of
+from .storage import access_checked, is_object_store, redact, url_to_fs
+from .units import Unit, file_units
 
-# Inputs each task needs, each given as `{input}_uri` or `{input}_bytes`.
-TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "variation": ("image",),
-               "controlnet_img2img": ("image",)}
-MINIMUM = {"seed": 0, "width": 1, "height": 1, "num_inference_steps": 1, "prior_num_inference_steps": 1}
 MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
+BATCH_ROWS = 65536  # rows per record batch when a file is checked: the most a check holds at once
+BUCKETS = 64  # duplicate-id check: hash buckets (each checked on its own)
 
 
 class ManifestError(ValueError):
     """The manifest cannot be run; the message lists every problem found."""
 
 
+@dataclass(frozen=True)
+class ManifestFile:
+    path: str  # as listed (fully qualified for remote stores)
+    relpath: str  # relative to the manifest root: names the file's units
+    identity: str  # ETag / checksum on object stores, sha256 of the bytes on disk
+    size: int
+    num_rows: int
+    stamp: tuple = ()  # what a read task compares to be sure the file did not change (file_stamp)
+
+
 @dataclass
 class Manifest:
-    files: list[str]  # fully qualified paths, sorted: the order rows are read in
-    num_rows: int
-    columns: list[str]
+    files: list[ManifestFile]  # sorted: the order rows are read in
     tasks: set[str]  # tasks of the valid rows, after job defaults
     filesystem: fsspec.AbstractFileSystem
-    ids: list[str] = field(default_factory=list)  # every id, in read order: units are cut from it
     row_errors: dict[str, str] = field(default_factory=dict)  # id -> "file: column ...: problem"
     schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # all files' columns, unified
-    unit_digests: list[str] | None = None  # one per unit of `rows_per_block` rows (see units.py)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    @property
+    def columns(self) -> list[str]:
+        return sorted(self.schema.names)
+
+    def units(self, rows_per_block: int) -> list[list[Unit]]:
+        """Every unit, by file, in manifest order."""
+        return [file_units(f.relpath, f.identity, f.num_rows, rows_per_block) for f in self.files]
+
+
+@dataclass
+class FileCheck:
+    """What `check_file` found in one file: only what failed, and its ids' hashes."""
+
+    problems: list[str] = field(default_factory=list)  # manifest-level
+    row_errors: dict[str, str] = field(default_factory=dict)
+    tasks: set[str] = field(default_factory=set)
+    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # one per non-null id
 
 
 def _type_ok(kind: str, t: pa.DataType) -> bool:
@@ -89,56 +126,191 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
     return fs, sorted(fs.unstrip_protocol(f) if "://" in location else f for f in files)
 
 
-def validate_manifest(config: JobConfig, *, digests: bool = True) -> Manifest:
-    """Check every file; with `digests`, also read every column once more to digest each unit's
-    rows (see units.py): what a resume compares committed shards against."""
-    fs, files = find_files(config.input.manifest, config.storage_options)
-    allowed = supported_tasks(config.model, config.storage_options)  # reads the decoder's U-Net config only
+def manifest_root(location: str, fs, path: str) -> str:
+    """The folder that files' relative paths are taken from: a directory manifest itself, a single
+    file's folder, or the part of a glob before its first wildcard."""
+    if fs.isdir(path):
+        return path.rstrip("/")
+    if fs.exists(path) or not glob.has_magic(path):
+        return path.rsplit("/", 1)[0] if "/" in path else ""
+    fixed = []
+    for part in path.split("/"):
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+def unified_schema(schemas: dict[str, pa.Schema]) -> pa.Schema:
+    """The manifest's schema from plan_files' schemas; raises ManifestError if files disagree."""
     problems: list[str] = []
-    row_errors: dict[str, str] = {}
-    first_seen: dict[str, str] = {}
-    tasks: set[str] = set()
-    ids: list[str] = []
-    schemas: dict[str, pa.Schema] = {}
-    hasher = UnitDigests(config.rows_per_block())
+    schema = _unified(schemas, problems)
+    if problems:
+        raise ManifestError("invalid manifest:\n  " + "\n  ".join(problems))
+    return schema
+
+
+def plan_files(config: JobConfig) -> tuple[fsspec.AbstractFileSystem, list[ManifestFile], dict[str, pa.Schema], list[str]]:
+    """Every manifest file with its footer's row count and schema and its identity; the rows are
+    not read. Returns (filesystem, files, schema by file, problems)."""
+    fs, files = find_files(config.input.manifest, config.storage_options)
+    _, path = url_to_fs(config.input.manifest, config.storage_options)
+    root = manifest_root(config.input.manifest, fs, path)
+    planned, schemas, problems = [], {}, []
     for name in files:
+        stripped = fs._strip_protocol(name)
+        relpath = stripped[len(root) + 1:] if root and stripped.startswith(root + "/") else stripped.rsplit("/", 1)[-1]
         try:
-            with access_checked(name, config.storage_options, "reading manifest"), fs.open(name, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                # Only the columns checked here: the manifest may also carry large image bytes.
-                # Inline image bytes are read too (for the has-an-input check) but stay in Arrow buffers.
-                wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
-                table = parquet.read(columns=wanted)
-                schemas[name] = parquet.schema_arrow
-                fatal = _check_schema(name, table, first_seen) + _check_names(name, parquet.schema_arrow)
-                if digests and not fatal and not problems:
-                    # Streamed by record batch: one batch of rows in memory at a time.
-                    for batch in parquet.iter_batches(batch_size=4096):
-                        for row in batch.to_pylist():
-                            hasher.add(row)
+            with access_checked(name, config.storage_options, "reading manifest"):
+                info = fs.info(name)
+                with fs.open(name, "rb") as f:
+                    meta = pq.ParquetFile(f)  # the footer only
+                    schemas[name], rows = meta.schema_arrow, meta.metadata.num_rows
+                identity = file_identity(fs, name, info, config.model.cache_dir)
         except PermissionError:  # a storage (credentials) problem, not a manifest one: stop here
             raise
-        except Exception as exc:  # unreadable / not Parquet
+        except Exception as exc:  # unreadable / not Parquet (e.g. a local file still being written)
             problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: "
                             f"{redact(str(exc), config.storage_options)})")
             continue
-        problems += fatal
-        if fatal:
-            continue
-        file_ids = table.column("id").to_pylist()
-        ids += file_ids
-        bad = _check_rows(name, table, config, file_ids, allowed)
-        row_errors.update(bad)
-        tasks.update(t for i, t in zip(file_ids, _tasks(table, config)) if i not in bad)
+        planned.append(ManifestFile(name, relpath, identity, int(info.get("size") or 0), rows, file_stamp(fs, name, info)))
+    return fs, planned, schemas, problems
+
+
+def file_identity(fs, name: str, info: dict, cache_dir: str) -> str:
+    """What changes when a file's content does: the object store's ETag or checksum (no read), or
+    on disk the sha256 of the bytes, cached by (size, mtime) so that a file is read once."""
+    if is_object_store(fs):
+        version = next((str(info[k]).strip('"') for k in VERSION_FIELDS if info.get(k) not in (None, "")), None)
+        if version:
+            return f"{version}:{info.get('size')}"
+    stat = os.stat(fs._strip_protocol(name)) if not is_object_store(fs) else None
+    key = f"{info.get('size')}:{stat.st_mtime_ns if stat else info.get('mtime')}"
+    cache = Path(cache_dir).expanduser() / "digests" / (hashlib.sha256(name.encode()).hexdigest()[:16] + ".json")
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["stat"] == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    with fs.open(name, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"stat": key, "sha256": digest.hexdigest()}))
+    except OSError:
+        pass  # a read-only cache only costs the hashing next time
+    return digest.hexdigest()
+
+
+def file_stamp(fs, name: str, info: dict | None = None) -> tuple:
+    """Cheap evidence that a file did not change: its size and ETag on object stores, its size and
+    mtime on disk. A read task compares it with the plan's before it reads."""
+    if is_object_store(fs):
+        info = info or fs.info(name)
+        return info.get("size"), next((str(info[k]) for k in VERSION_FIELDS if info.get(k) not in (None, "")), "")
+    st = os.stat(fs._strip_protocol(name))
+    return st.st_size, st.st_mtime_ns
+
+
+def id_hashes(ids: list) -> np.ndarray:
+    """64-bit hashes of ids (null ids skipped): the same in every process (not Python's hash())."""
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+                     for i in ids if i is not None], dtype=np.uint64)
+
+
+def check_file(file: ManifestFile, config: JobConfig, allowed: tuple[str, ...]) -> FileCheck:
+    """Every check of one file, streaming by record batch; returns only what failed."""
+    fs, _ = url_to_fs(file.path, config.storage_options)
+    name, check = file.path, FileCheck()
+    with access_checked(name, config.storage_options, "reading manifest"), fs.open(name, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        check.problems = _check_schema(name, parquet.schema_arrow) + _check_names(name, parquet.schema_arrow)
+        if check.problems:
+            return check
+        # Only the columns checked here: the manifest may also carry other large columns.
+        wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in parquet.schema_arrow.names]
+        offset, hashes = 0, []
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+            table = pa.Table.from_batches([batch])
+            ids = table.column("id").to_pylist()
+            check.problems += [f"{name}: column 'id' is null or empty at row {offset + r}"
+                               for r, i in enumerate(ids) if i is None or i == ""][:MAX_REPORTED]
+            hashes.append(id_hashes(ids))
+            bad = check_rows(name, table, config, ids, allowed)
+            check.row_errors.update(bad)
+            check.tasks.update(t for i, t in zip(ids, tasks_of(table, config)) if i not in bad)
+            offset += table.num_rows
+    check.hashes = np.concatenate(hashes) if hashes else check.hashes
+    return check
+
+
+def bucket_of(hashes: np.ndarray) -> np.ndarray:
+    return (hashes >> np.uint64(64 - 6)).astype(np.int64) % BUCKETS
+
+
+def colliding(hashes: list[np.ndarray]) -> np.ndarray:
+    """Hashes that occur more than once among the given arrays (one bucket's, from every file)."""
+    merged = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    values, counts = np.unique(merged, return_counts=True)
+    return values[counts > 1]
+
+
+def check_locally(files: list[ManifestFile], config: JobConfig, allowed: tuple[str, ...]):
+    """`check_file` on every file in this process; (checks, colliding hashes)."""
+    checks = [check_file(f, config, allowed) for f in files]
+    buckets = [[c.hashes[bucket_of(c.hashes) == b] for c in checks] for b in range(BUCKETS)]
+    collisions = np.concatenate([colliding(bucket) for bucket in buckets])
+    for c in checks:
+        c.hashes = np.zeros(0, np.uint64)
+    return checks, collisions
+
+
+def duplicate_problems(files: list[ManifestFile], collisions: np.ndarray, config: JobConfig) -> list[str]:
+    """The second pass: ids whose hash collided, compared as strings, named with their files."""
+    if not len(collisions):
+        return []
+    wanted, first_seen, problems = set(int(h) for h in collisions), {}, []
+    for file in files:
+        fs, _ = url_to_fs(file.path, config.storage_options)
+        with fs.open(file.path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
+                ids = [i for i in batch.column(0).to_pylist() if i is not None]
+                for row_id, h in zip(ids, id_hashes(ids)):
+                    if int(h) not in wanted:
+                        continue
+                    if row_id in first_seen:
+                        problems.append(f"{file.path}: duplicate id {row_id!r} (first in {first_seen[row_id]})")
+                    else:
+                        first_seen[row_id] = file.path
+    return problems
+
+
+def validate_manifest(config: JobConfig, checker=None, planned=None) -> Manifest:
+    """Plan the manifest and check every row. `checker(files, config, allowed)` runs `check_file`
+    on every file and finds colliding id hashes: in this process by default, as Ray tasks in a job
+    (pipelines/validate.py). `planned`: plan_files' result, if the caller has it already."""
+    fs, files, schemas, problems = planned or plan_files(config)
+    problems = list(problems)
+    allowed = supported_tasks(config.model, config.storage_options)  # reads the decoder's U-Net config only
+    checks, collisions = (checker or check_locally)(files, config, allowed)
+    row_errors, tasks = {}, set()
+    for check in checks:
+        problems += check.problems
+        row_errors.update(check.row_errors)
+        tasks |= check.tasks
     schema = _unified(schemas, problems)
+    if not problems:
+        problems += duplicate_problems(files, collisions, config)
     if problems:
         shown = problems[:MAX_REPORTED]
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise ManifestError("invalid manifest:\n  " + "\n  ".join(shown) + more)
-    if not ids:
+    if not sum(f.num_rows for f in files):
         raise ManifestError(f"manifest {config.input.manifest}: no rows")
-    return Manifest(files=files, num_rows=len(ids), columns=sorted(schema.names), tasks=tasks, filesystem=fs,
-                    ids=ids, row_errors=row_errors, schema=schema, unit_digests=hasher.digests() if digests else None)
+    return Manifest(files=files, tasks=tasks, filesystem=fs, row_errors=row_errors, schema=schema)
 
 
 def _check_names(name: str, schema: pa.Schema) -> list[str]:
@@ -158,182 +330,21 @@ def _unified(schemas: dict[str, pa.Schema], problems: list[str]) -> pa.Schema:
         return pa.schema([])
 
 
-def _check_schema(name: str, table: pa.Table, first_seen: dict[str, str]) -> list[str]:
+def _unified(schemas: dict[str, pa.Schema], problems: list[str]) -> pa.Schema:
+    """One schema for all files (a column missing from some files is null there); the output's
+    pass-through columns take their types from it."""
+    try:
+        return pa.unify_schemas(list(schemas.values()), promote_options="permissive") if schemas else pa.schema([])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        problems.append(f"the manifest files disagree on a column's type ({exc}); files: "
+                        + ", ".join(schemas))
+        return pa.schema([])
+
+
+def _check_schema(name: str, schema: pa.Schema) -> list[str]:
     """Manifest-level problems: the job cannot run (or cannot name its rows) until they are fixed."""
-    problems = []
-    schema = table.schema
-    for column in REQUIRED:
-        if column not in schema.names:
-            problems.append(f"{name}: missing required column '{column}'")
+    problems = [f"{name}: missing required column '{column}'" for column in REQUIRED if column not in schema.names]
     for column, kind in {**REQUIRED, **OPTIONAL}.items():
         if column in schema.names and not _type_ok(kind, schema.field(column).type):
             problems.append(f"{name}: column '{column}' must be {kind}, got {schema.field(column).type}")
-    if problems:
-        return problems
-    for row, row_id in enumerate(table.column("id").to_pylist()):
-        if row_id is None or row_id == "":
-            problems.append(f"{name}: column 'id' is null or empty at row {row}")
-        elif row_id in first_seen:
-            problems.append(f"{name}: duplicate id {row_id!r} (first in {first_seen[row_id]})")
-        else:
-            first_seen[row_id] = name
     return problems
-
-
-def _tasks(table: pa.Table, config: JobConfig) -> list[str]:
-    tasks = table.column("task").to_pylist() if "task" in table.column_names else [None] * table.num_rows
-    return [t if t is not None else config.defaults.task for t in tasks]
-
-
-def _check_rows(name: str, table: pa.Table, config: JobConfig, ids: list, allowed: tuple[str, ...]) -> dict[str, str]:
-    """Row-level problems, id -> message (the first problem found for that row)."""
-    found: list[tuple[int, str]] = []
-    schema = table.schema
-    found += [(r, "column 'prompt' is null") for r in _null_rows(table, "prompt")]
-    for column, low in MINIMUM.items():
-        if column in schema.names:
-            values = table.column(column).to_pylist()
-            found += [(r, f"column '{column}' must be >= {low}, got {v}")
-                      for r, v in enumerate(values) if v is not None and v < low]
-    if "seed" in schema.names:  # a uint64 column can hold seeds torch and the output's int64 cannot
-        found += [(r, f"column 'seed' must be <= {INT64_MAX} (a signed 64-bit integer), got {v}")
-                  for r, v in enumerate(table.column("seed").to_pylist()) if v is not None and v > INT64_MAX]
-    if config.output.size_policy == "reject":
-        for column in ("width", "height"):
-            values = table.column(column).to_pylist() if column in schema.names else [None] * len(ids)
-            default = getattr(config.defaults, column)
-            found += [(r, f"column '{column}' is {v if v is not None else default}, not a multiple of 64 "
-                       "(output.size_policy=reject)")
-                      for r, v in enumerate(values) if (v if v is not None else default) % 64]
-    found += _check_tasks(table, config, allowed)
-    found += _check_values(table, config)
-    found += _check_inputs(name, table, config)
-    errors: dict[str, str] = {}
-    for r, message in sorted(found, key=lambda f: f[0]):
-        errors.setdefault(ids[r], f"{name}: {message} at id {ids[r]!r}")
-    return errors
-
-
-def _check_tasks(table: pa.Table, config: JobConfig, allowed: tuple[str, ...]) -> list[tuple[int, str]]:
-    schema = table.schema
-    tasks = _tasks(table, config)
-    found = []
-    for r, task in enumerate(tasks):
-        if task not in TASKS:
-            found.append((r, f"column 'task' is {task!r}, expected one of {TASKS},"))
-        elif task not in allowed:
-            found.append((r, f"column 'task': {task!r} needs another decoder than model.decoder="
-                             f"{config.model.decoder!r} (which runs {', '.join(allowed)}),"))
-    if "strength" in schema.names:
-        found += [(r, f"column 'strength' must be within [0, 1], got {v}")
-                  for r, v in enumerate(table.column("strength").to_pylist()) if v is not None and not 0 <= v <= 1]
-    present = {}
-    for kind in ("image", "mask", "hint"):
-        present[kind] = [False] * len(tasks)
-        for column in (f"{kind}_uri", f"{kind}_bytes"):
-            if column in schema.names:
-                present[kind] = [p or v for p, v in zip(present[kind], pc.is_valid(table.column(column)).to_pylist())]
-        found += [(r, f"column '{kind}_uri': task {t!r} needs a '{kind}_uri' or '{kind}_bytes' value, missing")
-                  for r, t in enumerate(tasks) if kind in TASK_INPUTS.get(t, ()) and not present[kind][r]]
-    found += [(r, "column 'hint_uri': task 'controlnet' needs a hint (hint_uri/hint_bytes) or an image to "
-                  "estimate depth from (image_uri/image_bytes), missing")
-              for r, t in enumerate(tasks) if t == "controlnet" and not (present["hint"][r] or present["image"][r])]
-    mixes = table.column("mix").to_pylist() if "mix" in schema.names else [None] * len(tasks)
-    for r, (task, mix) in enumerate(zip(tasks, mixes)):
-        if task != "mix":
-            continue
-        if not mix:
-            found.append((r, "column 'mix': task 'mix' needs a non-empty 'mix' list, missing"))
-        for n, item in enumerate(mix or []):
-            sources = [k for k in ("text", "image_uri", "image_bytes") if item.get(k) is not None]
-            if len(sources) != 1 or item.get("weight") is None:
-                found.append((r, f"column 'mix' item {n} needs exactly one of text, image_uri, image_bytes "
-                                 "and a weight,"))
-    return found
-
-
-LIMITS = {"width": "max_side", "height": "max_side", "num_inference_steps": "max_steps",
-          "prior_num_inference_steps": "max_steps"}  # column -> its upper bound in config.input
-FINITE = ("guidance_scale", "prior_guidance_scale", "strength")
-# Tasks whose `strength` cuts a schedule short, and the steps column of that schedule.
-STRENGTH_STEPS = {"img2img": "num_inference_steps", "controlnet_img2img": "num_inference_steps",
-                  "variation": "prior_num_inference_steps"}
-
-
-def _resolved(table: pa.Table, config: JobConfig, column: str) -> list:
-    """A parameter column as the stages see it: the row's value, else the job default."""
-    default = getattr(config.defaults, column)
-    values = table.column(column).to_pylist() if column in table.column_names else [None] * table.num_rows
-    return [default if v is None else v for v in values]
-
-
-def _check_values(table: pa.Table, config: JobConfig) -> list[tuple[int, str]]:
-    """Parameter values (the row's, else the job default's) that always fail at run time, or that
-    would hold a job for hours: steps and sizes above the configured limits, fewer than 2 prior
-    steps, NaN or infinite numbers, and a strength that leaves no step to run."""
-    values = {c: _resolved(table, config, c) for c in (*LIMITS, *FINITE, "strength")}
-    found = []
-    for column, limit in LIMITS.items():
-        bound = getattr(config.input, limit)
-        found += [(r, f"column '{column}' is {v}, above input.{limit}={bound}")
-                  for r, v in enumerate(values[column]) if v > bound]
-    found += [(r, f"column 'prior_num_inference_steps' must be >= 2 (diffusers' UnCLIPScheduler divides by "
-                  f"steps - 1), got {v}") for r, v in enumerate(values["prior_num_inference_steps"]) if v < 2]
-    for column in FINITE:
-        found += [(r, f"column '{column}' must be a finite number, got {v}")
-                  for r, v in enumerate(values[column]) if not math.isfinite(v)]
-    for r, task in enumerate(_tasks(table, config)):
-        steps_column, strength = STRENGTH_STEPS.get(task), values["strength"][r]
-        if steps_column is None or not 0 <= strength <= 1:  # NaN and out-of-range strengths are reported above
-            continue
-        steps = values[steps_column][r]
-        try:
-            strength_start(steps, strength)  # the stages' own rule, so validation agrees with the run
-        except ValueError:
-            found.append((r, f"column 'strength': {strength} x {steps} {steps_column} leaves no step to run "
-                             f"(task {task!r} runs int(steps x strength) steps)"))
-    return found
-
-
-def _check_inputs(name: str, table: pa.Table, config: JobConfig) -> list[tuple[int, str]]:
-    """The inputs each row's task uses (inputs.inputs_used): URIs the input policy refuses, and inline
-    bytes above input.max_input_bytes. An input the task does not use is never read, so it is no
-    error. Files are not opened here: a missing or oversized file fails when it is fetched."""
-    policy = UriPolicy.for_manifest(config.input.manifest, name, config.input.allowed_uri_prefixes)
-    limit = config.input.max_input_bytes
-
-    def problem(uri: str | None, size: int | None) -> tuple[str, str] | None:
-        """(which cell, reason) of an input given as a URI and/or inline bytes of `size`."""
-        if size is not None:  # inline bytes win over a URI, as in fetch_inputs
-            return ("bytes", f"{size} bytes is larger than input.max_input_bytes={limit}") if size > limit else None
-        try:
-            if uri is not None:
-                policy.check(uri)
-        except UriRefused as exc:
-            return "uri", str(exc)
-        return None
-
-    def cells(column: str, sizes: bool = False) -> list:
-        if column not in table.column_names:
-            return [None] * table.num_rows
-        return (pc.binary_length(table.column(column)) if sizes else table.column(column)).to_pylist()
-
-    tasks = _tasks(table, config)
-    hint_given = [u is not None or b is not None for u, b in zip(cells("hint_uri"), cells("hint_bytes", True))]
-    found = []
-    for kind in INPUTS:
-        uris, sizes = cells(f"{kind}_uri"), cells(f"{kind}_bytes", sizes=True)
-        for r, task in enumerate(tasks):
-            if kind in inputs_used(task, hint_given[r]) and (bad := problem(uris[r], sizes[r])):
-                found.append((r, f"column '{kind}_{bad[0]}': {bad[1]}"))
-    for r, (task, mix) in enumerate(zip(tasks, cells("mix"))):
-        for n, item in enumerate(mix if task == "mix" and mix else []):
-            image = item.get("image_bytes")
-            if bad := problem(item.get("image_uri"), None if image is None else len(image)):
-                found.append((r, f"column 'mix' item {n} image_{bad[0]}: {bad[1]}"))
-    return found
-
-
-def _null_rows(table: pa.Table, column: str) -> list[int]:
-    mask = pc.is_null(table.column(column)).to_pylist()
-    return [r for r, is_null in enumerate(mask) if is_null]

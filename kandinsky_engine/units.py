@@ -1,91 +1,75 @@
-"""Units of work: consecutive manifest rows that are run, committed and resumed together.
+"""Units of work: row ranges of one manifest file, run, committed and resumed together.
 
-Unit n is manifest rows [n·R, (n+1)·R) in read order (R = input.rows_per_block), the same in
-every run. Each unit carries a digest of its rows' content (every column, the id included), and
-every shard committed for a unit carries that digest in its name. A rerun whose manifest was
-rewritten (rows reordered, a prompt changed under the same id, a row replaced) therefore sees
-that a committed unit was computed from other rows, and refuses to mix them (or, when asked,
-recomputes just those units); it never counts them as done.
+A unit is rows [start, stop) of one manifest file, stop - start = input.rows_per_block except at
+the end of the file. It is named by the file (`key`, from its path relative to the manifest
+root) and `start`, so units depend on nothing but their own file: a new file in a growing
+manifest adds units and changes none, and reading needs no global order. Its `digest` covers the
+file's path, the file's identity (ETag on object stores, sha256 of the bytes on disk) and the
+range, and every shard committed for the unit carries it in its name: a file rewritten since its
+units were committed (other rows, another order, a prompt changed under the same id) shows as
+committed shards with another digest, and is refused (or recomputed when asked), never mixed.
 """
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import hashlib
-import json
+import re
 from dataclasses import dataclass
 
 DIGEST_CHARS = 16  # 64 bits of sha256: enough to tell two versions of one unit apart
 
 
-@dataclass
+@dataclass(frozen=True)
 class Unit:
-    index: int
-    ids: list[str]
-    digest: str  # DIGEST_CHARS hex chars over the unit's rows, in order
+    file: str  # path relative to the manifest root
+    key: str  # the file's folder name in the output (file_key)
+    start: int  # first row in the file
+    stop: int  # one past the last row
+    digest: str
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        """`key/start`: how logs, errors and the writer name the unit."""
+        return f"{self.key}/{self.start}"
 
 
-def _canonical(value):
-    """JSON stand-ins for what `to_pylist` yields beyond JSON's types; bytes by their sha256."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": hashlib.sha256(value).hexdigest()}
-    if isinstance(value, (datetime.date, datetime.time, datetime.timedelta, decimal.Decimal)):
-        return {"$" + type(value).__name__: str(value)}
-    raise TypeError(f"cannot digest a manifest value of type {type(value).__name__}")
+def file_key(relpath: str) -> str:
+    """A file's folder name in the output: readable (its name, reduced to safe characters) and
+    unique (a hash of the whole relative path), so that no manifest path can form an output path."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", relpath.rsplit("/", 1)[-1].removesuffix(".parquet")).strip("-")[:40]
+    return f"{stem or 'file'}-{hashlib.sha256(relpath.encode()).hexdigest()[:12]}"
 
 
-def row_bytes(row: dict) -> bytes:
-    """A row's canonical encoding: sorted keys, floats by their exact repr, NaN kept distinct from null."""
-    return json.dumps(row, sort_keys=True, default=_canonical, ensure_ascii=False, allow_nan=True).encode()
+def unit_digest(relpath: str, identity: str, start: int, stop: int) -> str:
+    return hashlib.sha256(f"{relpath}\0{identity}\0{start}\0{stop}".encode()).hexdigest()[:DIGEST_CHARS]
 
 
-class UnitDigests:
-    """Feeds rows in manifest order; `digests()` returns one digest per unit of `rows_per_block` rows."""
-
-    def __init__(self, rows_per_block: int):
-        self.rows_per_block = rows_per_block
-        self._done: list[str] = []
-        self._current = hashlib.sha256()
-        self._rows = 0
-
-    def add(self, row: dict) -> None:
-        encoded = row_bytes(row)
-        # Length-prefixed, so that row boundaries are part of the digest.
-        self._current.update(len(encoded).to_bytes(8, "big") + encoded)
-        self._rows += 1
-        if self._rows == self.rows_per_block:
-            self._close()
-
-    def _close(self) -> None:
-        self._done.append(self._current.hexdigest()[:DIGEST_CHARS])
-        self._current, self._rows = hashlib.sha256(), 0
-
-    def digests(self) -> list[str]:
-        if self._rows:
-            self._close()
-        return self._done
+def file_units(relpath: str, identity: str, num_rows: int, rows_per_block: int) -> list[Unit]:
+    key = file_key(relpath)
+    return [Unit(relpath, key, start, min(start + rows_per_block, num_rows),
+                 unit_digest(relpath, identity, start, min(start + rows_per_block, num_rows)))
+            for start in range(0, num_rows, rows_per_block)]
 
 
-def cut_units(ids: list[str], digests: list[str], rows_per_block: int) -> list[Unit]:
-    """Every unit of the manifest, in order."""
-    starts = range(0, len(ids), rows_per_block)
-    if len(digests) != len(starts):
-        raise ValueError(f"{len(digests)} unit digests for {len(starts)} units")
-    return [Unit(n, ids[start:start + rows_per_block], digests[n]) for n, start in enumerate(starts)]
-
-
-def in_scope(units: list[Unit], limit: int | None) -> list[Unit]:
-    """The units a run covers: all of them, or with --limit N the first N rows rounded up to whole
-    units, so that a smoke run's units are the full run's and the full run resumes it."""
+def limit_units(units_by_file: list[list[Unit]], limit: int | None) -> list[list[Unit]]:
+    """The units a run covers: all, or with --limit N the first N rows in manifest order (files in
+    order, rows in order) rounded up to whole units, so that a smoke run's units are the full
+    run's and the full run resumes it."""
     if limit is None:
-        return units
+        return units_by_file
     if limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     covered, scope = 0, []
-    for unit in units:
-        if covered >= limit:
-            break
-        scope.append(unit)
-        covered += len(unit.ids)
+    for units in units_by_file:
+        taken = []
+        for unit in units:
+            if covered >= limit:
+                break
+            taken.append(unit)
+            covered += unit.rows
+        scope.append(taken)
     return scope

@@ -5,11 +5,8 @@ The builder only describes the lazy Ray Data plan; nothing runs until the caller
 
 from __future__ import annotations
 
-import fsspec
 import numpy as np
 import ray
-from fsspec.implementations.local import LocalFileSystem
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, Dataset
 
 from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
@@ -19,9 +16,10 @@ from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
 from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
-from kandinsky_engine.units import Unit
 
-from .prepare import SPLITS, UNIT, prepare_unit
+from .output import FilePlan
+from .prepare import SPLITS, UNIT, prepare_units
+from .read import ManifestUnits
 
 # Reading, resolving and writing are light; giving them a fraction of a CPU keeps them
 # schedulable when the model actors hold every whole CPU of a small machine.
@@ -191,38 +189,17 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
         raise ValueError(f"stage actors reserve {gpus:g} GPUs but the Ray cluster has {have_gpus:g}")
 
 
-def read_target(manifest: Manifest) -> tuple[list[str], PyFileSystem | None]:
-    """Paths and filesystem for `read_parquet`. The files were listed in the driver with the job's
-    storage options; the read tasks get that same filesystem (wrapped for pyarrow), so an endpoint
-    or credentials given only in the config reach them too. Local files need no wrapper."""
-    if isinstance(manifest.filesystem, LocalFileSystem):
-        return manifest.files, None
-    return [fsspec.core.strip_protocol(f) for f in manifest.files], PyFileSystem(FSSpecHandler(manifest.filesystem))
-
-
-def build_generation(config: JobConfig, manifest: Manifest, units: list[Unit],
-                     todo: dict[int, tuple[int, list | None]]) -> Dataset:
-    """The plan for the `todo` units (unit -> (attempt, rows to retry or None for all)) among `units`
-    (the run's scope, in manifest order)."""
-    paths, filesystem = read_target(manifest)
-    # partitioning=None: a `key=value/` folder in a manifest path is not a column (validation
-    # reads the files the same way).
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=IO_CPUS, partitioning=None)
-    # Blocks are the unit of work (see Chunked), so they must be formed the same way every run:
-    # in manifest order, of exactly rows_per_block rows. The split streams (no all-to-all
-    # shuffle); without it a small file is one block and the stages would not overlap.
-    ds.context.execution_options.preserve_order = True
+def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan]) -> Dataset:
+    """The plan for the run's units (`plans`: per manifest file, which units, which rows)."""
+    source = ManifestUnits(plans, config.rows_per_block(), config.storage_options)
+    ds = ray.data.read_datasource(source, num_cpus=IO_CPUS, override_num_blocks=len(source.get_read_tasks(-1)))
+    # A unit must reach the writer whole (see ShardSink.write); Ray splits blocks above this size.
     ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, MAX_BLOCK_BYTES)
-    ds = ds.limit(sum(len(u.ids) for u in units))  # a --limit, rounded up to whole units
-    ds = ds.repartition(target_num_rows_per_block=config.rows_per_block(), strict=True)
-    prepare_args = {
-        "units": {u.ids[0]: u.index for u in units}, "todo": todo,
-        "digests": {u.index: u.digest for u in units if u.index in todo}, "row_errors": manifest.row_errors,
-        "defaults": config.defaults, "passthrough": passthrough_fields(manifest.schema),
-    }
-    ds = ds.map_batches(prepare_unit, fn_kwargs=prepare_args, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS)
+    prepare_args = {"row_errors": manifest.row_errors, "defaults": config.defaults,
+                    "passthrough": passthrough_fields(manifest.schema)}
+    ds = ds.map_batches(prepare_units, fn_kwargs=prepare_args, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS)
     if manifest.tasks & set(FETCH_TASKS):
-        ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0]},
+        ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0].path},
                             batch_format="numpy", num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
         ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config))

@@ -1,30 +1,37 @@
 """The output layout and its commit protocol: what makes a rerun resume exactly once.
 
     PATH/_RUN.json                                  run fingerprint and config (written before any shard)
-    PATH/data/part-{unit:08d}-{digest}-a{K}.parquet   rows of unit `unit` that succeeded at attempt K
-    PATH/errors/part-{unit:08d}-{digest}.parquet      rows of that unit still failing (latest attempt)
-    PATH/_runs/{run}.json                           one report per run that reached its end
+    PATH/_LEASE.json                                who runs the job now (jobs/lease.py)
+    PATH/data/{file}/part-{start:012d}-{digest}-a{K}.parquet
+                                                    rows of the unit at row `start` of manifest file
+                                                    `file` that succeeded at attempt K
+    PATH/errors/{file}/part-{start:012d}-{digest}.parquet
+                                                    rows of that unit still failing (latest attempt)
+    PATH/_runs/{run}.json, {run}.parquet            one report per run that reached its end, and the
+                                                    records (rows, bytes, sha256) of its shards
     PATH/_damaged/{run}/...                         shards found damaged, moved aside (never read)
-    PATH/_SUCCESS.json                              written last, after `verify` passed
+    PATH/_index.parquet                             every shard's record, written before the summary
+    PATH/_SUCCESS.json                              written last, after the output passed its check
 
-A unit is `rows_per_block` consecutive manifest rows (kandinsky_engine/units.py), the same in every
-run; `digest` is a digest of the unit's manifest rows, so a shard names the exact rows it was
-computed from. Attempt 1 runs all its rows and always writes its data shard, even an empty one:
-that shard is the unit's commit mark. It writes errors first, then data, so a unit with a data
-shard has its failures recorded. A later run retries only the rows of committed units that are in
-no data shard (attempt K >= 2, one more than the latest attempt in the unit's data or errors
-shards, writes the rows that now succeed, then replaces or removes the errors shard). Every file
-(metadata included) is written under _tmp/ and moved into place, so readers never see a torn
-file, and names depend on the unit, its digest and the attempt only, so a retried write task
-rewrites the same file with the same bytes instead of adding a duplicate.
+A unit is a row range of one manifest file (kandinsky_engine/units.py); `{file}` is that file's
+folder key and `digest` covers the file's identity and the range, so a shard names the exact rows
+it was computed from, and a folder holds one file's shards (no prefix holds millions of objects).
+Attempt 1 runs all the unit's rows and always writes its data shard, even an empty one: that
+shard is the unit's commit mark. It writes errors first, then data, so a unit with a data shard
+has its failures recorded. A later run retries only the rows of committed units that are in no
+data shard (attempt K >= 2, one more than the latest attempt in the unit's data or errors shards,
+writes the rows that now succeed, then replaces or removes the errors shard). Every file (metadata
+included) is written under _tmp/ and moved into place, so readers never see a torn file, and names
+depend on the unit, its digest and the attempt only, so a retried write task rewrites the same
+file with the same bytes instead of adding a duplicate.
 
-Before a run, `inspect` compares the output with the manifest's units, read-only:
-- a shard whose digest is not its unit's digest was computed from other rows (the manifest was
-  rewritten): the run is refused, or with --recompute-changed the unit's shards are removed and it
-  is run again;
+Before a run, `inspect` compares the output with the manifest, read-only:
+- a shard whose digest is not its unit's was computed from other rows (the file was rewritten):
+  the run is refused, or with --recompute-changed the file's units are run again;
 - a shard whose size differs from its record, or that is not readable Parquet, is damaged: it is
   moved to _damaged/ and its whole unit is run again (whole, so that its rows batch as before and
-  no row of another attempt is duplicated).
+  no row of another attempt is duplicated);
+- shards of a file no longer in the manifest are left alone and reported.
 
 Why not Ray Data's checkpointing (`DataContext.checkpoint_config`, Ray 2.60): it filters done
 rows right after the read, by id, before our units are formed, so a resumed run would batch the
@@ -45,27 +52,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kandinsky_engine.storage import ensure_dir
-from kandinsky_engine.units import Unit
+from kandinsky_engine.units import Unit, file_key, unit_digest
 
 DATA, ERRORS, TMP = "data", "errors", "_tmp"
 DAMAGED = "_damaged"  # shards set aside as unreadable
 RUN_FILE, SUMMARY = "_RUN.json", "_SUCCESS.json"  # the fingerprint (jobs/resume.py), the summary (jobs/run.py)
 RUNS = "_runs"  # one report per run (also those that ended with failed rows)
+INDEX, LEASE = "_index.parquet", "_LEASE.json"
 # Every entry a job writes under its output root, and so all that --overwrite may remove: the
 # root itself may hold other files (a README, the manifest, a bucket's other keys). In removal
 # order: the summary first (the output stops claiming to be complete), the run file last (a
 # removal cut short still holds _RUN.json, so --overwrite can take it up again).
-OWNED_ENTRIES = (SUMMARY, DATA, ERRORS, TMP, DAMAGED, RUNS, RUN_FILE)
-DATA_SHARD = re.compile(r"part-(\d{8})-([0-9a-f]{16})-a(\d+)\.parquet")
-ERRORS_SHARD = re.compile(r"part-(\d{8})-([0-9a-f]{16})\.parquet")
+OWNED_ENTRIES = (SUMMARY, INDEX, DATA, ERRORS, TMP, DAMAGED, RUNS, RUN_FILE)
+DATA_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})-a(\d+)\.parquet")
+ERRORS_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})\.parquet")
+RECORD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
 
 
-def data_name(unit: int, digest: str, attempt: int) -> str:
-    return f"part-{unit:08d}-{digest}-a{attempt}.parquet"
+def data_name(key: str, start: int, digest: str, attempt: int) -> str:
+    return f"{key}/part-{start:012d}-{digest}-a{attempt}.parquet"
 
 
-def errors_name(unit: int, digest: str) -> str:
-    return f"part-{unit:08d}-{digest}.parquet"
+def errors_name(key: str, start: int, digest: str) -> str:
+    return f"{key}/part-{start:012d}-{digest}.parquet"
 
 
 def put_bytes(fs, root: str, relpath: str, payload: bytes, tmp_tag: str) -> None:
@@ -99,34 +108,53 @@ def record_of(file: str, payload: bytes, rows: int) -> dict:
     return {"file": file, "rows": rows, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
+def put_records(fs, root: str, relpath: str, records: list[dict], tmp_tag: str) -> None:
+    """Shard records as a Parquet table: one row per shard, small at any scale."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), sink)
+    put_bytes(fs, root, relpath, sink.getvalue().to_pybytes(), tmp_tag)
+
+
+def read_records(fs, path: str) -> list[dict]:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pylist()
+
+
 def entries(fs, folder: str) -> list[dict]:
-    """A fresh listing: s3fs caches listings per filesystem instance, and the driver's instance
-    would otherwise still show data/ as it was before the run wrote to it."""
+    """Every file below `folder`, freshly listed: s3fs caches listings per filesystem instance,
+    and the driver's instance would otherwise still show data/ as it was before the run wrote."""
     fs.invalidate_cache(folder)
     try:
-        return [e for e in fs.ls(folder, detail=True) if e.get("type") != "directory"]
+        found = fs.find(folder, detail=True)
     except FileNotFoundError:
         return []
+    return [e for e in found.values() if e.get("type") != "directory"]
 
 
 @dataclass
 class Shard:
-    file: str  # relative to the output root, e.g. data/part-00000003-<digest>-a1.parquet
+    file: str  # relative to the output root, e.g. data/m-0a1b2c3d4e5f/part-000000000032-<digest>-a1.parquet
     path: str  # full path on the filesystem
-    unit: int
+    key: str  # the manifest file's folder key
+    start: int  # the unit's first row in that file
     digest: str
     attempt: int | None  # None for an errors shard
     size: int
 
+    @property
+    def unit(self) -> str:
+        return f"{self.key}/{self.start}"
+
 
 @dataclass
 class Inspection:
-    """What a previous run left, read-only: shards by unit, and what cannot be trusted."""
+    """What a previous run left, read-only: shards by unit name, and what cannot be trusted."""
 
-    data: dict[int, list[Shard]] = field(default_factory=lambda: defaultdict(list))
-    errors: dict[int, list[Shard]] = field(default_factory=lambda: defaultdict(list))
+    data: dict[str, list[Shard]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[str, list[Shard]] = field(default_factory=lambda: defaultdict(list))
     foreign: list[str] = field(default_factory=list)  # files in data/ or errors/ not in the layout
-    changed: list[int] = field(default_factory=list)  # units whose shards name other rows
+    changed: dict[str, list[str]] = field(default_factory=dict)  # manifest file -> its units whose shards name other rows
+    gone: dict[str, int] = field(default_factory=dict)  # folder key of a file no longer in the manifest -> shards
     damaged: list[Shard] = field(default_factory=list)
     records: dict[str, dict] = field(default_factory=dict)  # file -> record, for every healthy shard
     has_tmp: bool = False
@@ -134,12 +162,24 @@ class Inspection:
 
 def parse_shard(fs_path: str, root: str, size: int) -> Shard | None:
     file = fs_path[len(root) + 1:] if fs_path.startswith(root + "/") else fs_path
-    folder, _, name = file.rpartition("/")
+    parts = file.split("/")
+    if len(parts) != 3:
+        return None
+    folder, key, name = parts
     if folder == DATA and (m := DATA_SHARD.fullmatch(name)):
-        return Shard(file, fs_path, int(m[1]), m[2], int(m[3]), size)
+        return Shard(file, fs_path, key, int(m[1]), m[2], int(m[3]), size)
     if folder == ERRORS and (m := ERRORS_SHARD.fullmatch(name)):
-        return Shard(file, fs_path, int(m[1]), m[2], None, size)
+        return Shard(file, fs_path, key, int(m[1]), m[2], None, size)
     return None
+
+
+def expected_digest(files: dict, key: str, start: int, rows_per_block: int) -> str | None:
+    """The digest the unit at `start` of the file with folder `key` has in this manifest (None if
+    no such unit: the file is gone, or the range is not a unit of it)."""
+    file = files.get(key)
+    if file is None or start % rows_per_block or start >= file.num_rows:
+        return None
+    return unit_digest(file.relpath, file.identity, start, min(start + rows_per_block, file.num_rows))
 
 
 def read_back(fs, shard: Shard, deep: bool, known: dict | None) -> dict | None:
@@ -158,43 +198,58 @@ def read_back(fs, shard: Shard, deep: bool, known: dict | None) -> dict | None:
     return record
 
 
-def inspect(fs, root: str, units: list[Unit], known: dict[str, dict], deep: bool = False) -> Inspection:
-    """Compare the output with the manifest's units. Changes nothing."""
+def inspect(fs, root: str, files: list, rows_per_block: int, known: dict[str, dict], deep: bool = False) -> Inspection:
+    """Compare the output with the manifest (`files`: ManifestFile). Changes nothing."""
     found = Inspection(has_tmp=fs.exists(f"{root}/{TMP}"))
-    digests = {u.index: u.digest for u in units}
+    by_key = {file_key(f.relpath): f for f in files}
     for folder in (DATA, ERRORS):
         for entry in entries(fs, f"{root}/{folder}"):
             shard = parse_shard(entry["name"], root, int(entry.get("size") or 0))
             if shard is None:
                 found.foreign.append(entry["name"][len(root) + 1:])
                 continue
+            if shard.key not in by_key:
+                found.gone[shard.key] = found.gone.get(shard.key, 0) + 1
+                continue
             (found.data if shard.attempt is not None else found.errors)[shard.unit].append(shard)
-            if digests.get(shard.unit) != shard.digest:
-                if shard.unit not in found.changed:
-                    found.changed.append(shard.unit)
+            if expected_digest(by_key, shard.key, shard.start, rows_per_block) != shard.digest:
+                units = found.changed.setdefault(by_key[shard.key].relpath, [])
+                if shard.unit not in units:
+                    units.append(shard.unit)
                 continue
             record = read_back(fs, shard, deep, known.get(shard.file))
             if record is None:
                 found.damaged.append(shard)
             else:
                 found.records[shard.file] = record
-    found.changed.sort()
     return found
+
+
+@dataclass
+class FilePlan:
+    """One manifest file's work in a run: its units below `stop` (the --limit), except those in
+    `done`; units in `retry` run only their rows not in data/ yet."""
+
+    file: object  # ManifestFile
+    stop: int  # rows of the file the run covers
+    done: set[int] = field(default_factory=set)  # committed units' starts, nothing left to do
+    retry: dict[int, tuple[int, frozenset]] = field(default_factory=dict)  # start -> (attempt, ids already in data/)
 
 
 @dataclass
 class State:
     """The work still to do, and what the report needs to know."""
 
-    todo: dict[int, tuple[int, list[str] | None]] = field(default_factory=dict)  # unit -> (attempt, rows or None=all)
+    plans: list[FilePlan] = field(default_factory=list)
     rows_done: int = 0  # rows already committed in data/ (skipped)
     rows_retried: int = 0  # rows committed as failed, run again
+    rows_todo: int = 0  # rows this run computes (retried ones included)
     cleaned: list[str] = field(default_factory=list)  # stale files removed
-    recomputed: list[int] = field(default_factory=list)  # units whose manifest rows changed, run again
+    recomputed: list[str] = field(default_factory=list)  # units whose manifest rows changed, run again
     damaged: list[str] = field(default_factory=list)  # damaged shards moved to _damaged/
 
 
-def _remove_unit(fs, found: Inspection, unit: int) -> list[str]:
+def _remove_unit(fs, found: Inspection, unit: str) -> list[str]:
     """Remove every shard of a unit: errors first and attempt 1 (the commit mark) last, so that a
     crash half way leaves the unit either still marked (and still detected) or uncommitted."""
     shards = found.errors.pop(unit, []) + sorted(found.data.pop(unit, []), key=lambda s: -s.attempt)
@@ -204,58 +259,68 @@ def _remove_unit(fs, found: Inspection, unit: int) -> list[str]:
     return [s.file for s in shards]
 
 
-def reconcile(fs, root: str, units: list[Unit], found: Inspection, tag: str) -> State:
-    """Make the output consistent with `units` (the run's scope) and list the work left.
-
-    Call only once the run is known to go ahead: it removes stale and damaged shards."""
+def reconcile(fs, root: str, files: list, stops: list[int], rows_per_block: int, found: Inspection,
+              tag: str) -> State:
+    """Make the output consistent with the run's scope (`stops[i]`: the rows of `files[i]` it
+    covers) and list the work left. Call only once the run is known to go ahead: it removes stale
+    and damaged shards."""
     state = State()
     if found.has_tmp:  # pieces of writes that never finished
         state.cleaned.append(f"{TMP}/")
         fs.rm(f"{root}/{TMP}", recursive=True)
-    for unit in found.changed:
-        _remove_unit(fs, found, unit)
-        state.recomputed.append(unit)
+    for units in found.changed.values():
+        for unit in units:
+            _remove_unit(fs, found, unit)
+            state.recomputed.append(unit)
     for shard in found.damaged:
-        if shard.unit in found.changed:
-            continue
+        if shard.unit not in found.data and shard.unit not in found.errors:
+            continue  # removed with a changed unit
         if fs.exists(shard.path):
             target = f"{root}/{DAMAGED}/{tag}/{shard.file}"
             ensure_dir(fs, target.rsplit("/", 1)[0])
             fs.mv(shard.path, target)
         state.damaged.append(shard.file)
         _remove_unit(fs, found, shard.unit)
-    for unit in units:
-        shards = found.data.get(unit.index, [])
-        errors = found.errors.get(unit.index, [])
-        if not any(s.attempt == 1 for s in shards):
-            # Not committed: anything else of it was written before a crash stopped the commit.
-            state.cleaned += _remove_unit(fs, found, unit.index)
-            state.todo[unit.index] = (1, None)
-            continue
-        counted = sum(found.records[s.file]["rows"] for s in shards + errors)
-        if not errors and counted == len(unit.ids):
-            state.rows_done += len(unit.ids)
-            continue
-        # Failed rows to retry, or rows in no shard at all (a shard or errors shard deleted by hand):
-        # the rows of the unit that no data shard holds run again.
-        done = set()
-        for shard in shards:
-            with fs.open(shard.path, "rb") as f:
-                done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
-        pending = [i for i in unit.ids if i not in done]
-        state.rows_done += len(unit.ids) - len(pending)
-        if not pending:  # the last attempt committed its rows but stopped before removing the errors
+    for file, stop in zip(files, stops):
+        plan = FilePlan(file, stop)
+        key = file_key(file.relpath)
+        for start in range(0, stop, rows_per_block):
+            rows = min(start + rows_per_block, file.num_rows) - start
+            unit = f"{key}/{start}"
+            shards, errors = found.data.get(unit, []), found.errors.get(unit, [])
+            if not any(s.attempt == 1 for s in shards):
+                # Not committed: anything else of it was written before a crash stopped the commit.
+                state.cleaned += _remove_unit(fs, found, unit)
+                state.rows_todo += rows
+                continue
+            counted = sum(found.records[s.file]["rows"] for s in shards + errors)
+            if not errors and counted == rows:
+                plan.done.add(start)
+                state.rows_done += rows
+                continue
+            # Failed rows to retry, or rows in no shard at all (a shard or errors shard deleted by
+            # hand): the rows of the unit that no data shard holds run again.
+            done = set()
+            for shard in shards:
+                with fs.open(shard.path, "rb") as f:
+                    done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+            pending = rows - len(done)
+            state.rows_done += len(done)
+            if not pending:  # the last attempt committed its rows but stopped before removing the errors
+                for shard in errors:
+                    fs.rm(shard.path)
+                plan.done.add(start)
+                continue
+            state.rows_retried += pending
+            state.rows_todo += pending
+            # A retry in which every row failed again writes no data shard, only the errors shard
+            # (with its attempt): without it the next run would number its attempt as that one's again.
+            failed_at = []
             for shard in errors:
-                fs.rm(shard.path)
-            continue
-        state.rows_retried += len(pending)
-        # A retry in which every row failed again writes no data shard, only the errors shard (with
-        # its attempt): without it the next run would number its attempt as that one's again.
-        failed_at = []
-        for shard in errors:
-            with fs.open(shard.path, "rb") as f:
-                failed_at += pq.read_table(f, columns=["attempt"]).column("attempt").to_pylist()
-        state.todo[unit.index] = (max([s.attempt for s in shards] + failed_at) + 1, pending)
+                with fs.open(shard.path, "rb") as f:
+                    failed_at += pq.read_table(f, columns=["attempt"]).column("attempt").to_pylist()
+            plan.retry[start] = (max([s.attempt for s in shards] + failed_at) + 1, frozenset(done))
+        state.plans.append(plan)
     return state
 
 

@@ -1,4 +1,4 @@
-"""The first step after the read: one block in, one unit of work out, ready for the stages.
+"""The first step after the read: blocks of units in, rows ready for the stages out.
 
 Runs on Arrow tables (`batch_format="pyarrow"`), before any numpy conversion, so that ids compare
 as exact strings (numpy's fixed-width strings drop trailing NULs: `a` and `a\\x00` would be one id),
@@ -15,38 +15,34 @@ from kandinsky_engine.columns import ENGINE_INPUTS, MIX_ITEM, PASSTHROUGH_BLOB, 
 from kandinsky_engine.config import GenerationDefaults
 from kandinsky_engine.rows import ERROR_COLUMNS, resolve_params
 
-# Internal columns: the unit key and its attempt, the rows the unit must have, OOM splits, the
-# digest of the unit's manifest rows (part of every shard name).
-UNIT, ATTEMPT, UNIT_ROWS, SPLITS, DIGEST = "_unit", "_attempt", "_unit_rows", "_oom_splits", "_digest"
-INTERNAL = (UNIT, ATTEMPT, UNIT_ROWS, SPLITS, DIGEST, PASSTHROUGH_BLOB)
+# Internal columns, set by the read (pipelines/read.py): the unit's name (file key/start row), its
+# attempt, the digest of its rows (part of every shard name), the rows the unit must reach the
+# writer with; then OOM splits (Chunked) and the pass-through blob.
+UNIT, ATTEMPT, DIGEST, UNIT_ROWS, SPLITS = "_unit", "_attempt", "_digest", "_unit_rows", "_oom_splits"
+INTERNAL = (UNIT, ATTEMPT, DIGEST, UNIT_ROWS, SPLITS, PASSTHROUGH_BLOB)
 # Engine input columns as the stages get them (a manifest may lack any of the optional ones).
 STAGE_INPUT_TYPES = {"id": pa.string(), "prompt": pa.string(), **{
     name: {"string": pa.string(), "binary": pa.binary()}[kind]
     for name, kind in ENGINE_INPUTS.items() if kind in ("string", "binary") and name not in ("id", "prompt")}}
 
 
-def prepare_unit(table: pa.Table, *, units: dict[str, int], todo: dict[int, tuple[int, list | None]],
-                 digests: dict[int, str], row_errors: dict[str, str], defaults: GenerationDefaults,
-                 passthrough: list[pa.Field]) -> pa.Table:
-    """Name the block's unit, keep the rows still to do, resolve their parameters, pack the rest.
+def prepare_units(block: pa.Table, *, row_errors: dict[str, str], defaults: GenerationDefaults,
+                  passthrough: list[pa.Field]) -> pa.Table:
+    """Resolve the rows of every unit in the block (Ray may bundle several) and pack the rest."""
+    if block.num_rows == 0:
+        return block
+    names = block[UNIT].to_pylist()
+    starts = [i for i in range(len(names)) if i == 0 or names[i] != names[i - 1]] + [len(names)]
+    parts = [prepare_unit(block.slice(a, b - a), row_errors=row_errors, defaults=defaults, passthrough=passthrough)
+             for a, b in zip(starts, starts[1:])]
+    return pa.concat_tables(parts, promote_options="permissive")
 
-    Blocks are cut in manifest order, so a block is exactly one unit and its first id says which.
-    A committed unit leaves no rows; a unit being retried keeps its failed rows only. Rows that
-    failed validation are marked failed here.
-    """
-    if table.num_rows == 0:
-        return table
-    first = table["id"][0].as_py()
-    unit = units.get(first)
-    if unit is None:
-        raise RuntimeError(f"a block starts at id {first!r}, not at a unit boundary")
-    attempt, rows = todo.get(unit, (0, []))
-    if rows is not None:
-        wanted = set(rows)  # Python strings: exact comparison
-        table = table.filter(pa.array([i in wanted for i in table["id"].to_pylist()], pa.bool_()))
+
+def prepare_unit(table: pa.Table, *, row_errors: dict[str, str], defaults: GenerationDefaults,
+                 passthrough: list[pa.Field]) -> pa.Table:
+    """One unit's rows (tagged by the read): validation failures marked, parameters resolved,
+    pass-through columns packed into one blob on the unit's first row."""
     n = table.num_rows
-    if n == 0:
-        return table
     ids = table["id"].to_pylist()
     errors = {name: [""] * n for name in ERROR_COLUMNS}
 
@@ -71,13 +67,10 @@ def prepare_unit(table: pa.Table, *, units: dict[str, int], todo: dict[int, tupl
     columns["mix"] = table["mix"] if "mix" in table.column_names else pa.nulls(n, pa.list_(MIX_ITEM))
     columns.update(params)
     columns.update({name: pa.array(values, pa.string()) for name, values in errors.items()})
-    columns.update({
-        UNIT: pa.array([unit] * n, pa.int64()), ATTEMPT: pa.array([attempt] * n, pa.int64()),
-        UNIT_ROWS: pa.array([n] * n, pa.int64()), SPLITS: pa.array([0] * n, pa.int64()),
-        DIGEST: pa.array([digests[unit]] * n, pa.string()),
-        # One blob for the unit, on its first row: the writer joins it back by id.
-        PASSTHROUGH_BLOB: pa.array([blob] + [None] * (n - 1), pa.binary()),
-    })
+    columns.update({name: table[name] for name in (UNIT, ATTEMPT, DIGEST, UNIT_ROWS)})
+    columns[SPLITS] = pa.array([0] * n, pa.int64())
+    # One blob for the unit, on its first row: the writer joins it back by id.
+    columns[PASSTHROUGH_BLOB] = pa.array([blob] + [None] * (n - 1), pa.binary())
     return pa.table(columns)
 
 

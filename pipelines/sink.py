@@ -9,7 +9,6 @@ from __future__ import annotations
 import uuid
 from typing import Iterable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import Datasink
@@ -123,25 +122,26 @@ class ShardSink(Datasink):
             return {"records": [], "oom_splits": 0}
         table = pa.concat_tables(tables, promote_options="permissive")
         fs, root = url_to_fs(self.path, self.storage_options)
-        records, units = [], table[UNIT].to_numpy()
-        for unit in np.unique(units):
+        records = []
+        for unit in pc.unique(table[UNIT]).to_pylist():
             rows = table.filter(pc.equal(table[UNIT], unit))
             if rows.num_rows != rows[UNIT_ROWS][0].as_py():
                 # Ray splits a map output above DataContext.target_max_block_size; the pipeline raises
                 # that limit, so this only fires if a unit outgrew it: a half unit must never commit.
                 raise RuntimeError(f"unit {unit} reached the writer with {rows.num_rows} of "
                                    f"{rows[UNIT_ROWS][0].as_py()} rows; lower input.rows_per_block")
-            records += self._commit(fs, root, int(unit), str(rows[DIGEST][0].as_py()),
+            key, start = unit.rsplit("/", 1)
+            records += self._commit(fs, root, key, int(start), str(rows[DIGEST][0].as_py()),
                                     int(rows[ATTEMPT][0].as_py()), rows)
         splits = int(pc.sum(table[SPLITS]).as_py() or 0) if SPLITS in table.column_names else 0
         return {"records": records, "oom_splits": splits}
 
-    def _commit(self, fs, root: str, unit: int, digest: str, attempt: int, rows: pa.Table) -> list[dict]:
+    def _commit(self, fs, root: str, key: str, start: int, digest: str, attempt: int, rows: pa.Table) -> list[dict]:
         failed = pc.not_equal(rows["error_message"], "")
         blobs = [b for b in rows[PASSTHROUGH_BLOB].to_pylist() if b is not None]
         data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity, blobs)
         errors = errors_table(rows.filter(failed), attempt)
-        data_file, errors_file = data_name(unit, digest, attempt), errors_name(unit, digest)
+        data_file, errors_file = data_name(key, start, digest, attempt), errors_name(key, start, digest)
         records = []
         # Order is the protocol (pipelines/output.py): attempt 1 records its failures before its
         # data shard marks the unit committed; a retry commits the rows that now succeed before

@@ -69,7 +69,7 @@ def main(cluster: Cluster, workers: dict, cache: str, work: Path) -> dict:
     # titled after the task) on a worker: that worker goes, with the block in flight on it.
     deadline, victim, seen = started + WAIT_S, None, []
     while victim is None and job.is_alive() and time.monotonic() < deadline:
-        shards_before = len(list((work / "out" / "data").glob("*.parquet")))
+        shards_before = len(list((work / "out" / "data").rglob("*.parquet")))
         before = actors_now()
         decoder = next((a for a in before if a["stage"] == "DecoderStage" and a["state"] == "ALIVE"), None)
         processes = worker_processes(workers[decoder["node"]]) if decoder and decoder["node"] in workers else []

@@ -104,4 +104,4 @@ def test_worker_node_removed_mid_job(model_cache, tmp_path):
     assert duplicated(written) == {}
     assert sorted(written) == expected and failed == []
     assert result["summary_rows"] == len(expected)
-    assert result["shards_before_removal"] < len(list((out / "data").glob("*.parquet")))
+    assert result["shards_before_removal"] < len(list((out / "data").rglob("*.parquet")))

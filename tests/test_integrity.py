@@ -138,7 +138,7 @@ def finished(ray_cluster, model_cache, tmp_path):
 
 def test_truncated_shard_is_set_aside_and_its_unit_recomputed(finished, caplog):
     config, out, reference = finished
-    shard = sorted((out / "data").glob("part-00000001-*-a1.parquet"))[0]
+    shard = sorted((out / "data").rglob("part-000000000004-*-a1.parquet"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     (out / "_SUCCESS.json").unlink()
     summary = run_job(config)
@@ -163,21 +163,21 @@ def test_damaged_first_attempt_does_not_duplicate_later_attempts(ray_cluster, mo
     assert run_job(config)["failed_rows"] == 1  # the image is missing
     good.write_bytes(png("blue"))
     assert run_job(config)["failed_rows"] == 0  # attempt 2 commits it
-    assert len(list((out / "data").glob("*-a2.parquet"))) == 1
-    first = next((out / "data").glob("*-a1.parquet"))
+    assert len(list((out / "data").rglob("*-a2.parquet"))) == 1
+    first = next((out / "data").rglob("*-a1.parquet"))
     first.write_bytes(b"PAR1 garbage" + first.read_bytes()[12:])  # same size, unreadable
     (out / "_SUCCESS.json").unlink()
     summary = run_job(config, check_shards=True)
     assert summary["runs"][-1]["damaged"] == [f"data/{first.name}"]
     assert data_ids(out) == ["r00", "r01", "r02", "r03"]  # each once
-    assert list((out / "data").glob("*-a2.parquet")) == []
+    assert list((out / "data").rglob("*-a2.parquet")) == []
     assert verify(str(out)).ok
 
 
 def test_no_success_file_when_the_check_fails(finished, capsys, tmp_path):
     config, out, _ = finished
     # A shard copied under another attempt: every id of the unit is now in data/ twice.
-    a1 = next((out / "data").glob("part-00000002-*-a1.parquet"))
+    a1 = next((out / "data").rglob("part-000000000008-*-a1.parquet"))
     shutil.copy(a1, a1.with_name(a1.name.replace("-a1.", "-a2.")))
     (out / "_SUCCESS.json").unlink()
     with pytest.raises(RuntimeError, match="unit 2: 4 id\\(s\\) more than once") as err:
@@ -309,7 +309,7 @@ def test_verify_names_what_is_wrong(finished, capsys):
     config, out, _ = finished
     assert main(["verify", str(out)]) == 0
     assert "ok: " in capsys.readouterr().out
-    shard = sorted((out / "data").glob("*.parquet"))[0]
+    shard = sorted((out / "data").rglob("*.parquet"))[0]
     payload = bytearray(shard.read_bytes())
     payload[len(payload) // 2] ^= 0xFF  # bit rot: same size, other bytes
     shard.write_bytes(bytes(payload))

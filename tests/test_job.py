@@ -64,12 +64,18 @@ def test_every_row_exactly_once_with_requested_size(first_run):
 def test_summary_is_written_last_and_lists_every_shard(first_run):
     config, summary, rows, count = first_run
     on_disk = json.loads(open(f"{config.output.path}/_SUCCESS.json").read())
-    assert on_disk["rows"] == 14 and [s["rows"] for s in on_disk["shards"]] == [6, 6, 2]  # one shard per unit
-    listed = {s["file"] for s in on_disk["shards"]}
-    assert listed == {"data/" + p.split("/")[-1] for p in pq.ParquetDataset(f"{config.output.path}/data").files}
+    # _SUCCESS.json stays small: counts and one line per manifest file; the shard records are in _index.parquet.
+    assert (on_disk["rows"], on_disk["shards"], on_disk["index"]) == (14, 3, "_index.parquet")
+    assert [(f["file"], f["rows"], f["units"], f["complete"]) for f in on_disk["files"]] == [("manifest.parquet", 14, 3, True)]
+    index = pq.read_table(f"{config.output.path}/_index.parquet").to_pylist()
+    shards = [r for r in index if r["file"].startswith("data/")]
+    assert [s["rows"] for s in shards] == [6, 6, 2]  # one shard per unit
+    listed = {s["file"] for s in shards}
+    root = config.output.path.rstrip("/") + "/"
+    assert listed == {p.removeprefix(root) for p in pq.ParquetDataset(f"{config.output.path}/data").files}
     import hashlib
 
-    for shard in on_disk["shards"]:
+    for shard in shards:
         payload = open(f"{config.output.path}/{shard['file']}", "rb").read()
         assert (len(payload), hashlib.sha256(payload).hexdigest()) == (shard["bytes"], shard["sha256"])
     assert on_disk["images_per_s"] > 0 and on_disk["config"]["defaults"]["num_inference_steps"] == 2
@@ -79,7 +85,7 @@ def test_output_reads_with_hugging_face_datasets(first_run):
     import datasets
 
     config = first_run[0]
-    ds = datasets.load_dataset("parquet", data_files=f"{config.output.path}/data/*.parquet", split="train")
+    ds = datasets.load_dataset("parquet", data_files=f"{config.output.path}/data/*/*.parquet", split="train")
     assert ds.num_rows == 14 and {"id", "image", "prompt", "seed"} <= set(ds.column_names)
 
 
@@ -266,4 +272,4 @@ def test_hostile_ids_never_form_paths(ray_cluster, model_cache, tmp_path):
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents and p.name != "m.parquet"]
     assert outside == []
     inside = {p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file()}
-    assert inside == {"data", "_runs", "_RUN.json", "_SUCCESS.json"}
+    assert inside == {"data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet"}

@@ -86,7 +86,7 @@ def test_overwrite_on_a_versioned_bucket_removes_only_the_jobs_entries(ray_clust
     assert fs.exists("versioned/manifests/m.parquet") and fs.exists("versioned/out/")
     shard = summary["shards"][0]["file"]
     assert [s["file"] for s in summary["shards"]] == [shard] and shard.startswith("data/part-00000000-")  # stale one gone
-    assert fs.glob("versioned/out/data/*") == [f"versioned/out/{shard}"]
+    assert fs.glob("versioned/out/data/*/*") == [f"versioned/out/{shard}"]
 
 
 def test_remove_owned_removes_exactly_the_layout_entries(s3, tmp_path):

@@ -35,7 +35,7 @@ def sections() -> dict:
 
 
 def committed_units(out: Path) -> int:
-    return len(list((out / "data").glob("part-*-a1.parquet"))) if (out / "data").exists() else 0
+    return len(list((out / "data").rglob("part-*-a1.parquet"))) if (out / "data").exists() else 0
 
 
 def run_cli(config_file: Path, log: Path, kill_at_units: int | None) -> dict:

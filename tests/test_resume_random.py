@@ -200,7 +200,7 @@ class Sequence:
 
     def data_rows(self, out: str | None = None) -> list[dict]:
         rows = []
-        for key in sorted(self.fs.glob(self._key(f"{out or self.out}/data/*.parquet"))):
+        for key in sorted(self.fs.glob(self._key(f"{out or self.out}/data/*/*.parquet"))):
             rows += pq.read_table(io.BytesIO(self.fs.cat_file(key)), columns=["id", "image"]).to_pylist()
         return rows
 
@@ -211,8 +211,8 @@ class Sequence:
 
     def shards(self) -> list[str]:
         self.fs.invalidate_cache()
-        return sorted(self.fs.glob(self._key(f"{self.out}/data/*.parquet")) +
-                      self.fs.glob(self._key(f"{self.out}/errors/*.parquet")))
+        return sorted(self.fs.glob(self._key(f"{self.out}/data/*/*.parquet")) +
+                      self.fs.glob(self._key(f"{self.out}/errors/*/*.parquet")))
 
     def reports(self) -> list[str]:
         self.fs.invalidate_cache()

@@ -20,8 +20,8 @@ from tests.reference import decode
 pytestmark = pytest.mark.ray
 
 # The documented output layout (pipelines/output.py), relative to the output root.
-LAYOUT = re.compile(r"(data/part-\d{8}-[0-9a-f]{16}-a\d+\.parquet|errors/part-\d{8}-[0-9a-f]{16}\.parquet"
-                    r"|_RUN\.json|_SUCCESS\.json|_runs/[0-9a-f]+\.json)")
+LAYOUT = re.compile(r"(data/[\w-]+/part-\d{12}-[0-9a-f]{16}-a\d+\.parquet|errors/[\w-]+/part-\d{12}-[0-9a-f]{16}\.parquet"
+                    r"|_RUN\.json|_SUCCESS\.json|_index\.parquet|_runs/[0-9a-f]+\.(json|parquet))")
 CANARIES = (KEY, SECRET)
 
 
@@ -48,11 +48,11 @@ def test_job_reads_and_writes_s3(ray_cluster, model_cache, s3, caplog, capfd):
     caplog.set_level(logging.INFO)  # the job's own log level (jobs.cli); DEBUG is botocore's wire dump
     summary = run_job(config)
     assert (summary["rows"], summary["failed_rows"]) == (2, 1)
-    digest = validate_manifest(config).unit_digests[0]  # shard names carry the unit's digest
+    unit = validate_manifest(config).units(config.rows_per_block())[0][0]  # shard names carry the unit's digest
 
     # Shard records name files relative to the output root.
-    assert [s["file"] for s in summary["shards"]] == [f"data/part-00000000-{digest}-a1.parquet"]
-    assert [s["file"] for s in summary["error_shards"]] == [f"errors/part-00000000-{digest}.parquet"]
+    assert [s["file"] for s in summary["shards"]] == [f"data/{unit.key}/part-000000000000-{unit.digest}-a1.parquet"]
+    assert [s["file"] for s in summary["error_shards"]] == [f"errors/{unit.key}/part-000000000000-{unit.digest}.parquet"]
     data = pq.read_table(fs.open("kandinsky/out/" + summary["shards"][0]["file"], "rb")).to_pylist()
     assert {r["id"] for r in data} == {"t2i", "s3-image"}
     assert all(decode(r["image"]).shape == (64, 64, 3) for r in data)
@@ -155,7 +155,7 @@ def test_resume_on_s3_counts_what_is_there(ray_cluster, model_cache, s3):
     assert (first["rows"], first["failed_rows"]) == (7, 1)
 
     # What a killed run leaves: one data shard and _SUCCESS.json gone.
-    lost = sorted(fs.glob("kandinsky/resume/out/data/part-00000000-*"))[0]
+    lost = sorted(fs.glob("kandinsky/resume/out/data/*/part-000000000000-*"))[0]
     fs.rm(lost)
     fs.rm("kandinsky/resume/out/_SUCCESS.json")
     second = run_job(config)
@@ -166,7 +166,7 @@ def test_resume_on_s3_counts_what_is_there(ray_cluster, model_cache, s3):
     fs.pipe("kandinsky/resume/in/late.png", png("green"))
     third = run_job(config)
     assert (third["rows"], third["failed_rows"], third["rows_retried"]) == (8, 0, 1)
-    assert third["error_shards"] == [] and fs.glob("kandinsky/resume/out/errors/*") == []
+    assert third["error_shards"] == [] and fs.glob("kandinsky/resume/out/errors/*/*") == []
     fs.invalidate_cache()
     listed = {k.removeprefix("kandinsky/resume/out/") for k in fs.find("kandinsky/resume/out/data")}
     assert {s["file"] for s in third["shards"]} == listed

@@ -89,13 +89,13 @@ def test_job_survives_transient_s3_faults(ray_cluster, model_cache, s3, proxy):
 
     assert (summary["rows"], summary["failed_rows"]) == (len(rows), 0)
     ids = []
-    for path in sorted(fs.glob(f"{BUCKET}/out/data/*.parquet")):
+    for path in sorted(fs.glob(f"{BUCKET}/out/data/*/*.parquet")):
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         ids += table.column("id").to_pylist()
         assert all(decode(image).shape == (64, 64, 3) for image in table.column("image").to_pylist())
     assert sorted(ids) == sorted(r["id"] for r in rows)  # every row, exactly once
-    assert fs.glob(f"{BUCKET}/out/errors/*.parquet") == []
+    assert fs.glob(f"{BUCKET}/out/errors/*/*.parquet") == []
     assert not [p for p in fs.find(f"{BUCKET}/out") if "/_tmp/" in p]  # no partial shards left behind
     # The faults really happened, of every kind, and were retried through.
     assert counts.get("503", 0) > 0 and counts.get("500", 0) > 0 and counts.get("reset", 0) > 0
