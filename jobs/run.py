@@ -80,6 +80,11 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     if path != config.output.path.rstrip("/"):
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     fs, root = url_to_fs(path, config.storage_options)
+    ray_startup_s = connect(address or config.ray_address)
+    from pipelines.validate import check_with_ray
+
+    # Rows are checked by Ray tasks, one per file: still before the output is touched.
+    manifest = validate_manifest(config, checker=check_with_ray, planned=planned)
     lease = Lease(fs, root, config.output.lease_ttl_s, path)
     if not dry_run:
         ensure_dir(fs, root)
@@ -88,28 +93,23 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         if not dry_run:  # again, now that no other run can change the output under us
             with access_checked(config.output.path, config.storage_options, "checking output"):
                 path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
-        return _run(config, path, mode, fs, root, planned, inputs, weights, lease, address=address, limit=limit,
+        return _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, limit=limit,
                     recompute_changed=recompute_changed, check_shards=check_shards, dry_run=dry_run)
     finally:
         if not dry_run:
             lease.release()
 
 
-def _run(config, path, mode, fs, root, planned, inputs, weights, lease, *, address, limit, recompute_changed,
+def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, *, limit, recompute_changed,
          check_shards, dry_run) -> dict:
-    from pipelines.output import Inspection, inspect, put_json, put_records, reconcile, shard_records
-
-    rows_per_block = config.rows_per_block()
-    tag = uuid.uuid4().hex[:12]  # this run: its report, temporary files, quarantine folder
-    ray_startup_s = connect(address or config.ray_address)
-
     import ray
 
     from pipelines.generate import IO_CPUS, build_generation, check_resources
+    from pipelines.output import Inspection, inspect, put_json, put_records, reconcile, shard_records
     from pipelines.sink import ShardSink
-    from pipelines.validate import check_with_ray
 
-    manifest = validate_manifest(config, checker=check_with_ray, planned=planned)
+    rows_per_block = config.rows_per_block()
+    tag = uuid.uuid4().hex[:12]  # this run: its report, temporary files, quarantine folder
     files = manifest.files
     stops = limit_stops(files, limit, rows_per_block)
     earlier, damaged_reports = read_reports(fs, root) if mode == "resume" else ([], [])

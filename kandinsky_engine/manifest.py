@@ -111,6 +111,7 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
     do: `_tmp/`, `_SUCCESS`, `.DS_Store`, a job output's `_damaged/`.
     Refused access (403) raises StorageAccessError naming the manifest, before any model loads."""
     fs, path = url_to_fs(location, storage_options)
+    fs.invalidate_cache()  # filesystem instances are shared: a prefix may have grown since the last listing
     with access_checked(location, storage_options, "listing manifest"):
         if fs.isdir(path):
             files = [f for f in fs.find(path) if f.endswith(".parquet")
@@ -317,17 +318,6 @@ def _check_names(name: str, schema: pa.Schema) -> list[str]:
     """Columns that would collide with the engine's own (they would be overwritten or dropped)."""
     return [f"{name}: column '{column}' {reason}" for column in schema.names
             if (reason := reserved_reason(column)) is not None]
-
-
-def _unified(schemas: dict[str, pa.Schema], problems: list[str]) -> pa.Schema:
-    """One schema for all files (a column missing from some files is null there); the output's
-    pass-through columns take their types from it."""
-    try:
-        return pa.unify_schemas(list(schemas.values()), promote_options="permissive") if schemas else pa.schema([])
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        problems.append(f"the manifest files disagree on a column's type ({exc}); files: "
-                        + ", ".join(schemas))
-        return pa.schema([])
 
 
 def _unified(schemas: dict[str, pa.Schema], problems: list[str]) -> pa.Schema:

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kandinsky_engine.storage import ensure_dir
-from kandinsky_engine.units import Unit, file_key, unit_digest
+from kandinsky_engine.units import file_key, unit_digest
 
 DATA, ERRORS, TMP = "data", "errors", "_tmp"
 DAMAGED = "_damaged"  # shards set aside as unreadable

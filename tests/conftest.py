@@ -84,9 +84,10 @@ def batch_of(rows: list[dict], config: JobConfig) -> dict[str, np.ndarray]:
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-    prepared = prepare_unit(table, units={rows[0]["id"]: 0}, todo={0: (1, None)}, digests={0: "0" * 16},
-                            row_errors={}, defaults=config.defaults,
-                            passthrough=passthrough_fields(table.schema))
+    n = table.num_rows  # one unit, tagged as the read tags it (pipelines/read.py)
+    for name, value in (("_unit", "test/0"), ("_attempt", 1), ("_digest", "0" * 16), ("_unit_rows", n)):
+        table = table.append_column(name, pa.array([value] * n))
+    prepared = prepare_unit(table, row_errors={}, defaults=config.defaults, passthrough=passthrough_fields(table.schema))
     return numpy_batch(prepared)
 
 

@@ -66,7 +66,7 @@ def test_reordered_manifest_is_refused_then_recomputed(ray_cluster, model_cache,
     write_manifest(manifest, reordered)
     assert main(["run", job]) == 2
     err = capsys.readouterr().err
-    assert "the manifest changed since 1 committed unit(s)" in err and "unit 0 (ids 'r04'..'r07')" in err
+    assert "1 manifest file(s) changed since their units were committed" in err and "m.parquet (1 committed unit(s))" in err
     assert listing(out) == before  # a clean refusal changes nothing
 
     assert main(["run", job, "--recompute-changed"]) == 0
@@ -85,12 +85,13 @@ def test_changed_prompt_under_the_same_id_is_detected(ray_cluster, model_cache, 
     changed = rows(8)
     changed[5]["prompt"] = "a lighthouse at night"
     write_manifest(manifest, changed)
-    with pytest.raises(ManifestChanged, match=r"unit 1 \(ids 'r04'..'r07'\)"):
+    with pytest.raises(ManifestChanged, match=r"m.parquet \(2 committed unit\(s\)\)"):
         run_job(config_for(model_cache, manifest, out))
     check = verify(str(out))
-    assert not check.ok and any("computed from other manifest rows than unit 1" in p for p in check.problems)
+    assert not check.ok and any("computed from other manifest rows than m.parquet holds now" in p for p in check.problems)
+    # A file is identified by its content: every committed unit of the rewritten file runs again.
     summary = run_job(config_for(model_cache, manifest, out), recompute_changed=True)
-    assert summary["runs"][-1]["recomputed_units"] == [1] and summary["rows_computed"] == 4
+    assert len(summary["runs"][-1]["recomputed_units"]) == 2 and summary["rows_computed"] == 8
     assert pq.read_table(out / "data").to_pandas().set_index("id").loc["r05", "prompt"] == "a lighthouse at night"
     assert verify(str(out)).ok
 
@@ -108,7 +109,7 @@ def test_changed_weights_at_the_same_path_are_refused(ray_cluster, model_cache, 
     manifest = write_manifest(tmp_path / "m.parquet", rows(4))
     config = config_for(model_cache, manifest, tmp_path / "out",
                         model={"prior": str(models / "prior"), "decoder": str(models / "decoder")})
-    first = run_job(config)
+    run_job(config)
     unet = next((models / "decoder" / "unet").glob("*.safetensors"))
     weights = load_file(unet)
     weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
@@ -142,8 +143,8 @@ def test_truncated_shard_is_set_aside_and_its_unit_recomputed(finished, caplog):
     shard.write_bytes(shard.read_bytes()[:100])
     (out / "_SUCCESS.json").unlink()
     summary = run_job(config)
-    assert summary["runs"][-1]["damaged"] == [f"data/{shard.name}"]
-    assert f"data/{shard.name}" in caplog.text
+    assert summary["runs"][-1]["damaged"] == [f"data/{shard.parent.name}/{shard.name}"]
+    assert f"data/{shard.parent.name}/{shard.name}" in caplog.text
     assert (summary["rows_skipped"], summary["rows_computed"]) == (8, 4)
     assert len(list((out / "_damaged").rglob(shard.name))) == 1  # kept aside, never read again
     assert images(out) == images(reference) and data_ids(out) == data_ids(reference)
@@ -168,7 +169,7 @@ def test_damaged_first_attempt_does_not_duplicate_later_attempts(ray_cluster, mo
     first.write_bytes(b"PAR1 garbage" + first.read_bytes()[12:])  # same size, unreadable
     (out / "_SUCCESS.json").unlink()
     summary = run_job(config, check_shards=True)
-    assert summary["runs"][-1]["damaged"] == [f"data/{first.name}"]
+    assert summary["runs"][-1]["damaged"] == [f"data/{first.parent.name}/{first.name}"]
     assert data_ids(out) == ["r00", "r01", "r02", "r03"]  # each once
     assert list((out / "data").rglob("*-a2.parquet")) == []
     assert verify(str(out)).ok
@@ -180,7 +181,7 @@ def test_no_success_file_when_the_check_fails(finished, capsys, tmp_path):
     a1 = next((out / "data").rglob("part-000000000008-*-a1.parquet"))
     shutil.copy(a1, a1.with_name(a1.name.replace("-a1.", "-a2.")))
     (out / "_SUCCESS.json").unlink()
-    with pytest.raises(RuntimeError, match="unit 2: 4 id\\(s\\) more than once") as err:
+    with pytest.raises(RuntimeError, match="m.parquet rows 8..11: 4 id\\(s\\) more than once") as err:
         run_job(config)
     assert "no _SUCCESS.json was written" in str(err.value)
     assert not (out / "_SUCCESS.json").exists()
@@ -317,7 +318,7 @@ def test_verify_names_what_is_wrong(finished, capsys):
     assert main(["verify", str(out)]) == 1
     err = capsys.readouterr().err
     assert "data/notes.txt: not a file of the output layout" in err
-    assert f"data/{shard.name}: " in err and ("sha256" in err or "unreadable" in err)
+    assert f"data/{shard.parent.name}/{shard.name}: " in err and ("sha256" in err or "unreadable" in err)
     assert main(["verify", str(out), "--quick"]) == 1  # sizes alone miss bit rot, but not the stray file
 
 

@@ -23,7 +23,7 @@ def check(tmp_path, model_cache):
 
 def test_good_manifest(tmp_path, check):
     manifest = check(GOOD)
-    assert manifest.num_rows == 2 and manifest.files == [str(tmp_path / "m.parquet")]
+    assert manifest.num_rows == 2 and [f.path for f in manifest.files] == [str(tmp_path / "m.parquet")]
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_bad_rows_are_row_errors_not_job_failures(check, row, expected):
     manifest = check([{"id": "good", "prompt": "fine"}, row], schema)
     assert manifest.num_rows == 2 and list(manifest.row_errors) == [row["id"]]
     message = manifest.row_errors[row["id"]]
-    assert message.startswith(manifest.files[0] + ": ")
+    assert message.startswith(manifest.files[0].path + ": ")
     for part in expected:
         assert part in message
     assert "img2img" not in manifest.tasks  # stages are planned for the valid rows only
@@ -107,18 +107,16 @@ def test_missing_and_unreadable_manifests(tmp_path, check, model_cache):
         validate_manifest(cfg)
 
 
-def test_cli_fails_fast_without_starting_ray(tmp_path, capsys, model_cache):
-    import ray
-
+@pytest.mark.ray
+def test_cli_fails_before_any_model_loads_or_write(ray_cluster, tmp_path, capsys, model_cache):
+    """Rows are checked by Ray tasks (one per file, streaming), before the output is touched."""
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
     (tmp_path / "job.yaml").write_text(
         f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
     )
-    was_running = ray.is_initialized()
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err
     assert "error: invalid manifest" in err and "duplicate id 'a'" in err
-    assert ray.is_initialized() == was_running
     assert not (tmp_path / "out").exists()
 
 

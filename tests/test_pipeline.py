@@ -7,7 +7,7 @@ import pytest
 from kandinsky_engine.config import GenerationDefaults
 from kandinsky_engine.rows import derive_seed, numpy_batch
 from pipelines.generate import Chunked, concat
-from pipelines.prepare import UNIT, prepare_unit
+from pipelines.prepare import UNIT, prepare_units
 
 
 class Recorder:
@@ -23,17 +23,22 @@ class Recorder:
         return {**batch, "n": np.full(len(batch["id"]), len(batch["id"]))}
 
 
-def prepare(table, unit=0, todo=None, row_errors=None, **kwargs):
-    todo = {unit: (1, None)} if todo is None else todo
-    ids = table["id"].to_pylist()
-    return prepare_unit(table, units={ids[0]: unit} if ids else {}, todo=todo, digests={unit: "d" * 16},
-                        row_errors=row_errors or {}, defaults=kwargs.pop("defaults", GenerationDefaults()),
-                        passthrough=kwargs.pop("passthrough", []))
+def tagged(table: pa.Table, unit: str = "f/0", attempt: int = 1) -> pa.Table:
+    """`table` as the read tags a unit (pipelines/read.py)."""
+    n = table.num_rows
+    for name, value in ((UNIT, unit), ("_attempt", attempt), ("_digest", "d" * 16), ("_unit_rows", n)):
+        table = table.append_column(name, pa.array([value] * n))
+    return table
 
 
-def block(ids, unit=0, todo=None, row_errors=None):
+def prepare(table, unit="f/0", row_errors=None, **kwargs):
+    return prepare_units(tagged(table, unit), row_errors=row_errors or {},
+                         defaults=kwargs.pop("defaults", GenerationDefaults()), passthrough=kwargs.pop("passthrough", []))
+
+
+def block(ids, unit="f/0", row_errors=None):
     table = pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(["p"] * len(ids), pa.string())})
-    return numpy_batch(prepare(table, unit, todo, row_errors))
+    return numpy_batch(prepare(table, unit, row_errors))
 
 
 def test_units_are_split_the_same_way_even_when_ray_merges_blocks():
@@ -49,24 +54,52 @@ def test_units_are_split_the_same_way_even_when_ray_merges_blocks():
     assert Recorder.calls[:2] == [["a0", "a1", "a2", "a3"], ["a4", "a5"]]  # the same split alone
 
 
-def test_prepare_keeps_only_the_rows_still_to_do():
+def read(tmp_path, ids, starts, retry=None, rows_per_block=3, row_group_size=2):
+    """Units of a real Parquet file, as a read task yields them."""
+    import pyarrow.parquet as pq
+
+    from kandinsky_engine.manifest import ManifestFile, file_stamp
+    from kandinsky_engine.storage import url_to_fs
+    from pipelines.read import read_units
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ids, "prompt": ["p"] * len(ids)}), path, row_group_size=row_group_size)
+    file = ManifestFile(str(path), "m.parquet", "sha", path.stat().st_size, len(ids), file_stamp(url_to_fs(str(path))[0], str(path)))
+    return list(read_units(file, starts, retry or {}, rows_per_block, {}))
+
+
+def test_read_yields_one_table_per_unit_across_row_groups(tmp_path):
+    ids = [f"r{i}" for i in range(8)]
+    units = read(tmp_path, ids, [0, 3, 6])  # units of 3 rows over row groups of 2
+    assert [u["id"].to_pylist() for u in units] == [ids[0:3], ids[3:6], ids[6:8]]
+    assert [u[UNIT][0].as_py().rsplit("/", 1)[1] for u in units] == ["0", "3", "6"]
+    assert [u["_unit_rows"][0].as_py() for u in units] == [3, 3, 2]
+    # Only the units asked for, e.g. the ones a resumed run still has to do.
+    assert [u["id"].to_pylist() for u in read(tmp_path, ids, [3])] == [ids[3:6]]
+
+
+def test_a_retried_unit_keeps_only_its_rows_not_in_data(tmp_path):
     ids = ["a", "b", "c", "d"]
-    assert list(block(ids, unit=3)[UNIT]) == [3, 3, 3, 3]
-    assert block(ids, todo={}).get("id").size == 0  # a committed unit: nothing left
-    retry = block(ids, todo={0: (2, ["b", "d"])}, row_errors={"d": "m.parquet: column 'width' must be >= 1"})
-    assert list(retry["id"]) == ["b", "d"] and list(retry["_attempt"]) == [2, 2] and list(retry["_unit_rows"]) == [2, 2]
-    assert list(retry["error_stage"]) == ["", "validate"] and "'width'" in retry["error_message"][1]
-    with pytest.raises(RuntimeError, match="not at a unit boundary"):
-        prepare_unit(pa.table({"id": ["b", "c"]}), units={"a": 0}, todo={}, digests={}, row_errors={},
-                     defaults=GenerationDefaults(), passthrough=[])
-    assert Chunked(Recorder, batch_size=2)(block(["x"], todo={}))["id"].size == 0
+    (unit,) = read(tmp_path, ids, [0], retry={0: (2, frozenset({"a", "c"}))}, rows_per_block=4)
+    assert unit["id"].to_pylist() == ["b", "d"] and unit["_attempt"].to_pylist() == [2, 2]
+    assert unit["_unit_rows"].to_pylist() == [2, 2]
+    out = numpy_batch(prepare_units(unit, row_errors={"d": "m.parquet: column 'width' must be >= 1"},
+                                    defaults=GenerationDefaults(), passthrough=[]))
+    assert list(out["error_stage"]) == ["", "validate"] and "'width'" in out["error_message"][1]
+    with pytest.raises(RuntimeError, match="changed while the job ran"):
+        path = tmp_path / "m.parquet"
+        from kandinsky_engine.manifest import ManifestFile
+        from pipelines.read import read_units
+
+        stale = ManifestFile(str(path), "m.parquet", "sha", 1, 4, (1, 0))
+        list(read_units(stale, [0], {}, 4, {}))
 
 
-def test_ids_compare_as_exact_strings():
+def test_ids_compare_as_exact_strings(tmp_path):
     """`a` and `a\x00` are two ids: a retry of one must not pick up the other (numpy's fixed-width
     strings drop trailing NULs, so `np.isin` on them matches both)."""
-    retry = block(["a", "a\x00", "b"], todo={0: (2, ["a\x00"])})
-    assert list(retry["id"]) == ["a\x00"]
+    (unit,) = read(tmp_path, ["a", "a\x00", "b"], [0], retry={0: (2, frozenset({"a", "b"}))}, rows_per_block=3)
+    assert unit["id"].to_pylist() == ["a\x00"]
 
 
 def test_seeds_stay_exact_next_to_nulls():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 from collections import Counter
 
@@ -151,6 +152,8 @@ class Sequence:
             if ("/_runs/" in key or key.endswith("/_SUCCESS.json")) and self.fs.exists(key):
                 self.fs.rm(key)  # a killed run writes no report, and removed _SUCCESS.json at its start
         self.put(self._key(f"{self.out}/_tmp/torn-{self.rng.randrange(10**6)}"), b"PAR1 half a shard")
+        # and its lease, which it renewed until it died: already expired here, as if its time to live had passed
+        self.put(self._key(f"{self.out}/_LEASE.json"), json.dumps({"owner": "killed", "expires_at_epoch": 1.0}).encode())
         self.fs.invalidate_cache()
 
 
@@ -226,11 +229,12 @@ class Sequence:
     def _key(self, path: str) -> str:
         return url_to_fs(path, self.options)[1]
 
-    def _unit(self, key: str) -> int | None:
-        """The unit of a shard key of the output (not of a shard set aside in _damaged/)."""
+    def _unit(self, key: str) -> str | None:
+        """The unit (file folder/start row) of a shard key of the output (not of one set aside in _damaged/)."""
         folder, _, name = key.rpartition("/")
-        shard = folder in (self._key(f"{self.out}/data"), self._key(f"{self.out}/errors")) and name.startswith("part-")
-        return int(name[5:13]) if shard else None
+        parent, _, file_folder = folder.rpartition("/")
+        shard = parent in (self._key(f"{self.out}/data"), self._key(f"{self.out}/errors")) and name.startswith("part-")
+        return f"{file_folder}/{int(name[5:17])}" if shard else None
 
 
 def play(storage: str, root: str, options: dict, model_cache: str):

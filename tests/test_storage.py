@@ -3,11 +3,9 @@ and refused access becomes one clear error naming the URL."""
 
 from __future__ import annotations
 
-import pickle
 
 import pytest
 
-from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.storage import (S3_RETRIES, StorageAccessError, access_checked, options_for, redact_url,
                                       url_to_fs)
 
@@ -26,19 +24,6 @@ def test_s3_filesystems_get_the_retry_policy_and_botocore_uses_it():
     assert fs.config_kwargs["retries"] == S3_RETRIES
     client_retries = fs.s3.meta.config.retries  # the real botocore client (made without a request)
     assert client_retries["mode"] == "standard" and client_retries["total_max_attempts"] == 10
-
-
-def test_ray_read_tasks_get_the_same_filesystem():
-    """read_target hands Ray a pickled PyFileSystem: the retry policy must survive the trip."""
-    from pipelines.generate import read_target
-
-    fs, _ = url_to_fs("s3://bucket/manifests/", OPTIONS)
-    manifest = Manifest(files=["s3://bucket/manifests/part-0.parquet"], num_rows=1, columns=[], tasks=set(),
-                        filesystem=fs)
-    paths, filesystem = read_target(manifest)
-    remote = pickle.loads(pickle.dumps(filesystem)).handler.fs
-    assert paths == ["bucket/manifests/part-0.parquet"]
-    assert remote.config_kwargs["retries"] == S3_RETRIES and remote.key == KEY
 
 
 def test_users_own_settings_win_and_are_not_mutated():
