@@ -93,9 +93,14 @@ def cmd_stage_model(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from jobs.bench import run_bench
+    if args.plan or args.order:
+        from jobs.bench_scale import run as run_scale
 
-    result = json.dumps(run_bench(args), indent=2)
+        result = json.dumps(run_scale(args), indent=2)
+    else:
+        from jobs.bench import run_bench
+
+        result = json.dumps(run_bench(args), indent=2)
     print(result)
     if args.output:  # Ray's worker logs share stdout: a file holds the figures alone
         with open(args.output, "w") as f:
@@ -171,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tasks", default="", metavar="T1,T2",
                        help="also time the Ray job on N rows of each of these tasks (or 'all')")
     bench.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
+    bench.add_argument("--plan", metavar="N1,N2", default="",
+                       help="instead: plan synthetic manifests of these row counts (--dry-run in a subprocess) and "
+                            "report the driver's peak RSS and the time")
+    bench.add_argument("--order", action="store_true",
+                       help="instead: the same job (--rows, --steps) with and without Ray Data's preserve_order")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the job config, e.g. decoder.batch_size=8")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -200,8 +200,10 @@ def limit_stops(files: list, limit: int | None, rows_per_block: int) -> list[int
 
 
 def _dry_run_report(manifest, stops, found, rows_per_block, ray_startup_s) -> dict:
+    import resource
+
     committed = sum(len(v) for k, v in found.data.items())
-    return {"dry_run": True, "manifest_rows": manifest.num_rows, "files": len(manifest.files),
+    return {"dry_run": True, "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "manifest_rows": manifest.num_rows, "files": len(manifest.files),
             "rows_in_scope": sum(stops), "units_in_scope": sum(-(-s // rows_per_block) for s in stops),
             "committed_shards": committed, "failing_validation": len(manifest.row_errors),
             "changed_files": sorted(found.changed), "ray_startup_s": round(ray_startup_s, 3)}

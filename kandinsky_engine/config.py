@@ -127,7 +127,7 @@ class InputConfig(_Strict):
     rows_per_block: int | None = Field(
         None,
         ge=1,
-        description="Rows per unit of work: units are cut in manifest order, each stage splits a unit into its own "
+        description="Rows per unit of work: units are consecutive rows of one manifest file, each stage splits a unit into its own "
         "batch size (so a row's batch-mates never vary between runs), and a unit is committed as one data shard "
         "(so it is also the shard size and the most work a crash can lose per in-flight unit). Default: 8 x the "
         "largest stage batch size. Smaller units let the stages overlap sooner; larger ones make fewer files.",

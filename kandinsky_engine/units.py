@@ -53,23 +53,3 @@ def file_units(relpath: str, identity: str, num_rows: int, rows_per_block: int) 
     return [Unit(relpath, key, start, min(start + rows_per_block, num_rows),
                  unit_digest(relpath, identity, start, min(start + rows_per_block, num_rows)))
             for start in range(0, num_rows, rows_per_block)]
-
-
-def limit_units(units_by_file: list[list[Unit]], limit: int | None) -> list[list[Unit]]:
-    """The units a run covers: all, or with --limit N the first N rows in manifest order (files in
-    order, rows in order) rounded up to whole units, so that a smoke run's units are the full
-    run's and the full run resumes it."""
-    if limit is None:
-        return units_by_file
-    if limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
-    covered, scope = 0, []
-    for units in units_by_file:
-        taken = []
-        for unit in units:
-            if covered >= limit:
-                break
-            taken.append(unit)
-            covered += unit.rows
-        scope.append(taken)
-    return scope

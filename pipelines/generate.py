@@ -58,7 +58,7 @@ def is_oom(exc: BaseException) -> bool:
 class Chunked:
     """Runs a stage on each unit of work in a block, in chunks of the stage's batch size.
 
-    A unit (rows_per_block rows, formed in manifest order) is always split the same way, so a row
+    A unit (rows_per_block rows of one manifest file) is always split the same way, so a row
     shares its sub-batches with the same rows whatever Ray bundles together, and reruns give
     byte-identical images even though the batch shape changes float results on CPU.
 

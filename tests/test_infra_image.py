@@ -7,6 +7,7 @@ from __future__ import annotations
 import platform
 import re
 import shutil
+import os
 import subprocess
 import sys
 import tomllib
@@ -137,7 +138,11 @@ def test_build_context_builds_the_wheel_the_image_installs(tmp_path):
 
 
 def test_make_image_builds_this_dockerfile_from_the_root():
-    done = subprocess.run(["make", "-n", "image"], cwd=ROOT, capture_output=True, text=True, check=True)
+    # Under `make test` the parent make exports MAKEFLAGS/MAKELEVEL, and a nested make then
+    # prints "Entering directory" lines; run it as a user would, outside any make.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "image"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True)
     assert done.stdout.strip() == f"docker build -f infra/docker/Dockerfile -t kandinsky-engine:{PROJECT['version']} ."
 
 
