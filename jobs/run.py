@@ -61,6 +61,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     # existing output is touched (--overwrite deletes it only once the job can run).
     check_cache_dir(config.model.cache_dir)
     manifest = validate_manifest(config)
+    config = config.model_copy(update={"tasks": sorted(manifest.tasks)})  # stages keep only the models these need
     from pipelines.output import Inspection, inspect, put_json, reconcile, shard_records
 
     units = cut_units(manifest.ids, manifest.unit_digests, config.rows_per_block())

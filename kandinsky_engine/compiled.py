@@ -12,6 +12,9 @@ rows are computed and dropped: they change the other rows' results only as any b
 from __future__ import annotations
 
 
+BACKEND = "inductor"  # torch.compile backend (tests count compilations with their own)
+
+
 def buckets(largest: int) -> list[int]:
     """The batch sizes compiled for calls of at most `largest` rows: powers of two below it, and it."""
     sizes, size = [], 1
@@ -36,13 +39,13 @@ def _pad(value, n: int, size: int):
 class Bucketed:
     """`fn(x, **kwargs) -> tensor`, compiled per bucket of x's batch size; x's rows come back unpadded."""
 
-    def __init__(self, fn, largest: int, backend="inductor"):
+    def __init__(self, fn, largest: int):
         import torch
 
         self.sizes = buckets(largest)
         # One compiled graph per bucket: keep dynamo from giving up on the later ones.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.sizes) + 2)
-        self.compiled = torch.compile(fn, dynamic=False, backend=backend)
+        self.compiled = torch.compile(fn, dynamic=False, backend=BACKEND)
         self.warm = False
 
     def __call__(self, x, **kwargs):
