@@ -89,6 +89,10 @@ def cmd_stage_model(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.full_size:  # the GPU benchmark: its own options (python -m jobs.bench_gpu --help)
+        from jobs.bench_gpu import main as bench_full_size
+
+        return bench_full_size(["--smoke"] * args.smoke + (["--output", args.output] if args.output else []))
     from jobs.bench import run_bench
 
     result = json.dumps(run_bench(args), indent=2)
@@ -164,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time the Ray job on N rows of each of these tasks (or 'all')")
     bench.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the job config, e.g. decoder.batch_size=8")
+    bench.add_argument("--full-size", action="store_true",
+                       help="instead: the real Kandinsky 2.2 architectures with random bf16 weights on this machine's "
+                            "GPU, 768x768, 50 + 25 steps (jobs/bench_gpu.py; skipped without CUDA)")
+    bench.add_argument("--smoke", action="store_true", help="with --full-size: tiny widths, runs on a CPU in seconds")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -28,18 +28,24 @@ class DecoderStage:
     upstream pass through.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, components: dict | None = None):
+        """`components`: {unet, scheduler, movq} of `KandinskyV22Pipeline` (the MoVQ for its config
+        only), ready on the stage's device, instead of loading config.model.decoder."""
         import torch
         from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
         torch.set_num_threads(config.decoder.threads())
         model, options = config.model, config.storage_options
         self.device = stage_device(model, config.decoder)
-        self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options, self.device)
-        self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
+        if components is None:
+            self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options, self.device)
+            self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
+            movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options),
+                                              subfolder="movq")
+        else:
+            self.unet, self.scheduler_config = components["unet"], components["scheduler"].config
+            movq_config = components["movq"].config
         self.scheduler = config.defaults.scheduler  # SCHEDULERS key; a fresh instance per group (sampling.Schedule)
-        movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options),
-                                          subfolder="movq")
         self.movq_scale_factor = 2 ** (len(movq_config["block_out_channels"]) - 1)
         self.channels = movq_config["latent_channels"]  # the U-Net may take more (9 for inpainting)
         self.learned_variance = self.scheduler_config.get("variance_type") in ("learned", "learned_range")

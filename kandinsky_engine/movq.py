@@ -57,13 +57,17 @@ class MovqStage:
     model identities and writes the mix recipe without its image bytes).
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, components: dict | None = None):
+        """`components`: {movq}, ready on the stage's device, instead of loading config.model.decoder's."""
         import torch
         from diffusers import VQModel
 
         torch.set_num_threads(config.movq.threads())
         self.device = stage_device(config.model, config.movq)
-        self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options, self.device)
+        if components is None:
+            self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options, self.device)
+        else:
+            self.movq = components["movq"]
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         self.output = config.output
         self.decode = movq_decode

@@ -39,22 +39,18 @@ class PriorStage:
     every call. The image encoder is then freed if the job's tasks (config.tasks) need no other image.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, components: dict | None = None):
+        """`components`: the modules of `KandinskyV22PriorPipeline` (prior, image_encoder, text_encoder,
+        tokenizer, scheduler, image_processor), ready on the stage's device, instead of loading
+        config.model.prior (jobs/bench_gpu.py passes randomly initialised full-size ones)."""
         import torch
-        from diffusers import PriorTransformer, UnCLIPScheduler
-        from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
-                                  CLIPVisionModelWithProjection)
 
         torch.set_num_threads(config.prior.threads())
-        model, options = config.model, config.storage_options
-        self.device = stage_device(model, config.prior)
-        load = lambda cls, subfolder: load_module(cls, model, "prior", subfolder, options, self.device)
-        self.tokenizer = load_asset(CLIPTokenizer, model, "prior", "tokenizer", options)
-        self.text_encoder = load(CLIPTextModelWithProjection, "text_encoder")
-        self.prior = load(PriorTransformer, "prior")
-        self.scheduler_config = load_asset(UnCLIPScheduler, model, "prior", "scheduler", options).config
-        self.image_encoder = load(CLIPVisionModelWithProjection, "image_encoder")
-        self.image_processor = load_asset(CLIPImageProcessor, model, "prior", "image_processor", options)
+        self.device = stage_device(config.model, config.prior)
+        parts = components or self._load(config)
+        self.tokenizer, self.text_encoder, self.prior = parts["tokenizer"], parts["text_encoder"], parts["prior"]
+        self.scheduler_config = parts["scheduler"].config
+        self.image_encoder, self.image_processor = parts["image_encoder"], parts["image_processor"]
         self.max_pixels = config.input.max_image_pixels
         self.tasks = config.tasks
         self.embedding_dim = self.prior.config.embedding_dim
@@ -70,6 +66,19 @@ class PriorStage:
             self.image_encoder = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _load(self, config: JobConfig) -> dict:
+        from diffusers import PriorTransformer, UnCLIPScheduler
+        from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                                  CLIPVisionModelWithProjection)
+
+        model, options = config.model, config.storage_options
+        load = lambda cls, subfolder: load_module(cls, model, "prior", subfolder, options, self.device)
+        asset = lambda cls, subfolder: load_asset(cls, model, "prior", subfolder, options)
+        return {"tokenizer": asset(CLIPTokenizer, "tokenizer"), "text_encoder": load(CLIPTextModelWithProjection, "text_encoder"),
+                "prior": load(PriorTransformer, "prior"), "scheduler": asset(UnCLIPScheduler, "scheduler"),
+                "image_encoder": load(CLIPVisionModelWithProjection, "image_encoder"),
+                "image_processor": asset(CLIPImageProcessor, "image_processor")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
