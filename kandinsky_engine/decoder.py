@@ -60,11 +60,11 @@ class DecoderStage:
         import torch
 
         lh, lw = latent_size(defaults.height, defaults.width, self.movq_scale_factor)
-        dtype, hid = self.unet.dtype, self.unet.config.encoder_hid_dim
-        sample = torch.randn(n, self.channels if self.hinted else self.unet.config.in_channels, lh, lw)
-        cond = {"image_embeds": torch.randn(n, hid)}
+        dtype, hid, g = self.unet.dtype, self.unet.config.encoder_hid_dim, torch.Generator().manual_seed(0)
+        sample = torch.randn(n, self.channels if self.hinted else self.unet.config.in_channels, lh, lw, generator=g)
+        cond = {"image_embeds": torch.randn(n, hid, generator=g)}
         if self.hinted:
-            cond["hint"] = torch.rand(n, 3, lh * self.movq_scale_factor, lw * self.movq_scale_factor)
+            cond["hint"] = torch.rand(n, 3, lh * self.movq_scale_factor, lw * self.movq_scale_factor, generator=g)
         cond = {k: v.to(self.device, dtype) for k, v in cond.items()}
         return sample.to(self.device, dtype), {"unet": self.unet, "timestep": torch.tensor(999, device=self.device),
                                                "cond": cond}

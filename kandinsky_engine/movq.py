@@ -75,7 +75,8 @@ class MovqStage:
             self.decode = Bucketed(movq_decode, config.movq.batch_size)
             defaults = config.defaults
             shape = (self.movq.config.latent_channels, *latent_size(defaults.height, defaults.width, self.scale_factor))
-            self.decode.warm_up(lambda n: (torch.randn(n, *shape, device=self.device, dtype=self.movq.dtype),
+            g = torch.Generator().manual_seed(0)  # warm-up inputs: never the global RNG
+            self.decode.warm_up(lambda n: (torch.randn(n, *shape, generator=g).to(self.device, self.movq.dtype),
                                            {"movq": self.movq}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
