@@ -30,7 +30,11 @@ class FingerprintMismatch(RuntimeError):
 def fingerprint_inputs(config: JobConfig, manifest: Manifest, weights: dict[str, str]) -> dict:
     """`weights`: identity.weights_digests(config.model): the content behind each model source."""
     model = config.model
+    # Options that change float results; recorded only when on, so that runs without them keep the
+    # fingerprint they had before these options existed.
+    options = {name: True for name in ("channels_last", "compile") if getattr(model, name)}
     return {
+        **({"model_options": options} if options else {}),
         "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in PARTS},
         "libraries": library_versions(),
         "dtype": model.dtype,

@@ -167,3 +167,23 @@ def test_attention_backends_name_the_kernel_of_every_attention_module():
     assert set(found.values()) == {"flash (cpu)"}  # float32 on the CPU, measured (torch 2.13)
     with sdpa_kernel(SDPBackend.MATH):
         assert set(attention_backends(unet, run_unet).values()) == {MATH}
+
+
+def test_options_that_change_bits_are_in_the_run_fingerprint(model_cache, tmp_path):
+    """A resumed run must compute like the first one: compile and channels_last change float results,
+    so they change the fingerprint; a run without them keeps the fingerprint it always had."""
+    from jobs.resume import fingerprint, fingerprint_inputs
+    from kandinsky_engine.manifest import Manifest
+
+    manifest = Manifest(files=["m.parquet"], num_rows=1, columns=["id", "prompt"], tasks={"text2img"}, filesystem=None)
+    weights = {"prior": "p", "decoder": "d", "depth": "h"}
+    plain = make_config(model_cache, "m.parquet", str(tmp_path))
+    inputs = fingerprint_inputs(plain, manifest, weights)
+    assert "model_options" not in inputs
+    prints = {fingerprint(inputs)}
+    for option in ("compile", "channels_last"):
+        config = plain.model_copy(update={"model": plain.model.model_copy(update={option: True})})
+        prints.add(fingerprint(fingerprint_inputs(config, manifest, weights)))
+    scheduler = plain.model_copy(update={"defaults": plain.defaults.model_copy(update={"scheduler": "dpmpp"})})
+    prints.add(fingerprint(fingerprint_inputs(scheduler, manifest, weights)))
+    assert len(prints) == 4
