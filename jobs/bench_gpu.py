@@ -60,6 +60,10 @@ def bench_batch(n: int, size: int, steps: int, prior_steps: int) -> dict:
     }
 
 
+def log(message: str) -> None:
+    print(f"bench_gpu: {message}", file=sys.stderr, flush=True)
+
+
 def copy(batch: dict) -> dict:
     return {k: v.copy() for k, v in batch.items()}  # stages mark failed rows in place
 
@@ -75,7 +79,8 @@ def gemm_peak(device, dtype, n: int) -> float:
     """Measured dense matmul FLOP/s (n x n x n, best of 10 after warm-up): the denominator of MFU."""
     import torch
 
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -134,6 +139,7 @@ def run(args) -> dict:
     if args.smoke:
         args.size, args.decoder_steps, args.prior_steps, args.rows, args.repeats = 64, 1, 2, 2, 1
     peak = gemm_peak(device, dtype, 256 if args.smoke else 8192)
+    log(f"{device} {dtype}: GEMM peak {peak / 1e12:.1f} TFLOP/s; building the components")
     built = time.perf_counter()
     prior_parts, decoder_parts = fullsize.components(device, dtype, smoke=args.smoke)
     build_s = time.perf_counter() - built
@@ -154,10 +160,12 @@ def run(args) -> dict:
     del prior_parts  # the prior freed its image encoder (tasks: text2img)
     ready_s = time.perf_counter() - built
 
+    log(f"stages ready in {ready_s:.1f} s; warm-up call of each stage")
     batch, inputs = bench_batch(args.rows, args.size, args.decoder_steps, args.prior_steps), {}
     for name, st in stages.items():  # warm-up: cuBLAS/cuDNN heuristics, allocator, lazy inits
         inputs[name], batch = batch, st(copy(batch))
     figures = {}
+    log(f"timing {args.repeats} calls of each stage")
     for name, st in stages.items():
         (seconds, _), memory = peak_memory(device, lambda: timed(lambda: st(copy(inputs[name])), device, args.repeats))
         figures[name] = {"s_per_call": round(seconds, 3), "rows_per_s": round(args.rows / seconds, 3),
@@ -172,6 +180,7 @@ def run(args) -> dict:
     figures["movq_decode_only"] = {"s_per_call": round(seconds, 3), "rows_per_s": round(args.rows / seconds, 3),
                                    "peak_gib": memory}
 
+    log("counting the FLOPs of one image; attention kernels")
     per_stage, out = {}, {k: v[:1] for k, v in inputs["prior"].items()}  # FLOPs of one image, stage by stage
     with torch.inference_mode():
         for name in ("prior", "decoder"):
@@ -183,8 +192,9 @@ def run(args) -> dict:
     e2e = args.rows / (gpu_s - figures["movq_decode_only"]["s_per_call"] + figures["movq"]["s_per_call"])
 
     unet = decoder_parts["unet"]
-    x = torch.randn(2, 4, *shape[1:], device=device, dtype=dtype)
-    cond = {"image_embeds": torch.randn(2, unet.config.encoder_hid_dim, device=device, dtype=dtype)}
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(2, 4, *shape[1:], device=device, dtype=dtype, generator=g)
+    cond = {"image_embeds": torch.randn(2, unet.config.encoder_hid_dim, device=device, dtype=dtype, generator=g)}
     run_unet = lambda: unet(x, torch.tensor(999, device=device), encoder_hidden_states=None, added_cond_kwargs=cond)
     text = stages["prior"].text_encoder
     tokens = stages["prior"].tokenizer([""] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
