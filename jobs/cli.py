@@ -93,6 +93,10 @@ def cmd_stage_model(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.full_size:  # the GPU benchmark: its own options (python -m jobs.bench_gpu --help)
+        from jobs.bench_gpu import main as bench_full_size
+
+        return bench_full_size(["--smoke"] * args.smoke + (["--output", args.output] if args.output else []))
     if args.plan or args.order:
         from jobs.bench_scale import run as run_scale
 
@@ -182,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--order", action="store_true",
                        help="instead: the same job (--rows, --steps) with and without Ray Data's preserve_order")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the job config, e.g. decoder.batch_size=8")
+    bench.add_argument("--full-size", action="store_true",
+                       help="instead: the real Kandinsky 2.2 architectures with random bf16 weights on this machine's "
+                            "GPU, 768x768, 50 + 25 steps (jobs/bench_gpu.py; skipped without CUDA)")
+    bench.add_argument("--smoke", action="store_true", help="with --full-size: tiny widths, runs on a CPU in seconds")
     bench.set_defaults(func=cmd_bench)
     return parser
 

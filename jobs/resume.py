@@ -33,7 +33,11 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
     manifest location that receives new files is the same job, and each file's identity is in its
     units' digests (kandinsky_engine/units.py)."""
     model = config.model
+    # Options that change float results; recorded only when on, so that runs without them keep the
+    # fingerprint they had before these options existed.
+    options = {name: True for name in ("channels_last", "compile") if getattr(model, name)}
     return {
+        **({"model_options": options} if options else {}),
         "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in PARTS},
         "libraries": library_versions(),
         "dtype": model.dtype,

@@ -85,6 +85,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
 
     # Rows are checked by Ray tasks, one per file: still before the output is touched.
     manifest = validate_manifest(config, checker=check_with_ray, planned=planned)
+    config = config.model_copy(update={"tasks": sorted(manifest.tasks)})  # stages keep only the models these need
     lease = Lease(fs, root, config.output.lease_ttl_s, path)
     if not dry_run:
         ensure_dir(fs, root)

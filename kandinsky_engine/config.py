@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .images import DEFAULT_MAX_INPUT_BYTES, DEFAULT_READ_TIMEOUT_S
+from .sampling import SCHEDULERS
 from .uri_policy import canonical
 
 TINY = "tiny"
@@ -59,6 +60,16 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Weights and activations dtype. float16/bfloat16 need a GPU."
     )
+    channels_last: bool = Field(
+        False, description="Run the U-Net and the MoVQ in channels_last memory format (faster convolutions on "
+        "tensor-core GPUs). Changes float results within the batch-shape tolerance; see README, Performance.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the U-Net and the MoVQ decode, one static graph per batch-size bucket "
+        "(powers of two up to the stage's U-Net or decode batch), compiled and warmed up when an actor starts; "
+        "batches are padded up to their bucket and shapes that were not warmed up run eagerly, so nothing "
+        "recompiles during the job. Changes float results within the batch-shape tolerance; see README, Performance.",
+    )
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("KANDINSKY_CACHE", str(Path.home() / ".cache" / "kandinsky-engine")),
         description="Local cache for built or downloaded models (env KANDINSKY_CACHE); remote model "
@@ -91,12 +102,22 @@ class StageConfig(_Strict):
         "OMP_NUM_THREADS from num_cpus, so the engine sets this explicitly.",
     )
 
+    gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Cap of each actor's CUDA memory, as a share of its GPU (torch.cuda.set_per_process_memory_fraction"
+        "), so that actors sharing a GPU cannot take each other's memory; default num_gpus when it is a fraction "
+        "(below 1), else no cap.",
+    )
+
     def threads(self) -> int:
         return self.torch_threads or max(1, round(self.num_cpus))
 
 
 class GenerationDefaults(_Strict):
-    """Job-level generation parameters; a manifest column of the same name overrides per row.
+    """Job-level generation parameters; a manifest column of the same name overrides per row
+    (except `scheduler`, which is per job).
 
     Defaults are those of the diffusers reference pipelines.
     """
@@ -117,6 +138,13 @@ class GenerationDefaults(_Strict):
     strength: float = Field(
         0.3, ge=0, le=1, description="img2img and variation: the share of the schedule re-run from the input "
         "(1 = ignore it), as diffusers."
+    )
+    scheduler: Literal[tuple(SCHEDULERS)] = Field(
+        "ddpm",
+        description="Decoder sampler, for the whole job: 'ddpm' (the model's own DDPMScheduler), 'ddim', 'dpmpp' "
+        "(DPM-Solver++ multistep), 'unipc' or 'euler', each built from the decoder's scheduler config as "
+        "diffusers swaps schedulers. The deterministic ones give comparable images in 20-30 steps instead of "
+        "100. The prior always runs its UnCLIPScheduler (see README, Performance).",
     )
 
 
@@ -211,6 +239,12 @@ class JobConfig(_Strict):
     )
     decoder: StageConfig = Field(default_factory=StageConfig, description="U-Net decoder actors.")
     movq: StageConfig = Field(default_factory=StageConfig, description="MoVQ decode + image encoding actors.")
+    tasks: list[Literal[TASKS]] | None = Field(
+        None,
+        description="The tasks this job's rows run, filled in from the manifest by `kandinsky-batch run` (None: "
+        "any). Stages keep only the models these tasks need: without mix or variation rows the prior frees the "
+        "CLIP image encoder once it has computed the zero-image embedding.",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to attach to; default RAY_ADDRESS, else a local cluster is started."
     )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .compiled import Bucketed
 from .config import JobConfig
+from .device import stage_device
 from .inputs import pack, unpack
 from .models import load_asset, load_module, resolve_source
 from .rows import failed, generators, group_rows, latent_size, mark_failed, strength_start, working_size
+from .sampling import Schedule, draw_noise, guide, make_scheduler, row_scales
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
             "image_embeds", "negative_image_embeds")
@@ -20,24 +23,51 @@ class DecoderStage:
     text2img rows start from noise; img2img rows from their `init_latents`, noised to the first
     of the timesteps that `strength` keeps; inpaint rows from noise, with their masked image and
     keep mask as extra U-Net channels and the known region blended back after every step. Rows
-    that share (size, steps, guidance on/off, task, start step) run as one sub-batch through the
-    U-Net. Rows failed upstream pass through.
+    that share (size, steps, guidance on/off, task, start step) run as one group: one U-Net call,
+    one guidance and one scheduler step per step for all of them (see sampling.py). Rows failed
+    upstream pass through.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, components: dict | None = None):
+        """`components`: {unet, scheduler, movq} of `KandinskyV22Pipeline` (the MoVQ for its config
+        only), ready on the stage's device, instead of loading config.model.decoder."""
         import torch
         from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
         torch.set_num_threads(config.decoder.threads())
         model, options = config.model, config.storage_options
-        self.device = torch.device(model.device)
-        self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options)
-        self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
-        movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options),
-                                          subfolder="movq")
+        self.device = stage_device(model, config.decoder)
+        if components is None:
+            self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options, self.device)
+            self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
+            movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options),
+                                              subfolder="movq")
+        else:
+            self.unet, self.scheduler_config = components["unet"], components["scheduler"].config
+            movq_config = components["movq"].config
+        self.scheduler = config.defaults.scheduler  # SCHEDULERS key; a fresh instance per group (sampling.Schedule)
         self.movq_scale_factor = 2 ** (len(movq_config["block_out_channels"]) - 1)
         self.channels = movq_config["latent_channels"]  # the U-Net may take more (9 for inpainting)
         self.learned_variance = self.scheduler_config.get("variance_type") in ("learned", "learned_range")
+        self.hinted = self.unet.config.addition_embed_type == "image_hint"  # ControlNet: hint in added_cond_kwargs
+        self.run_unet = unet_forward
+        if model.compile:
+            self.run_unet = Bucketed(unet_forward, 2 * config.decoder.batch_size)
+            self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
+
+    def _example(self, n: int, defaults):
+        """U-Net inputs of n rows at the job's default size (compile warm-up)."""
+        import torch
+
+        lh, lw = latent_size(defaults.height, defaults.width, self.movq_scale_factor)
+        dtype, hid, g = self.unet.dtype, self.unet.config.encoder_hid_dim, torch.Generator().manual_seed(0)
+        sample = torch.randn(n, self.channels if self.hinted else self.unet.config.in_channels, lh, lw, generator=g)
+        cond = {"image_embeds": torch.randn(n, hid, generator=g)}
+        if self.hinted:
+            cond["hint"] = torch.rand(n, 3, lh * self.movq_scale_factor, lw * self.movq_scale_factor, generator=g)
+        cond = {k: v.to(self.device, dtype) for k, v in cond.items()}
+        return sample.to(self.device, dtype), {"unet": self.unet, "timestep": torch.tensor(999, device=self.device),
+                                               "cond": cond}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -58,35 +88,34 @@ class DecoderStage:
                          bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
         latents = np.full(len(batch["id"]), None, dtype=object)
         with torch.inference_mode():
-            for (lh, lw, num_steps, cfg, task, t_start), idx in group_rows(batch, key).items():
-                if t_start >= 0:
-                    for i, lat in zip(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, task, t_start)):
-                        latents[i] = pack(lat)
+            # Every group is queued on the device before any result is read back: the CPU prepares
+            # the next group (its noise above all) while the device runs the previous one.
+            done = [(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, task, t_start))
+                    for (lh, lw, num_steps, cfg, task, t_start), idx in group_rows(batch, key).items() if t_start >= 0]
+            for idx, group in done:
+                for i, lat in zip(idx, group.float().cpu().numpy()):
+                    latents[i] = pack(lat)
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels")
         out = {k: v for k, v in batch.items() if k not in internal}
         out["latents"] = latents
         return out
 
-    def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, task: str, t_start: int) -> np.ndarray:
+    def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, task: str, t_start: int):
+        """The final latents (n, C, H/8, W/8) of one group, left on the device."""
         import torch
-        from diffusers import DDPMScheduler
-        from diffusers.utils.torch_utils import randn_tensor
 
-        dtype = self.unet.dtype
+        dtype, n, channels = self.unet.dtype, len(idx), self.channels
         embeds = torch.from_numpy(np.stack(batch["image_embeds"][idx])).to(self.device, dtype)  # (n, D)
         if cfg:
             negative = torch.from_numpy(np.stack(batch["negative_image_embeds"][idx])).to(self.device, dtype)
             embeds = torch.cat([negative, embeds])  # (2n, D): unconditional half first, as diffusers
-        scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(num_steps, device=self.device)
-        channels = self.channels
-        gens = generators(batch["seed"][idx])
-        noise = torch.cat(
-            [randn_tensor((1, channels, lh, lw), generator=g, device=self.device, dtype=dtype) for g in gens]
-        )  # (n, C, H/8, W/8): each row's first draw from its own generator
-        timesteps = scheduler.timesteps[t_start:]
-        latents = noise * scheduler.init_noise_sigma
-        extra = None  # inpainting: per-row (image latents, keep mask), fed to the U-Net and blended in
+        schedule = Schedule(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start, self.device)
+        noisy = schedule.noise_steps()
+        # Row r's draws, in the per-row loop's order: its initial noise, then one per noisy step.
+        noise = draw_noise(generators(batch["seed"][idx]), [(1, channels, lh, lw)] * n, 1 + sum(noisy), dtype,
+                           self.device)  # (1 + K, n, C, H/8, W/8)
+        latents = noise[0] * schedule.init_noise_sigma
+        extra = None  # inpainting: (masked image latents, keep mask), fed to the U-Net beside the latents
         cond = {"image_embeds": embeds}
         if task in ("img2img", "inpaint", "controlnet_img2img"):
             init = np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx])
@@ -98,43 +127,41 @@ class DecoderStage:
             hint = (torch.from_numpy(hint).float() / 255.0).permute(0, 3, 1, 2).to(self.device, dtype)
             cond["hint"] = torch.cat([hint, hint]) if cfg else hint
         if task in STRENGTH_TASKS:
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(idx)))
+            latents = schedule.add_noise(init, noise[0])
         elif task == "inpaint":
             keep = torch.from_numpy(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]))
             keep = keep.to(self.device, dtype)  # (n, 1, h, w): 1 = keep the source
             extra = torch.cat([init * keep, keep], dim=1)  # (n, C + 1, h, w): masked image, mask
             extra = torch.cat([extra] * 2) if cfg else extra
-        scales = [float(batch["guidance_scale"][i]) for i in idx]
+            # The known region is the source noised to the next timestep with the initial latents
+            # (diffusers' `noise = torch.clone(latents)`), blended in after every step.
+            initial, blend = latents, schedule.blend_coefficients(dtype)
+        scales = row_scales([float(batch["guidance_scale"][i]) for i in idx], 4, self.device)  # (n, 1, 1, 1)
 
-        for step, t in enumerate(timesteps):
+        draw = 1
+        for k in range(len(schedule.timesteps)):
             model_input = torch.cat([latents] * 2) if cfg else latents
             if extra is not None:
                 model_input = torch.cat([model_input, extra], dim=1)  # (.., 2C + 1, h, w)
-            pred = self.unet(
-                sample=model_input, timestep=t, encoder_hidden_states=None,
-                added_cond_kwargs=cond, return_dict=False,
-            )[0]  # (2n or n, 2C, H/8, W/8): noise and learned variance
-            pred_noise, pred_variance = pred.split(channels, dim=1)
-            rows = []
-            for r, (g, scale) in enumerate(zip(gens, scales)):
-                if cfg:
-                    uncond, text = pred_noise[r], pred_noise[r + len(gens)]
-                    eps = (uncond + scale * (text - uncond))[None]
-                    var = pred_variance[r + len(gens)][None]  # the text half's variance, as diffusers
-                else:
-                    eps, var = pred_noise[r : r + 1], pred_variance[r : r + 1]
-                model_output = torch.cat([eps, var], dim=1) if self.learned_variance else eps
-                row = scheduler.step(model_output, t, latents[r : r + 1], generator=g)[0]
-                if task == "inpaint":
-                    # Keep the known region: the source latents, noised to the next timestep. diffusers
-                    # blends every row with image[:1] / mask_image[:1] (the first row's); each row uses
-                    # its own here, which is what the pipeline means and equals it at batch size 1.
-                    known = init[r : r + 1]
-                    if step < len(timesteps) - 1:
-                        known = scheduler.add_noise(known, noise[r : r + 1], torch.tensor([timesteps[step + 1]]))
-                    row = keep[r : r + 1] * known + (1 - keep[r : r + 1]) * row
-                rows.append(row)
-            latents = torch.cat(rows)
+            pred = self.run_unet(model_input, unet=self.unet, timestep=schedule.model_timesteps[k], cond=cond)
+            pred_noise, pred_variance = pred.split(channels, dim=1)  # (2n or n, C, h, w) each
+            if cfg:  # the text half's variance, as diffusers
+                eps, var = guide(pred_noise[:n], pred_noise[n:], scales, dtype), pred_variance[n:]
+            else:
+                eps, var = pred_noise, pred_variance
+            model_output = torch.cat([eps, var], dim=1) if self.learned_variance else eps
+            latents = schedule.step(k, model_output, latents, noise[draw] if noisy[k] else None)
+            draw += noisy[k]
+            if task == "inpaint":
+                # Each row blends with its own source and mask; diffusers blends every row with
+                # image[:1] / mask_image[:1] (the first row's), which equals this at batch size 1.
+                known = init if k == len(schedule.timesteps) - 1 else blend[k][0] * init + blend[k][1] * initial
+                latents = keep * known + (1 - keep) * latents
         if task == "inpaint":
             latents = keep * init + (1 - keep) * latents
-        return latents.float().cpu().numpy()
+        return latents
+
+
+def unet_forward(x, unet, timestep, cond):
+    """One U-Net call as the Kandinsky 2.2 decoders make it: (B, C, h, w) -> (B, 2C, h, w)."""
+    return unet(sample=x, timestep=timestep, encoder_hidden_states=None, added_cond_kwargs=cond, return_dict=False)[0]

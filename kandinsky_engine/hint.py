@@ -1,7 +1,7 @@
 """HintStage: the ControlNet hint of each controlnet / controlnet_img2img row.
 
 A row's `hint` image (URI or bytes) is used as given; a row without one gets a depth map of its
-`image`, computed by a resident transformers depth estimator. The original Kandinsky ControlNet
+`image`, computed by a resident transformers depth estimator (in float32 whatever model.dtype). The original Kandinsky ControlNet
 notebook, and diffusers' example `make_hint`, ran MiDaS/DPT by hand; here it is part of the job.
 """
 
@@ -16,6 +16,15 @@ from .rows import failed, is_null, mark_failed, working_size
 CONTROLNET_TASKS = ("controlnet", "controlnet_img2img")
 
 
+def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
+    """A depth map, min-max scaled to uint8 exactly as transformers' depth-estimation pipeline scales
+    it, except that a constant map (no depth range: 0 / 0 there, NaN cast to garbage) is all 0."""
+    low, span = depth.min(), depth.max() - depth.min()
+    if not span > 0:
+        return np.zeros(depth.shape, np.uint8)
+    return (((depth - low) / span) * 255).astype("uint8")
+
+
 def hint_from_depth(depth) -> np.ndarray:
     """Depth map (PIL 'L') -> (H, W, 3) uint8 hint: the grey map on three channels (diffusers' make_hint)."""
     depth = np.array(depth)[:, :, None]
@@ -27,19 +36,21 @@ class HintStage:
 
     def __init__(self, config: JobConfig):
         import torch
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation, pipeline
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        from .models import resolve_source, torch_dtype
+        from .device import stage_device
+        from .models import resolve_source
 
         torch.set_num_threads(config.hint.threads())
+        self.device = stage_device(config.model, config.hint)
         source = resolve_source(config.model.depth, "depth", config.model.cache_dir, config.storage_options)
-        model = AutoModelForDepthEstimation.from_pretrained(
-            source, use_safetensors=True, dtype=torch_dtype(config.model.dtype)
-        ).to(config.model.device).eval()
-        # transformers' own depth-estimation pipeline: its resizing and min-max normalisation to
-        # an 8-bit map are exactly what diffusers' ControlNet example feeds the model.
-        self.depth = pipeline("depth-estimation", model=model, image_processor=AutoImageProcessor.from_pretrained(source),
-                              device=config.model.device)
+        # Always float32, whatever model.dtype: the depth model is small, transformers' depth
+        # post-processing calls .numpy() (no bfloat16 there), and in float16 the depth range of a
+        # flat image rounds to 0.
+        self.model = AutoModelForDepthEstimation.from_pretrained(
+            source, use_safetensors=True, dtype=torch.float32
+        ).to(self.device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(source)
         self.scale_factor = 8  # MoVQ factor of every Kandinsky 2.2 decoder: the hint is at image size
         self.max_pixels = config.input.max_image_pixels
         self.pad = config.output.size_policy == "crop"
@@ -74,13 +85,26 @@ class HintStage:
                 need_depth[i] = image, work
         if need_depth:
             rows = list(need_depth)
-            for i, out in zip(rows, self._estimate([need_depth[i][0] for i in rows])):
+            for i, depth in zip(rows, self._estimate([need_depth[i][0] for i in rows])):
                 # Depth of the image itself (not of repeated edges), padded like a given hint.
-                hints[i] = pad_centred(hint_from_depth(out["depth"]), *need_depth[i][1]).tobytes()
+                hints[i] = pad_centred(hint_from_depth(depth), *need_depth[i][1]).tobytes()
         out = {k: v for k, v in batch.items() if k != "hint_bytes"}
         out["hint_pixels"] = hints
         return out
 
-    def _estimate(self, images: list) -> list[dict]:
-        results = self.depth(images)
-        return [results] if isinstance(results, dict) else results
+    def _estimate(self, images: list) -> list[np.ndarray]:
+        """(H, W) uint8 depth maps, one image at a time: the steps of transformers' depth-estimation
+        pipeline (its resizing and min-max normalisation to an 8-bit map are what diffusers'
+        ControlNet example feeds the model), with the scaling guarded (depth_to_uint8)."""
+        import torch
+        from transformers.image_utils import load_image
+
+        maps = []
+        for image in images:
+            image = load_image(image)
+            inputs = self.processor(images=image, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                outputs = self.model(**inputs)
+            depth = self.processor.post_process_depth_estimation(outputs, [image.size[::-1]])[0]["predicted_depth"]
+            maps.append(depth_to_uint8(depth.float().cpu().numpy()))
+        return maps

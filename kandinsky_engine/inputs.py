@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .config import JobConfig
+from .device import stage_device
 from .images import ImageInputError, decode_input, fit_and_pad, read_uri
 from .inpaint import image_tensor, keep_mask
 from .models import load_module
@@ -132,8 +133,8 @@ class MovqEncodeStage:
         from diffusers.image_processor import VaeImageProcessor
 
         torch.set_num_threads(config.encode.threads())
-        self.device = torch.device(config.model.device)
-        self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options)
+        self.device = stage_device(config.model, config.encode)
+        self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options, self.device)
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         # diffusers' img2img processor: bicubic, reducing_gap=1, output in [-1, 1].
         self.processor = VaeImageProcessor(

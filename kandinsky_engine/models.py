@@ -53,13 +53,20 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def load_module(cls, model: ModelConfig, part: str, subfolder: str, storage_options: dict | None = None):
-    """Load a torch module (U-Net, MoVQ, encoders...) in eval mode on the configured device."""
+def load_module(cls, model: ModelConfig, part: str, subfolder: str, storage_options: dict | None = None,
+                device=None):
+    """Load a torch module (U-Net, MoVQ, encoders...) in eval mode on `device` (default model.device).
+    Convolutional modules (U-Net, MoVQ) take model.channels_last."""
+    import torch
+
     source = resolve_source(getattr(model, part), part, model.cache_dir, storage_options)
     module = cls.from_pretrained(
         source, subfolder=subfolder, torch_dtype=torch_dtype(model.dtype), use_safetensors=True
     )
-    return module.to(model.device).eval()
+    module = module.to(device or model.device).eval()
+    if model.channels_last and subfolder in ("unet", "movq"):
+        module = module.to(memory_format=torch.channels_last)
+    return module
 
 
 def load_asset(cls, model: ModelConfig, part: str, subfolder: str, storage_options: dict | None = None):

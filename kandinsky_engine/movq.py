@@ -6,7 +6,9 @@ import io
 
 import numpy as np
 
+from .compiled import Bucketed
 from .config import JobConfig
+from .device import stage_device
 from .images import centre_offsets
 from .inputs import unpack
 from .models import load_module
@@ -42,6 +44,11 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def movq_decode(z, movq):
+    """Latents (B, 4, H/8, W/8) -> images (B, 3, H, W) in [-1, 1], unquantised as the pipelines decode."""
+    return movq.decode(z, force_not_quantize=True).sample
+
+
 class MovqStage:
     """Decodes `latents` with the MoVQ, applies the size policy and encodes the `image` column.
 
@@ -50,15 +57,27 @@ class MovqStage:
     model identities and writes the mix recipe without its image bytes).
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, components: dict | None = None):
+        """`components`: {movq}, ready on the stage's device, instead of loading config.model.decoder's."""
         import torch
         from diffusers import VQModel
 
         torch.set_num_threads(config.movq.threads())
-        self.device = torch.device(config.model.device)
-        self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options)
+        self.device = stage_device(config.model, config.movq)
+        if components is None:
+            self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options, self.device)
+        else:
+            self.movq = components["movq"]
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         self.output = config.output
+        self.decode = movq_decode
+        if config.model.compile:  # the decode method, not the module: compiling VQModel compiles its forward
+            self.decode = Bucketed(movq_decode, config.movq.batch_size)
+            defaults = config.defaults
+            shape = (self.movq.config.latent_channels, *latent_size(defaults.height, defaults.width, self.scale_factor))
+            g = torch.Generator().manual_seed(0)  # warm-up inputs: never the global RNG
+            self.decode.warm_up(lambda n: (torch.randn(n, *shape, generator=g).to(self.device, self.movq.dtype),
+                                           {"movq": self.movq}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -76,8 +95,8 @@ class MovqStage:
                 if not key_ok:
                     continue
                 z = np.stack([unpack(batch["latents"][i], latent_shape) for i in idx])  # (n, 4, H/8, W/8)
-                decoded = self.movq.decode(torch.from_numpy(z).to(self.device, self.movq.dtype), force_not_quantize=True)
-                for i, image in zip(idx, to_uint8(decoded["sample"])):  # (n, 3, H, W) -> (H, W, 3) uint8
+                decoded = self.decode(torch.from_numpy(z).to(self.device, self.movq.dtype), movq=self.movq)
+                for i, image in zip(idx, to_uint8(decoded)):  # (n, 3, H, W) -> (H, W, 3) uint8
                     pixels[i] = image
         images, widths, heights = [], [], []
         for i, image in enumerate(pixels):

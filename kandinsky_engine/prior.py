@@ -10,8 +10,11 @@ import numpy as np
 from .config import JobConfig
 from .images import ImageInputError, decode_input
 from .models import load_asset, load_module
+from .device import stage_device
 from .rows import failed, generators, group_rows, is_null, mark_failed, strength_start
+from .sampling import Schedule, draw_noise, guide, row_scales
 
+IMAGE_INPUT_TASKS = ("mix", "variation")  # the tasks whose rows the CLIP image encoder encodes
 REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "prior_num_inference_steps", "prior_guidance_scale")
 
 
@@ -31,31 +34,51 @@ class PriorStage:
     """Adds `image_embeds` and `negative_image_embeds` (float32, (B, D)) to a batch.
 
     Loads the CLIP text encoder, tokenizer, prior transformer and CLIP image encoder once. The
-    zero-image embedding (the negative of rows without a negative prompt) is computed once here;
-    diffusers recomputes it on every call.
+    zero-image embedding (the negative of rows without a negative prompt) and the encoding of the
+    empty prompt (their unconditional input) are computed once here; diffusers recomputes both on
+    every call. The image encoder is then freed if the job's tasks (config.tasks) need no other image.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, components: dict | None = None):
+        """`components`: the modules of `KandinskyV22PriorPipeline` (prior, image_encoder, text_encoder,
+        tokenizer, scheduler, image_processor), ready on the stage's device, instead of loading
+        config.model.prior (jobs/bench_gpu.py passes randomly initialised full-size ones)."""
         import torch
-        from diffusers import PriorTransformer, UnCLIPScheduler
-        from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
-                                  CLIPVisionModelWithProjection)
 
         torch.set_num_threads(config.prior.threads())
-        model, options = config.model, config.storage_options
-        self.device = torch.device(model.device)
-        self.tokenizer = load_asset(CLIPTokenizer, model, "prior", "tokenizer", options)
-        self.text_encoder = load_module(CLIPTextModelWithProjection, model, "prior", "text_encoder", options)
-        self.prior = load_module(PriorTransformer, model, "prior", "prior", options)
-        self.scheduler_config = load_asset(UnCLIPScheduler, model, "prior", "scheduler", options).config
-        self.image_encoder = load_module(CLIPVisionModelWithProjection, model, "prior", "image_encoder", options)
-        self.image_processor = load_asset(CLIPImageProcessor, model, "prior", "image_processor", options)
+        self.device = stage_device(config.model, config.prior)
+        parts = components or self._load(config)
+        self.tokenizer, self.text_encoder, self.prior = parts["tokenizer"], parts["text_encoder"], parts["prior"]
+        self.scheduler_config = parts["scheduler"].config
+        self.image_encoder, self.image_processor = parts["image_encoder"], parts["image_processor"]
         self.max_pixels = config.input.max_image_pixels
+        self.tasks = config.tasks
         self.embedding_dim = self.prior.config.embedding_dim
         size = self.image_encoder.config.image_size
         with torch.inference_mode():
             zero_image = torch.zeros(1, 3, size, size, device=self.device, dtype=self.image_encoder.dtype)
             self.zero_embed = self.image_encoder(zero_image)["image_embeds"]  # (1, D)
+            # The unconditional input of rows without a negative prompt, encoded once at batch size 1
+            # (what diffusers computes for one row): (1, D), (1, 77, H), (1, 77).
+            self.empty_prompt = self._encode([""])
+        if config.tasks is not None and not set(config.tasks) & set(IMAGE_INPUT_TASKS):
+            # Only mix and variation rows encode images (1.85B parameters on the real model).
+            self.image_encoder = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _load(self, config: JobConfig) -> dict:
+        from diffusers import PriorTransformer, UnCLIPScheduler
+        from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                                  CLIPVisionModelWithProjection)
+
+        model, options = config.model, config.storage_options
+        load = lambda cls, subfolder: load_module(cls, model, "prior", subfolder, options, self.device)
+        asset = lambda cls, subfolder: load_asset(cls, model, "prior", subfolder, options)
+        return {"tokenizer": asset(CLIPTokenizer, "tokenizer"), "text_encoder": load(CLIPTextModelWithProjection, "text_encoder"),
+                "prior": load(PriorTransformer, "prior"), "scheduler": asset(UnCLIPScheduler, "scheduler"),
+                "image_encoder": load(CLIPVisionModelWithProjection, "image_encoder"),
+                "image_processor": asset(CLIPImageProcessor, "image_processor")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -89,11 +112,11 @@ class PriorStage:
         Like diffusers, a row with a negative prompt runs two items, [text, negative], whose
         unconditional text is the negative prompt; a row without one runs one item with "" as
         unconditional text and takes the cached zero embedding as its negative. `init` (emb2emb)
-        gives each row a (D,) image embedding to start from at timestep index `t_start`.
+        gives each row a (D,) image embedding to start from at timestep index `t_start`. All items
+        step together (sampling.py); each row's noise comes from its own generator, in order.
         """
         import torch
         from diffusers import UnCLIPScheduler
-        from diffusers.utils.torch_utils import randn_tensor
 
         items, uncond, spans = [], [], []
         for text, neg in zip(texts, negatives):
@@ -103,40 +126,52 @@ class PriorStage:
             uncond += ["" if neg is None else neg] * len(row_items)
         proj, hidden, mask = self._encode(items)  # (M, D), (M, 77, H), (M, 77)
         if cfg:
-            u_proj, u_hidden, u_mask = self._encode(uncond)
+            u_proj, u_hidden, u_mask = self._encode_uncond(uncond)
             proj, hidden, mask = torch.cat([u_proj, proj]), torch.cat([u_hidden, hidden]), torch.cat([u_mask, mask])
 
-        scheduler = UnCLIPScheduler.from_config(self.scheduler_config)  # per call: never mutate shared state
-        scheduler.set_timesteps(num_steps, device=self.device)
-        timesteps = scheduler.timesteps[t_start:]
-        # Each row draws its (items, D) block from its own generator: the exact draw of the reference.
-        noise = [randn_tensor((s.stop - s.start, self.embedding_dim), generator=g, device=self.device, dtype=proj.dtype)
-                 for s, g in zip(spans, gens)]
+        schedule = Schedule(UnCLIPScheduler.from_config(self.scheduler_config), num_steps, t_start, self.device)
+        noisy = schedule.noise_steps()
+        # Row r's draws, each of its (items, D) block: the initial noise, then one per noisy step.
+        noise = draw_noise(gens, [(s.stop - s.start, self.embedding_dim) for s in spans], 1 + sum(noisy), proj.dtype,
+                           self.device)  # (1 + K, M, D)
         if init is None:
-            latents = torch.cat(noise) * scheduler.init_noise_sigma
+            latents = noise[0] * schedule.init_noise_sigma
         else:  # emb2emb: the raw image embedding, noised to the first kept timestep (no init_noise_sigma)
             start = [e.to(self.device, proj.dtype).expand(s.stop - s.start, -1) for e, s in zip(init, spans)]
-            latents = scheduler.add_noise(torch.cat(start), torch.cat(noise), timesteps[:1].repeat(len(items)))
+            latents = schedule.add_noise(torch.cat(start), noise[0])
+        item_scales = row_scales([scale for s, scale in zip(spans, scales) for _ in range(s.stop - s.start)], 2,
+                                 self.device)  # (M, 1)
 
-        for step, t in enumerate(timesteps):
+        draw, m = 1, len(items)
+        for k in range(len(schedule.timesteps)):
             model_input = torch.cat([latents] * 2) if cfg else latents
             pred = self.prior(
-                model_input, timestep=t, proj_embedding=proj, encoder_hidden_states=hidden, attention_mask=mask
-            ).predicted_image_embedding
-            pred_uncond, pred_text = pred.chunk(2) if cfg else (None, pred)
-            prev_t = timesteps[step + 1] if step + 1 < len(timesteps) else None
-            # Guidance and the scheduler step run per row, with the row's scalar scale and its own
-            # generator: elementwise work, so identical to the reference at any batch size.
-            rows = []
-            for s, g, scale in zip(spans, gens, scales):
-                p = pred_uncond[s] + scale * (pred_text[s] - pred_uncond[s]) if cfg else pred_text[s]
-                rows.append(scheduler.step(p, timestep=t, sample=latents[s], generator=g, prev_timestep=prev_t).prev_sample)
-            latents = torch.cat(rows)
+                model_input, timestep=schedule.model_timesteps[k], proj_embedding=proj, encoder_hidden_states=hidden,
+                attention_mask=mask,
+            ).predicted_image_embedding  # (2M or M, D)
+            pred = guide(pred[:m], pred[m:], item_scales, pred.dtype) if cfg else pred
+            latents = schedule.step(k, pred, latents, noise[draw] if noisy[k] else None)
+            draw += noisy[k]
 
         latents = self.prior.post_process_latents(latents).float().cpu()
         zero = self.zero_embed[0].float().cpu()
         return [(latents[s.start].numpy(), (latents[s.start + 1] if s.stop - s.start == 2 else zero).numpy())
                 for s in spans]
+
+    def _encode_uncond(self, texts: list[str]):
+        """Unconditional inputs: "" from the actor's cache, the other (negative) prompts encoded together."""
+        import torch
+
+        others = [t for t in texts if t != ""]
+        encoded = self._encode(others) if others else None
+        parts, j = [], 0
+        for text in texts:
+            if text == "":
+                parts.append(self.empty_prompt)
+            else:
+                parts.append(tuple(x[j : j + 1] for x in encoded))
+                j += 1
+        return tuple(torch.cat(column) for column in zip(*parts))
 
     def _encode(self, texts: list[str]):
         tokens = self.tokenizer(
@@ -147,6 +182,9 @@ class PriorStage:
 
     def _encode_image(self, data, kind: str) -> "torch.Tensor":
         """Encoded image bytes -> (D,) CLIP image embedding, through the CLIP image processor."""
+        if self.image_encoder is None:
+            raise ValueError(f"{kind}: this job's tasks ({', '.join(self.tasks)}) encode no images, so the prior "
+                             "freed its image encoder (config.tasks)")
         image = decode_input(data, kind, max_pixels=self.max_pixels)
         pixels = self.image_processor(image, return_tensors="pt").pixel_values
         return self.image_encoder(pixels.to(self.device, self.image_encoder.dtype))["image_embeds"][0]

@@ -10,7 +10,6 @@ import hashlib
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 
 from .config import GenerationDefaults
 
@@ -27,7 +26,6 @@ PARAM_COLUMNS = {
     "prior_guidance_scale": float,
     "strength": float,
 }
-ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64()}
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Per-row failure, set by the stage that failed; later stages pass such rows through untouched
 # and the writer sends them to errors/ instead of data/. "" means no error: Ray turns an object
@@ -44,14 +42,18 @@ def derive_seed(job_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def resolve_params(table: pa.Table, defaults: GenerationDefaults) -> tuple[dict[str, pa.Array], dict[int, str]]:
+def resolve_params(table, defaults: GenerationDefaults) -> tuple[dict, dict[int, str]]:
     """Every PARAM_COLUMNS column for the rows of an Arrow table: the row's value where present and
     not null, else the default; seeds derived from the id where absent.
 
     Works on Arrow values, not numpy: Ray's numpy conversion turns an integer column with nulls
     into float64, which rounds 63-bit seeds. Returns (columns, {row index: problem}); a row with a
-    problem gets a placeholder value and must be marked failed by the caller.
+    problem gets a placeholder value and must be marked failed by the caller. (pyarrow is imported
+    here, not at the top: the stages import this module and run without it, see jobs/bench_gpu.py.)
     """
+    import pyarrow as pa
+
+    arrow_types = {str: pa.string(), int: pa.int64(), float: pa.float64()}
     n, ids = table.num_rows, table["id"].to_pylist()
     columns, problems = {}, {}
     for name, kind in PARAM_COLUMNS.items():
@@ -64,11 +66,11 @@ def resolve_params(table: pa.Table, defaults: GenerationDefaults) -> tuple[dict[
                 problems.setdefault(i, f"column '{name}' is {value}, outside the int64 range")
                 value = 0
             values.append(value)
-        columns[name] = pa.array(values, ARROW_TYPES[kind])
+        columns[name] = pa.array(values, arrow_types[kind])
     return columns, problems
 
 
-def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+def numpy_batch(table) -> dict[str, np.ndarray]:
     """An Arrow table as Ray Data's "numpy" batch format hands it to a stage (strings, bytes and
     lists as 1-D object arrays)."""
     return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}

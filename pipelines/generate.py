@@ -12,6 +12,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
 from kandinsky_engine.columns import passthrough_fields
 from kandinsky_engine.config import StageConfig
+from kandinsky_engine.device import check_devices
 from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
 from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
@@ -88,31 +89,36 @@ class Chunked:
         try:
             return self.stage(chunk)
         except Exception as exc:
-            n = len(chunk["id"])
-            oom = is_oom(exc)
-            if oom:
-                _release_memory()
-            if n == 1:
-                message = f"{'out of memory at batch size 1: ' if oom else ''}{exc}"
-                for name, value in zip(ERROR_COLUMNS, (self.name, type(exc).__name__, message[:2000])):
-                    chunk[name][0] = value
-                # Stages pass failed rows through with empty outputs: run it again so that the row
-                # carries the same columns as its batch-mates.
-                try:
-                    return self.stage(chunk)
-                except Exception:
-                    return chunk
-            half = n // 2
-            out = merge([self.run({k: v[a:b] for k, v in chunk.items()}) for a, b in ((0, half), (half, n))])
-            if oom:
-                out[SPLITS] = out[SPLITS].copy()
-                out[SPLITS][0] += 1
-            return out
+            # Only text leaves this block: the exception's traceback holds the failed call's frames
+            # and so its tensors, which must be gone before the retries (else empty_cache frees nothing).
+            failure, oom = (type(exc).__name__, str(exc)), is_oom(exc)
+        if oom:
+            _release_memory()
+        n = len(chunk["id"])
+        if n == 1:
+            message = f"{'out of memory at batch size 1: ' if oom else ''}{failure[1]}"
+            for name, value in zip(ERROR_COLUMNS, (self.name, failure[0], message[:2000])):
+                chunk[name][0] = value
+            # Stages pass failed rows through with empty outputs: run it again so that the row
+            # carries the same columns as its batch-mates.
+            try:
+                return self.stage(chunk)
+            except Exception:
+                return chunk
+        half = n // 2
+        out = merge([self.run({k: v[a:b] for k, v in chunk.items()}) for a, b in ((0, half), (half, n))])
+        if oom:
+            out[SPLITS] = out[SPLITS].copy()
+            out[SPLITS][0] += 1
+        return out
 
 
 def _release_memory() -> None:
+    import gc
+
     import torch
 
+    gc.collect()  # tensors held by reference cycles of the failed call
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -172,20 +178,23 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
 
     Actor pools hold their CPUs for the whole run, and Ray Data's file listing and read tasks
     need one whole CPU besides (measured on Ray 2.60: three actor pools reserving 1.5 of 2 CPUs
-    stall silently). So the actors may reserve at most (cluster CPUs - 1).
+    stall silently). So the actors may reserve at most (cluster CPUs - 1). A CUDA device must suit
+    every stage's num_gpus (device.check_devices).
     """
     stages = {name: stage for name, _, stage in model_stages(config, manifest)}
     cpus = sum(s.num_cpus * s.actors for s in stages.values())
     gpus = sum(s.num_gpus * s.actors for s in stages.values())
     have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
-    if cpus > have_cpus - 1:
+    check_devices(config, list(stages))
+    tolerance = 1e-9  # sums of fractions: 0.2 + 0.4 + 0.3 + 0.1 is 1.0000000000000002
+    if cpus > have_cpus - 1 + tolerance:
         detail = ", ".join(f"{n} {s.actors}x{s.num_cpus}" for n, s in stages.items())
         raise ValueError(
             f"stage actors reserve {cpus:g} CPUs ({detail}) but the Ray cluster has {have_cpus:g}; "
             f"keep the total at or below {have_cpus - 1:g} (one CPU stays free for reading and writing). "
             "num_cpus is a scheduling share: torch threads are set by torch_threads."
         )
-    if gpus > have_gpus:
+    if gpus > have_gpus + tolerance:
         raise ValueError(f"stage actors reserve {gpus:g} GPUs but the Ray cluster has {have_gpus:g}")
 
 

@@ -113,3 +113,29 @@ def test_rows_in_one_batch_equal_rows_alone(stages):
     for i, r in enumerate(rows[:3]):
         assert max_diff(decode(together["image"][i]), decode(run(stages, [r])["image"][0])) <= 1, r["id"]
     assert together["error_stage"][3] == "HintStage" and together["error_message"][3].startswith("hint: not a decodable")
+
+
+def test_depth_of_a_flat_image_is_defined():
+    """A constant depth map has no range: transformers' pipeline divides 0 by 0 (NaN, then garbage
+    as uint8); the engine maps it to 0. Other maps scale exactly as the pipeline scales them."""
+    from kandinsky_engine.hint import depth_to_uint8
+
+    flat = depth_to_uint8(np.full((8, 8), 3.25, np.float32))
+    assert flat.dtype == np.uint8 and not flat.any()
+    ramp = np.linspace(-1, 5, 64, dtype=np.float32).reshape(8, 8)
+    expected = ((ramp - ramp.min()) / (ramp.max() - ramp.min()) * 255).astype("uint8")  # the pipeline's formula
+    np.testing.assert_array_equal(depth_to_uint8(ramp), expected)
+    assert depth_to_uint8(ramp).max() == 255
+
+
+def test_depth_runs_in_float32_whatever_the_model_dtype(stages):
+    """model.dtype bfloat16 (here on the CPU, which the config refuses but the stage does not care
+    about): transformers' depth pipeline would call .numpy() on a bfloat16 tensor and fail; the hint
+    stage runs depth in float32 and gives the float32 hints."""
+    config = stages[0]
+    half = config.model_copy(update={"model": config.model.model_copy(update={"dtype": "bfloat16"})})
+    stage = HintStage(half)
+    assert stage.model.dtype == torch.float32
+    row = {"id": "d", "prompt": "a robot", "task": "controlnet", "image_bytes": png(init_image(64, 64, seed=10))}
+    ours = stage(batch_of([row], config))["hint_pixels"][0]
+    assert ours == stages[1][1](batch_of([row], config))["hint_pixels"][0]

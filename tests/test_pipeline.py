@@ -168,3 +168,33 @@ def test_object_columns_stay_one_dimensional():
     column = object_column([[1, 2], [3, 4]])
     assert column.shape == (2,) and column[1] == [3, 4]
     assert concat([column, object_column([[5, 6]])]).shape == (3,)
+
+
+class OomOnce:
+    """A stage whose first call allocates its "activations", keeps them in its frame and runs out of
+    memory; later calls record whether those activations were still alive when they started."""
+
+    def __init__(self, **kwargs):
+        self.finalizer, self.alive_at_retry = None, []
+
+    def __call__(self, batch):
+        import weakref
+
+        import torch
+
+        if self.finalizer is None:
+            activations = torch.ones(1024, 1024)
+            self.finalizer = weakref.finalize(activations, lambda: None)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 MiB")
+        self.alive_at_retry.append(self.finalizer.alive)
+        return batch
+
+
+def test_failed_attempt_is_released_before_the_halves_run():
+    """Out of memory: the half-size retries start only once the failed call's tensors are gone (the
+    retries used to run inside the `except` block, whose traceback kept that call's frames alive)."""
+    chunked = Chunked(OomOnce, batch_size=4)
+    out = chunked(block(["a", "b", "c", "d"]))
+    assert chunked.stage.alive_at_retry == [False, False]
+    assert list(out["id"]) == ["a", "b", "c", "d"] and int(out["_oom_splits"].sum()) == 1
+    assert list(out["error_message"]) == [""] * 4

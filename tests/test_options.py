@@ -1,0 +1,189 @@
+"""GPU-side options, checked where the CPU can: model.compile (buckets compiled at actor start, no
+recompiles during a job), model.channels_last, config.tasks, device placement and memory caps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kandinsky_engine import DecoderStage, MovqStage, PriorStage
+from kandinsky_engine import compiled
+from kandinsky_engine.compiled import buckets
+from tests.conftest import make_config
+from tests.conftest import run_chain as run
+from tests.reference import decode, max_diff
+
+ROWS = [
+    {"id": "a", "prompt": "a cat"},
+    {"id": "b", "prompt": "a dog", "guidance_scale": 1.0, "seed": 3},  # no CFG: a U-Net batch of 1
+    {"id": "c", "prompt": "a ship", "seed": 4},
+    {"id": "wide", "prompt": "a harbour", "width": 128, "seed": 5},  # not the warmed-up size: eager
+]
+
+
+def test_buckets_are_powers_of_two_up_to_the_largest_batch():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(6) == [1, 2, 4, 6]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """A torch.compile backend that runs the captured graph as it is and counts compilations."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    return graphs
+
+
+def test_compiled_stages_warm_up_every_bucket_and_never_recompile(model_cache, tmp_path, counted):
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    plain = make_config(model_cache, "m.parquet", str(tmp_path), decoder={"batch_size": 2}, movq={"batch_size": 2})
+    config = plain.model_copy(update={"model": plain.model.model_copy(update={"compile": True})})
+    stages = [PriorStage(config), DecoderStage(config), MovqStage(config)]
+    warm = len(counted)
+    # U-Net calls of 1, 2, 4 rows (CFG doubles a batch of 2) and decodes of 1 and 2: at least one
+    # graph each (more where a module breaks the graph).
+    assert warm >= len(buckets(4)) + len(buckets(2))
+    ours = run((config, stages), ROWS)
+    assert len(counted) == warm  # the job compiled nothing
+    reference = run((plain, [stages[0], DecoderStage(plain), MovqStage(plain)]), ROWS)
+    for i, row in enumerate(ROWS):  # padded rows change the others only as any batch shape does
+        assert max_diff(decode(ours["image"][i]), decode(reference["image"][i])) <= 2, row["id"]  # measured <= 1
+
+
+@pytest.mark.slow
+def test_inductor_movq_decode_stays_within_a_level_of_eager(model_cache, tmp_path):
+    """The real backend (inductor, C++ on the CPU; ~40 s to compile the tiny MoVQ's two buckets here)."""
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    plain = make_config(model_cache, "m.parquet", str(tmp_path), movq={"batch_size": 2})
+    config = plain.model_copy(update={"model": plain.model.model_copy(update={"compile": True})})
+    batch = DecoderStage(plain)(PriorStage(plain)(run((plain, []), ROWS[:3])))
+    ours, eager = MovqStage(config)(dict(batch)), MovqStage(plain)(dict(batch))
+    for i in range(3):
+        assert max_diff(decode(ours["image"][i]), decode(eager["image"][i])) <= 2  # measured <= 1
+
+
+def test_channels_last_stays_within_a_level(model_cache, tmp_path):
+    torch.set_num_threads(1)
+    plain = make_config(model_cache, "m.parquet", str(tmp_path))
+    config = plain.model_copy(update={"model": plain.model.model_copy(update={"channels_last": True})})
+    prior = PriorStage(plain)
+    decoder, movq = DecoderStage(config), MovqStage(config)
+    assert decoder.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert movq.movq.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    ours = run((config, [prior, decoder, movq]), ROWS)
+    reference = run((plain, [prior, DecoderStage(plain), MovqStage(plain)]), ROWS)
+    diffs = [max_diff(decode(ours["image"][i]), decode(reference["image"][i])) for i in range(len(ROWS))]
+    print(f"\nchannels_last vs contiguous, max |diff| per row (1/255): {diffs}")
+    assert max(diffs) <= 2  # measured 1, 0, 1, 1: convolution kernels of another memory format
+
+
+def test_prior_frees_the_image_encoder_when_no_task_needs_it(model_cache, tmp_path):
+    from tests.test_img2img import init_image, png
+
+    text_only = make_config(model_cache, "m.parquet", str(tmp_path)).model_copy(update={"tasks": ["text2img"]})
+    prior = PriorStage(text_only)
+    assert prior.image_encoder is None and prior.zero_embed.shape == (1, 32)
+    full = PriorStage(make_config(model_cache, "m.parquet", str(tmp_path)))
+    rows = [{"id": "t", "prompt": "a cat"},
+            {"id": "v", "prompt": "a cat", "task": "variation", "image_bytes": png(init_image(64, 64)), "strength": 1.0}]
+    from tests.conftest import batch_of
+
+    out, expected = prior(batch_of(rows, text_only)), full(batch_of(rows, text_only))
+    assert (out["image_embeds"][0] == expected["image_embeds"][0]).all()
+    assert out["error_stage"][1] == "PriorStage" and "freed its image encoder" in out["error_message"][1]
+    with_variation = make_config(model_cache, "m.parquet", str(tmp_path)).model_copy(
+        update={"tasks": ["text2img", "variation"]})
+    assert PriorStage(with_variation).image_encoder is not None
+
+
+def test_memory_fraction_follows_the_gpu_share():
+    from kandinsky_engine.config import StageConfig
+    from kandinsky_engine.device import memory_fraction
+
+    assert memory_fraction(StageConfig(num_gpus=0.25)) == 0.25
+    assert memory_fraction(StageConfig(num_gpus=1)) == 1.0 and memory_fraction(StageConfig()) == 1.0
+    assert memory_fraction(StageConfig(num_gpus=0.25, gpu_memory_fraction=0.5)) == 0.5
+
+
+def gpu_config(model_cache, tmp_path, device="cuda", **shares):
+    """A ControlNet job's config with these GPU shares (prior=0.2, ...)."""
+    sections = {name: {"num_gpus": share} for name, share in shares.items()}
+    return make_config(model_cache, "m.parquet", str(tmp_path), model={"device": device, "decoder": "tiny-controlnet"},
+                       **sections)
+
+
+def test_gpu_reservations_add_up_with_a_tolerance(model_cache, tmp_path):
+    """0.2 + 0.4 + 0.3 + 0.1 is 1.0000000000000002 in floats: it fits one GPU."""
+    from kandinsky_engine.manifest import Manifest
+    from pipelines.generate import check_resources
+
+    manifest = Manifest(files=[], num_rows=1, columns=["id", "prompt"], tasks={"controlnet"}, filesystem=None)
+    config = gpu_config(model_cache, tmp_path, prior=0.2, hint=0.4, decoder=0.3, movq=0.1)
+    assert sum(getattr(config, s).num_gpus for s in ("prior", "hint", "decoder", "movq")) > 1
+    check_resources(config, manifest, {"CPU": 8, "GPU": 1})
+    with pytest.raises(ValueError, match="reserve 1.1 GPUs but the Ray cluster has 1"):
+        check_resources(gpu_config(model_cache, tmp_path, prior=0.3, hint=0.4, decoder=0.3, movq=0.1), manifest,
+                        {"CPU": 8, "GPU": 1})
+
+
+def test_cuda_device_must_suit_every_used_stage(model_cache, tmp_path):
+    from kandinsky_engine.manifest import Manifest
+    from pipelines.generate import check_resources
+
+    text = Manifest(files=[], num_rows=1, columns=["id", "prompt"], tasks={"controlnet"}, filesystem=None)
+    cluster = {"CPU": 8, "GPU": 2}
+    shares = dict(prior=0.2, hint=0.2, decoder=0.4, movq=0.2)
+    check_resources(gpu_config(model_cache, tmp_path, **shares), text, cluster)
+    check_resources(gpu_config(model_cache, tmp_path, "cuda:0", **shares), text, cluster)
+    # encode is not used by this job: its num_gpus 0 does not matter
+    assert gpu_config(model_cache, tmp_path, **shares).encode.num_gpus == 0
+    with pytest.raises(ValueError, match=r"hint.num_gpus is 0 but model.device is 'cuda'.*without a reservation"):
+        check_resources(gpu_config(model_cache, tmp_path, **{**shares, "hint": 0}), text, cluster)
+    with pytest.raises(ValueError, match=r"model.device is 'cuda:1'.*use model.device: cuda"):
+        check_resources(gpu_config(model_cache, tmp_path, "cuda:1", **shares), text, cluster)
+    check_resources(gpu_config(model_cache, tmp_path, "cpu"), text, {"CPU": 8})  # nothing to check on the CPU
+
+
+def test_attention_backends_name_the_kernel_of_every_attention_module():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kandinsky_engine.attention import MATH, attention_backends, is_attention
+    from kandinsky_engine.tiny import build_unet
+
+    unet = build_unet()
+    x, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 32)
+    run_unet = lambda: unet(x, 10, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": embeds})
+    names = {n for n, m in unet.named_modules() if is_attention(m)}
+    found = attention_backends(unet, run_unet)
+    assert set(found) == names and len(names) == 4
+    assert set(found.values()) == {"flash (cpu)"}  # float32 on the CPU, measured (torch 2.13)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert set(attention_backends(unet, run_unet).values()) == {MATH}
+
+
+def test_options_that_change_bits_are_in_the_run_fingerprint(model_cache, tmp_path):
+    """A resumed run must compute like the first one: compile and channels_last change float results,
+    so they change the fingerprint; a run without them keeps the fingerprint it always had."""
+    from jobs.resume import fingerprint, fingerprint_inputs
+    from kandinsky_engine.manifest import Manifest
+
+    manifest = Manifest(files=["m.parquet"], num_rows=1, columns=["id", "prompt"], tasks={"text2img"}, filesystem=None)
+    weights = {"prior": "p", "decoder": "d", "depth": "h"}
+    plain = make_config(model_cache, "m.parquet", str(tmp_path))
+    inputs = fingerprint_inputs(plain, manifest, weights)
+    assert "model_options" not in inputs
+    prints = {fingerprint(inputs)}
+    for option in ("compile", "channels_last"):
+        config = plain.model_copy(update={"model": plain.model.model_copy(update={option: True})})
+        prints.add(fingerprint(fingerprint_inputs(config, manifest, weights)))
+    scheduler = plain.model_copy(update={"defaults": plain.defaults.model_copy(update={"scheduler": "dpmpp"})})
+    prints.add(fingerprint(fingerprint_inputs(scheduler, manifest, weights)))
+    assert len(prints) == 4
