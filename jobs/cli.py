@@ -174,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add("bench", help="Ray job vs a plain diffusers loop on the same rows")
     bench.add_argument("--rows", type=int, default=32)
-    bench.add_argument("--steps", type=int, default=10, help="decoder steps (prior uses the same)")
+    bench.add_argument("--steps", type=int, default=10, help="decoder steps")
+    bench.add_argument("--prior-steps", type=int, default=None, help="prior steps (default: --steps)")
+    bench.add_argument("--loop-batch", type=int, default=8, help="rows per call of the diffusers loop")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch threads of the diffusers loop (default: this machine's CPUs, torch's own default)")
+    bench.add_argument("--no-batch1", dest="batch1", action="store_false", help="skip the batch-1 diffusers loop")
     bench.add_argument("--size", type=int, default=64)
     bench.add_argument("--output", metavar="FILE", help="also write the figures (JSON) to FILE")
     bench.add_argument("--tasks", default="", metavar="T1,T2",

@@ -43,7 +43,7 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         "dtype": model.dtype,
         "device": model.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
         "defaults": config.defaults.model_dump(mode="json"),
-        "output": config.output.model_dump(mode="json", include={"image_format", "quality", "size_policy"}),
+        "output": config.output.model_dump(mode="json", include={"image_format", "quality", "png_compress_level", "size_policy"}),
         "rows_per_block": config.rows_per_block(),
         "batch_size": {s: getattr(config, s).batch_size for s in STAGES},
         "torch_threads": {s: getattr(config, s).threads() for s in STAGES},

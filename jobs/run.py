@@ -145,11 +145,16 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
     if manifest.row_errors:
         log.warning("%d row(s) failed validation and go to errors/, e.g. %s", len(manifest.row_errors),
                     next(iter(manifest.row_errors.values())))
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     schema = output_schema(manifest.schema)
     sink = ShardSink(path, config.storage_options, schema, model_identity(config.model, weights), tag)
+    ray_data_stats = None
     if state.rows_todo:
-        build_generation(config, manifest, state.plans).write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
+        ds = build_generation(config, manifest, state.plans)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
+        # Ray Data (2.60) keeps the executed write plan as `_write_ds`; its stats are the per-operator
+        # breakdown that `bench` prints. Not part of the report: long text, and only diagnostics.
+        ray_data_stats = ds._write_ds.stats() if getattr(ds, "_write_ds", None) is not None else None
     wall = time.perf_counter() - started
     if lease.lost:
         raise RuntimeError(f"output {path}: another run took over this run's lease while it ran; its report and "
@@ -168,6 +173,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         "damaged": state.damaged + damaged_reports,
         "files_gone": sorted(found.gone),
         "wall_time_s": round(wall, 3),
+        "timeline_s": timeline(sink.committed_at, started_at, wall),
         "images_per_s": round(state.rows_todo / wall, 4) if wall and state.rows_todo else None,
         "ray_startup_s": round(ray_startup_s, 3),
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -183,7 +189,18 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
     if fs.exists(f"{root}/{TMP}"):  # written through by the shards and the metadata files; empty by now
         fs.rm(f"{root}/{TMP}", recursive=True)
     return {**summary, "shards": [r for r in records if r["file"].startswith("data/")],
-            "error_shards": [r for r in records if r["file"].startswith("errors/")]}
+            "error_shards": [r for r in records if r["file"].startswith("errors/")], "ray_data_stats": ray_data_stats}
+
+
+def timeline(committed_at: list[float], started_at: float, wall: float) -> dict | None:
+    """When units were committed, in seconds from the start of the plan's execution: `fill` until the
+    first unit was written (actor start-up and the first unit's way through every stage), `steady`
+    until the last one, `drain` from it to the end of the write."""
+    if not committed_at:
+        return None
+    first, last = min(committed_at) - started_at, max(committed_at) - started_at
+    return {"fill": round(first, 3), "steady": round(last - first, 3), "drain": round(max(wall - last, 0.0), 3),
+            "units": len(committed_at)}
 
 
 def limit_stops(files: list, limit: int | None, rows_per_block: int) -> list[int]:

@@ -207,6 +207,10 @@ class OutputConfig(_Strict):
                       "into the same PATH resumes it.")
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the `image` column.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
+    png_compress_level: int = Field(
+        6, ge=0, le=9, description="zlib level of PNG encoding, 0-9 (Pillow's default 6). Lower is faster and "
+        "larger, with the same pixels: see README, Performance, for measured sizes and times.",
+    )
     size_policy: Literal["crop", "round_up", "reject"] = Field(
         "crop",
         description="Sizes that are not multiples of 64: the model works at the next multiple of 64 "

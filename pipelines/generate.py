@@ -1,4 +1,5 @@
-"""The generation plan: manifest -> resolve -> [fetch inputs] -> prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ.
+"""The generation plan: manifest -> resolve -> [fetch inputs] -> prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ
+-> encode images (CPU tasks).
 
 The builder only describes the lazy Ray Data plan; nothing runs until the caller writes it.
 """
@@ -16,6 +17,7 @@ from kandinsky_engine.device import check_devices
 from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
 from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
 from kandinsky_engine.manifest import Manifest
+from kandinsky_engine.movq import encode_images
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
 
 from .output import FilePlan
@@ -149,12 +151,13 @@ def pool_class(stage_class) -> type:
     return type(f"{stage_class.__name__}Pool", (Chunked,), {"__doc__": Chunked.__doc__})
 
 
-def stage_args(stage_class, stage: StageConfig, config: JobConfig) -> dict:
+def stage_args(stage_class, stage: StageConfig, config: JobConfig, **stage_kwargs) -> dict:
     """`map_batches` arguments of one model stage: its own pool of resident actors, one block per call.
     Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a killed actor is
     restarted and the blocks it was working on are resubmitted (tests/test_faults.py)."""
     return dict(
-        fn_constructor_kwargs={"stage_class": stage_class, "batch_size": stage.batch_size, "config": config},
+        fn_constructor_kwargs={"stage_class": stage_class, "batch_size": stage.batch_size, "config": config,
+                               **stage_kwargs},
         batch_size=None,  # the whole block: see Chunked
         batch_format="numpy",
         compute=ActorPoolStrategy(size=stage.actors),
@@ -211,5 +214,9 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
         ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0].path},
                             batch_format="numpy", num_cpus=IO_CPUS)
     for _, stage_class, stage in model_stages(config, manifest):
-        ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config))
-    return ds
+        extra = {"encode": False} if stage_class is MovqStage else {}  # encoded below, off the model actors
+        ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, **extra))
+    # Plain CPU tasks: an actor that holds a GPU never waits on zlib, and encoding scales with the
+    # cluster's CPUs instead of the MoVQ pool's size.
+    return ds.map_batches(encode_images, fn_kwargs={"output": config.output}, batch_size=None,
+                          batch_format="numpy", num_cpus=IO_CPUS)

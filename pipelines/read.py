@@ -1,8 +1,9 @@
 """Reading the manifest as units of work: a Ray Data datasource over the run's file plans.
 
-Each read task covers the units that start in one row group of one file (a small file is one row
-group), streams those row groups and yields one Arrow table per unit, already tagged with the
-unit's name, attempt and digest and, for a retried unit, holding only its rows not in data/ yet.
+Each read task is one unit (up to MAX_READ_TASKS units per run; beyond, a few consecutive units of
+one row group) and yields one Arrow table per unit, already tagged with the unit's name, attempt
+and digest and, for a retried unit, holding only its rows not in data/ yet. Ray Data merges what
+one task yields into one block, so one unit per task is what makes one unit per block.
 Units therefore come straight from the files: the same in every run, with no global order, no
 repartition and no `preserve_order` (which cost ~18% throughput and blocks heads of lines).
 """
@@ -23,7 +24,11 @@ from kandinsky_engine.units import file_key, unit_digest
 from .output import FilePlan
 from .prepare import ATTEMPT, DIGEST, UNIT, UNIT_ROWS
 
-READ_BATCH_ROWS = 8192  # rows decoded at a time while a task walks its row groups
+# Read tasks, at most (so that the driver's plan stays small at any manifest size). Up to this many
+# units, each read task is one unit, so each block is one unit: stages overlap from the second unit
+# on, and no block holds more than a unit's images. Beyond it, a task reads a few consecutive
+# units of a row group, which Ray Data hands on as one block.
+MAX_READ_TASKS = 20_000
 
 
 class ManifestUnits(Datasource):
@@ -37,7 +42,7 @@ class ManifestUnits(Datasource):
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        """One task per (file, row group) with units to run. The count does not depend on
+        """One task per unit to run (see MAX_READ_TASKS). The count does not depend on
         `parallelism`: read with `override_num_blocks=len(tasks)`, or Ray Data splits the tasks'
         output blocks to reach its default parallelism, which would cut units in pieces."""
         if getattr(self, "_tasks", None) is None:
@@ -45,15 +50,19 @@ class ManifestUnits(Datasource):
         return self._tasks
 
     def _make_tasks(self) -> list[ReadTask]:
-        tasks = []
+        runs = []  # consecutive units of one row group: [(plan, starts)]
         for plan in self.plans:
             starts = [s for s in range(0, plan.stop, self.rows_per_block) if s not in plan.done]
-            if not starts:
-                continue
-            for group in _by_row_group(plan.file, starts, self.storage_options):
-                rows = sum(min(s + self.rows_per_block, plan.file.num_rows) - s for s in group)
-                read = partial(read_units, plan.file, group, {s: plan.retry[s] for s in group
-                                                                             if s in plan.retry},
+            if starts:
+                runs += [(plan, group) for group in _by_row_group(plan.file, starts, self.storage_options)]
+        units = sum(len(group) for _, group in runs)
+        per_task = -(-units // MAX_READ_TASKS)
+        tasks = []
+        for plan, group in runs:
+            for i in range(0, len(group), per_task):
+                starts = group[i : i + per_task]
+                rows = sum(min(s + self.rows_per_block, plan.file.num_rows) - s for s in starts)
+                read = partial(read_units, plan.file, starts, {s: plan.retry[s] for s in starts if s in plan.retry},
                                self.rows_per_block, self.storage_options)
                 tasks.append(ReadTask(read, BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None,
                                                           input_files=None)))
@@ -81,23 +90,32 @@ def read_units(file, starts: list[int], retry: dict, rows_per_block: int, storag
     if file_stamp(fs, file.path) != file.stamp:
         raise RuntimeError(f"manifest file {file.path} changed while the job ran; run the job again")
     key = file_key(file.relpath)
-    wanted = {s: min(s + rows_per_block, file.num_rows) for s in starts}
-    first, last = starts[0], wanted[starts[-1]]
     with fs.open(file.path, "rb") as f:
         parquet = pq.ParquetFile(f)
         bounds = _bounds(parquet.metadata)
-        groups = [i for i in range(len(bounds) - 1) if bounds[i] < last and bounds[i + 1] > first]
-        position, current, pending = bounds[groups[0]], None, []
-        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups):
-            lo, hi = position, position + batch.num_rows
-            position = hi
-            for start in [s for s in starts if s < hi and wanted[s] > lo]:
-                if current != start:  # units are consecutive in the file: one is collected at a time
-                    current, pending = start, []
-                pending.append(batch.slice(max(start, lo) - lo, min(wanted[start], hi) - max(start, lo)))
-                if wanted[start] <= hi:
-                    yield _unit_table(pending, file, key, start, wanted[start], retry.get(start))
-                    current, pending = None, []
+        for start in starts:
+            stop = min(start + rows_per_block, file.num_rows)
+            groups = [g for g in range(len(bounds) - 1) if bounds[g] < stop and bounds[g + 1] > start]
+            # A unit spans one row group or a few; consecutive units (and tasks run by this worker)
+            # share row groups, so each is decoded once per worker.
+            table = pa.concat_tables([_row_group(parquet, file.path, file.stamp, g) for g in groups])
+            # take() copies: a slice would carry the whole row group's buffers into the block.
+            rows = table.take(pa.array(range(start - bounds[groups[0]], stop - bounds[groups[0]]), pa.int64()))
+            yield _unit_table(rows, file, key, start, stop, retry.get(start))
+
+
+_cached: dict = {}
+
+
+def _row_group(parquet: pq.ParquetFile, path: str, stamp, g: int) -> pa.Table:
+    """Row group `g` of a manifest file, keeping the last two decoded in this worker process:
+    read tasks are one unit each (see ManifestUnits), and many units share a row group."""
+    key = (path, stamp, g)
+    if key not in _cached:
+        while len(_cached) >= 2:
+            _cached.pop(next(iter(_cached)))
+        _cached[key] = parquet.read_row_group(g)
+    return _cached[key]
 
 
 def _bounds(meta) -> list[int]:
@@ -108,8 +126,7 @@ def _bounds(meta) -> list[int]:
     return bounds
 
 
-def _unit_table(batches, file, key: str, start: int, stop: int, retry) -> pa.Table:
-    table = pa.Table.from_batches(batches)
+def _unit_table(table: pa.Table, file, key: str, start: int, stop: int, retry) -> pa.Table:
     attempt = 1
     if retry is not None:
         attempt, done = retry

@@ -6,6 +6,7 @@ units; it commits them one by one. A unit always reaches the writer whole (see `
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Iterable
 
@@ -111,6 +112,7 @@ class ShardSink(Datasink):
         self.tmp_tag = tmp_tag or uuid.uuid4().hex[:12]
         self.records: list[dict] = []
         self.oom_splits = 0
+        self.committed_at: list[float] = []  # epoch seconds of each write task's last commit: the run's timeline
 
     def get_name(self) -> str:
         return "ShardSink"
@@ -119,7 +121,7 @@ class ShardSink(Datasink):
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"records": [], "oom_splits": 0}
+            return {"records": [], "oom_splits": 0, "committed_at": None}
         table = pa.concat_tables(tables, promote_options="permissive")
         fs, root = url_to_fs(self.path, self.storage_options)
         records = []
@@ -134,7 +136,7 @@ class ShardSink(Datasink):
             records += self._commit(fs, root, key, int(start), str(rows[DIGEST][0].as_py()),
                                     int(rows[ATTEMPT][0].as_py()), rows)
         splits = int(pc.sum(table[SPLITS]).as_py() or 0) if SPLITS in table.column_names else 0
-        return {"records": records, "oom_splits": splits}
+        return {"records": records, "oom_splits": splits, "committed_at": time.time()}
 
     def _commit(self, fs, root: str, key: str, start: int, digest: str, attempt: int, rows: pa.Table) -> list[dict]:
         failed = pc.not_equal(rows["error_message"], "")
@@ -163,3 +165,5 @@ class ShardSink(Datasink):
         for result in write_result.write_returns:
             self.records += result["records"]
             self.oom_splits += result["oom_splits"]
+            if result["committed_at"] is not None:
+                self.committed_at.append(result["committed_at"])

@@ -78,6 +78,30 @@ def test_read_yields_one_table_per_unit_across_row_groups(tmp_path):
     assert [u["id"].to_pylist() for u in read(tmp_path, ids, [3])] == [ids[3:6]]
 
 
+def test_each_read_task_is_one_unit_up_to_the_cap(tmp_path, monkeypatch):
+    """Ray Data merges what one read task yields into one block: one unit per task keeps one unit
+    per block (stages overlap, blocks stay small); above MAX_READ_TASKS units, a task reads a few
+    consecutive units of one row group, so the plan stays small."""
+    import pipelines.read as read_module
+    from pipelines.output import FilePlan
+
+    ids = [f"r{i}" for i in range(20)]
+    read(tmp_path, ids, [0], rows_per_block=3, row_group_size=8)  # writes m.parquet: row groups of 8
+    from kandinsky_engine.manifest import ManifestFile, file_stamp
+    from kandinsky_engine.storage import url_to_fs
+
+    path = tmp_path / "m.parquet"
+    file = ManifestFile(str(path), "m.parquet", "sha", path.stat().st_size, 20, file_stamp(url_to_fs(str(path))[0], str(path)))
+    plan = FilePlan(file, stop=20, done={3}, retry={})
+    tasks = read_module.ManifestUnits([plan], 3, {}).get_read_tasks(1)
+    got = [[u["id"].to_pylist() for u in task()] for task in tasks]
+    assert got == [[ids[s : s + 3]] for s in (0, 6, 9, 12, 15, 18)]  # unit 3 is done
+    monkeypatch.setattr(read_module, "MAX_READ_TASKS", 2)
+    tasks = read_module.ManifestUnits([plan], 3, {}).get_read_tasks(1)
+    starts = [[int(u[UNIT][0].as_py().rsplit("/", 1)[1]) for u in task()] for task in tasks]
+    assert starts == [[0, 6], [9, 12, 15], [18]]  # 3 per task at most, by the row group a unit starts in (0-7, 8-15, 16-19)
+
+
 def test_a_retried_unit_keeps_only_its_rows_not_in_data(tmp_path):
     ids = ["a", "b", "c", "d"]
     (unit,) = read(tmp_path, ids, [0], retry={0: (2, frozenset({"a", "c"}))}, rows_per_block=4)

@@ -80,3 +80,36 @@ def test_missing_columns_name_the_stage(config, stage):
     instance = stage.__new__(stage)  # the column check runs before any model is touched
     with pytest.raises(ValueError, match=f"{stage.__name__}: batch lacks columns"):
         instance({"id": np.array(["a"])})
+
+
+def test_encoding_off_the_movq_actor_gives_the_same_bytes(config, decoder_out):
+    from kandinsky_engine.movq import encode_images
+
+    decoded = MovqStage(config, encode=False)(decoder_out)
+    assert "image" not in decoded and [len(p) for p in decoded["pixels"]] == [64 * 64 * 3, 64 * 128 * 3]
+    encoded = encode_images(decoded, config.output)
+    assert "pixels" not in encoded
+    assert list(encoded["image"]) == list(MovqStage(config)(decoder_out)["image"])
+
+
+def test_png_compress_level_changes_bytes_not_pixels(config, decoder_out):
+    from kandinsky_engine.movq import encode_images
+
+    decoded = MovqStage(config, encode=False)(decoder_out)
+    levels = {lvl: encode_images(decoded, config.output.model_copy(update={"png_compress_level": lvl}))["image"]
+              for lvl in (0, 6, 9)}
+    assert levels[0][0] != levels[6][0] and len(levels[0][0]) > len(levels[9][0])
+    for images in levels.values():
+        pixels = [np.asarray(Image.open(io.BytesIO(b))) for b in images]
+        assert [p.tobytes() for p in pixels] == list(decoded["pixels"])
+
+
+def test_a_row_that_fails_to_encode_fails_alone(config, decoder_out):
+    from kandinsky_engine.movq import encode_images
+
+    decoded = MovqStage(config, encode=False)(decoder_out)
+    decoded["pixels"] = decoded["pixels"].copy()
+    decoded["pixels"][0] = b"\x00" * 7  # not 64 x 64 x 3 bytes
+    out = encode_images(decoded, config.output)
+    assert out["image"][0] is None and out["error_stage"][0] == "encode_images" and "reshape" in out["error_message"][0]
+    assert Image.open(io.BytesIO(out["image"][1])).size == (128, 64) and not out["error_message"][1]
