@@ -1,4 +1,4 @@
-"""`kandinsky-batch`: run a job, validate one, build the tiny model, stage a model, benchmark."""
+"""`kandinsky-batch`: run a job, validate one, build the tiny model, stage a model, benchmark, plan stage sizes."""
 
 from __future__ import annotations
 
@@ -112,6 +112,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jobs.plan import run as run_plan
+
+    return run_plan(args, _config(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky-batch", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)  # options every command takes, after its name
@@ -196,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "GPU, 768x768, 50 + 25 steps (jobs/bench_gpu.py; skipped without CUDA)")
     bench.add_argument("--smoke", action="store_true", help="with --full-size: tiny widths, runs on a CPU in seconds")
     bench.set_defaults(func=cmd_bench)
+
+    from jobs.plan import add_arguments as plan_arguments  # light: argparse and the placement arithmetic
+
+    planner = with_config(add("plan", help="measure each stage's rows/s and size the actor pools so that the "
+                                           "U-Net stays busy on N GPUs (or C CPU cores); see README, Performance"))
+    plan_arguments(planner)
+    planner.set_defaults(func=cmd_plan)
     return parser
 
 

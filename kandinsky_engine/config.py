@@ -111,6 +111,15 @@ class StageConfig(_Strict):
         "(below 1), else no cap.",
     )
 
+    max_tasks_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Blocks Ray Data sends to one actor at a time (ActorPoolStrategy's "
+        "max_tasks_in_flight_per_actor): at 2 the next block's inputs arrive while the actor computes the "
+        "current one. Default: Ray's (2 for these one-call-at-a-time actors on Ray 2.60). `kandinsky-batch plan` "
+        "sets 2 for the U-Net.",
+    )
+
     def threads(self) -> int:
         return self.torch_threads or max(1, round(self.num_cpus))
 

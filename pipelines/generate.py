@@ -155,12 +155,14 @@ def stage_args(stage_class, stage: StageConfig, config: JobConfig, **stage_kwarg
     """`map_batches` arguments of one model stage: its own pool of resident actors, one block per call.
     Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a killed actor is
     restarted and the blocks it was working on are resubmitted (tests/test_faults.py)."""
+    # Ray's own default unless the config pins it (`kandinsky-batch plan` pins the U-Net's at 2).
+    in_flight = {"max_tasks_in_flight_per_actor": stage.max_tasks_in_flight} if stage.max_tasks_in_flight else {}
     return dict(
         fn_constructor_kwargs={"stage_class": stage_class, "batch_size": stage.batch_size, "config": config,
                                **stage_kwargs},
         batch_size=None,  # the whole block: see Chunked
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=stage.actors),
+        compute=ActorPoolStrategy(size=stage.actors, **in_flight),
         num_cpus=stage.num_cpus,
         num_gpus=stage.num_gpus,
     )

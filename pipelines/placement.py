@@ -1,0 +1,213 @@
+"""Stage placement: how many actors of each model stage, and what share of a GPU (or of the CPUs)
+each reserves, so that the U-Net is never starved. Pure arithmetic, no Ray and no torch:
+`kandinsky-batch plan` (jobs/plan.py) measures the stage times and prints what this returns.
+
+The model, stated once: a stage needs t seconds of one whole device per row (at its batch size),
+and actors that share a device share its time. So a pool of `a` actors reserving a fraction `f`
+of a GPU each serves a·f/t rows/s, a pipeline runs at its slowest pool, and N GPUs can never do
+better than N / (t_prior + t_decoder + t_movq) images/s (the ceiling). Ray's fractional GPUs are
+reservations, not partitions: the fractions here make Ray pack the actors so that each GPU holds
+the work it can do, and each actor's CUDA memory cap is set on its own (`gpu_memory_fraction`),
+from measured peaks where there are some, since a compute share says nothing about memory (the
+prior's 4% of the FLOPs is not 4% of the memory it needs).
+
+Only the text2img stages are placed (prior, decoder, MoVQ): jobs with image inputs or ControlNet
+rows also run `encode` or `hint`, which need a share taken from these (README, Real weights).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+STAGES = ("prior", "decoder", "movq")
+# Blocks Ray Data queues on each U-Net actor: at 2 the next block's inputs are fetched while the
+# actor computes, so the GPU does not idle between blocks; more would only queue blocks behind a
+# busy actor while another could take them. 2 is also Ray 2.60's default for actors that run one
+# call at a time; the plan pins it so that a changed default (or RAY_DATA_ACTOR_DEFAULT_MAX_TASKS_
+# IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR, DataContext.max_tasks_in_flight_per_actor) cannot undo it.
+UNET_IN_FLIGHT = 2
+# On several GPUs the U-Net gets whole GPUs when that reaches this share of the ceiling (see gpu_layout).
+DEDICATED_MIN_EFFICIENCY = 0.9
+# Stages sharing a GPU may together need at most this share of its memory (measured peaks): each
+# process also holds a CUDA context outside torch's allocator, and the caps are hard limits.
+MEMORY_BUDGET = 0.9
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """What one stage costs, measured or estimated."""
+
+    seconds_per_row: float  # of one whole device: a GPU, or `threads` CPU cores
+    batch_size: int  # rows per call, as measured
+    threads: int = 1  # torch threads of the CPU measurement
+    memory: float | None = None  # peak GPU memory as a share of the GPU (None: not measured)
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    """One stage's actor pool, as StageConfig fields, and the rows/s it can serve."""
+
+    actors: int
+    batch_size: int
+    rows_per_s: float
+    num_gpus: float = 0.0
+    num_cpus: float | None = None  # None: the job's own (GPU layouts)
+    torch_threads: int | None = None
+    gpu_memory_fraction: float | None = None
+    max_tasks_in_flight: int | None = None
+
+    def overrides(self) -> dict:
+        """The StageConfig fields this placement sets (None where Ray's or the engine's default applies)."""
+        out = {"actors": self.actors, "batch_size": self.batch_size, "num_gpus": self.num_gpus,
+               "gpu_memory_fraction": self.gpu_memory_fraction, "max_tasks_in_flight": self.max_tasks_in_flight}
+        if self.num_cpus is not None:
+            out.update(num_cpus=self.num_cpus, torch_threads=self.torch_threads)
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    devices: int
+    kind: str  # "gpu" or "cpu"
+    rule: str  # how the stages were placed, in words
+    stages: dict[str, StagePlacement]
+    ceiling: float  # images/s if every device were busy all the time
+
+    @property
+    def images_per_s(self) -> float:
+        return min(min(s.rows_per_s for s in self.stages.values()), self.ceiling)
+
+    def overrides(self) -> dict:
+        return {name: stage.overrides() for name, stage in self.stages.items()}
+
+
+def hundredths(x: float, up: bool = False) -> float:
+    """x rounded down (or up) to 0.01, at least 0.01; a tolerance keeps 0.3 from becoming 0.29."""
+    n = math.ceil(x * 100 - 1e-6) if up else math.floor(x * 100 + 1e-6)
+    return max(1, n) / 100
+
+
+def gpu_shares(times: dict[str, float], fill: bool = False) -> dict[str, float]:
+    """Fractions of one GPU proportional to `times`, in hundredths, summing to at most 1. With `fill`,
+    the other stages are rounded up and the slowest gets what they leave, so that it alone sets the
+    pace (rounding costs it the least, relative to its share)."""
+    total = sum(times.values())
+    if not fill:
+        return {name: hundredths(t / total) for name, t in times.items()}
+    keep = max(times, key=times.get)
+    shares = {name: hundredths(t / total, up=True) for name, t in times.items() if name != keep}
+    left = 1 - sum(shares.values())
+    if left < 0.01 - 1e-9:
+        raise ValueError(f"the stages besides {keep} take the whole GPU ({shares}); nothing is left for {keep}")
+    return {**shares, keep: hundredths(left)}
+
+
+def memory_caps(costs: dict[str, StageCost]) -> dict[str, float]:
+    """CUDA memory caps of stages sharing one GPU: each measured peak scaled up by the same factor so
+    that they fill the GPU (each keeps headroom in proportion to its need); equal shares when a peak
+    was not measured (--from-flops)."""
+    needs = {name: c.memory for name, c in costs.items()}
+    if None in needs.values():
+        return {name: hundredths(1 / len(needs)) for name in needs}
+    total = sum(needs.values())
+    if total > MEMORY_BUDGET:
+        detail = ", ".join(f"{name} {need:.0%}" for name, need in needs.items())
+        raise ValueError(f"{', '.join(needs)} need {total:.0%} of one GPU's memory together ({detail}, measured "
+                         f"peaks), more than the {MEMORY_BUDGET:.0%} they may share: lower their batch sizes")
+    return {name: hundredths(need / total) for name, need in needs.items()}
+
+
+def shared_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
+    """Every GPU runs one actor of each stage, with GPU shares proportional to the stage times:
+    the one-GPU layout, repeated. With the U-Net's share above 1/2, Ray puts one U-Net on each GPU."""
+    times = {name: c.seconds_per_row for name, c in costs.items()}
+    shares, caps = gpu_shares(times, fill=True), memory_caps(costs)
+    stages = {name: StagePlacement(actors=gpus, batch_size=c.batch_size, num_gpus=shares[name],
+                                   rows_per_s=gpus * shares[name] / c.seconds_per_row, gpu_memory_fraction=caps[name],
+                                   max_tasks_in_flight=UNET_IN_FLIGHT if name == "decoder" else None)
+              for name, c in costs.items()}
+    rule = "one GPU shared by all stages" if gpus == 1 else "every GPU shared by one actor of each stage"
+    return Layout(gpus, "gpu", rule, stages, gpus / sum(times.values()))
+
+
+def dedicated_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
+    """The U-Net on D whole GPUs; the other G = N - D GPUs each hold one prior and one MoVQ actor,
+    sharing it in proportion to their times. D is the largest number whose U-Nets the G GPUs can
+    feed (prior and MoVQ pools each serve at least D / t_decoder rows/s); if even D = 1 cannot be
+    fed, D = 1 and the prior + MoVQ GPUs are the bottleneck."""
+    if gpus < 2:
+        raise ValueError(f"a dedicated layout needs at least 2 GPUs, got {gpus}")
+    prior, decoder, movq = (costs[name] for name in STAGES)
+    shares = gpu_shares({"prior": prior.seconds_per_row, "movq": movq.seconds_per_row})
+    caps = memory_caps({"prior": prior, "movq": movq})
+
+    def layout(unets: int) -> Layout:
+        feeders = gpus - unets
+        stages = {name: StagePlacement(actors=feeders, batch_size=c.batch_size, num_gpus=shares[name],
+                                       rows_per_s=feeders * shares[name] / c.seconds_per_row,
+                                       gpu_memory_fraction=caps[name])
+                  for name, c in (("prior", prior), ("movq", movq))}
+        stages["decoder"] = StagePlacement(actors=unets, batch_size=decoder.batch_size, num_gpus=1.0,
+                                           rows_per_s=unets / decoder.seconds_per_row,
+                                           max_tasks_in_flight=UNET_IN_FLIGHT)
+        ceiling = gpus / sum(c.seconds_per_row for c in costs.values())
+        rule = f"U-Net on {unets} whole GPUs, prior + MoVQ sharing {feeders}"
+        return Layout(gpus, "gpu", rule, {name: stages[name] for name in STAGES}, ceiling)
+
+    for unets in range(gpus - 1, 0, -1):
+        candidate = layout(unets)
+        if candidate.images_per_s >= candidate.stages["decoder"].rows_per_s * (1 - 1e-9):
+            return candidate
+    return layout(1)
+
+
+def gpu_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
+    """The placement on `gpus` GPUs (costs: per stage, on one whole GPU).
+
+    One GPU: the stages share it (shared_layout); images/s = 1 / Σt. Several: the U-Net gets whole
+    GPUs and the prior and MoVQ other GPUs of their own (dedicated_layout), when that reaches
+    DEDICATED_MIN_EFFICIENCY of the ceiling N / Σt; else every GPU is shared as on one GPU.
+    Whole GPUs are preferred because the U-Net then never time-slices with another process (CUDA
+    runs one process's kernels at a time without MPS, and the prior's many small kernels would
+    interleave with the U-Net's), keeps the GPU's whole memory for its batches, and the prior and
+    MoVQ models load on G GPUs instead of N. Their cost is the idle part of the G prior + MoVQ
+    GPUs, under one GPU in all: small on many GPUs (8: 93% of the ceiling with the reference
+    FLOP shares, 64: 98%), too much on few (2: 53%), hence the threshold.
+    """
+    if gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    shared = shared_layout(costs, gpus)
+    if gpus == 1:
+        return shared
+    dedicated = dedicated_layout(costs, gpus)
+    return dedicated if dedicated.images_per_s >= DEDICATED_MIN_EFFICIENCY * dedicated.ceiling else shared
+
+
+def cpu_layout(costs: dict[str, StageCost], cpus: int) -> Layout:
+    """The placement on `cpus` CPU cores (costs: per stage, one actor with its `threads` threads).
+
+    Starting from one actor per stage, the slowest pool gets another actor while the actors' threads
+    fit the cores; images/s is then capped by the cores' total work (cpus / Σ threads·t). Ray
+    reservations follow the threads, scaled to (cpus - 1): the project's rule that the actors reserve
+    at most one CPU less than the cluster has (pipelines/generate.py, check_resources).
+    """
+    if cpus < 2:
+        raise ValueError(f"--cpus must be at least 2 (the actors may reserve at most cpus - 1), got {cpus}")
+    actors = {name: 1 for name in costs}
+    threads = lambda: sum(actors[name] * c.threads for name, c in costs.items())
+    while True:
+        slowest = min(costs, key=lambda name: actors[name] / costs[name].seconds_per_row)
+        if threads() + costs[slowest].threads > cpus:
+            break
+        actors[slowest] += 1
+    scale = (cpus - 1) / threads()
+    stages = {name: StagePlacement(actors=actors[name], batch_size=c.batch_size,
+                                   rows_per_s=actors[name] / c.seconds_per_row,
+                                   num_cpus=hundredths(c.threads * scale), torch_threads=c.threads,
+                                   max_tasks_in_flight=UNET_IN_FLIGHT if name == "decoder" else None)
+              for name, c in costs.items()}
+    ceiling = cpus / sum(c.threads * c.seconds_per_row for c in costs.values())
+    rule = f"{threads()} torch threads on {cpus} cores"
+    return Layout(cpus, "cpu", rule, stages, ceiling)
+
