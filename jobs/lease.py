@@ -4,7 +4,8 @@ A run takes the lease before it writes anything and renews it from a background 
 third of its time to live (`output.lease_ttl_s`). A second run of the same output finds the lease
 held and exits at once (exit code 3), or with --wait polls until it is free. A lease whose owner
 stopped renewing (killed, or its machine lost) expires and is taken over by the next run, which
-then resumes the output like any rerun.
+then resumes the output like any rerun; an owner that ran on the same machine and whose process is
+gone is taken over at once (a driver killed and rerun in place).
 
 Atomicity, by store:
 - S3 (and stores that speak its API): conditional writes. Taking a free lease is a PutObject with
@@ -103,7 +104,7 @@ class Lease:
     def _try_take(self) -> bool:
         """Take the lease if it is free or expired; False if a live run holds it."""
         record, version = self._read()
-        if record is not None and record.get("expires_at_epoch", 0) > _now():
+        if record is not None and record.get("expires_at_epoch", 0) > _now() and not _owner_died_here(record):
             return False
         if record is not None:
             log.warning("taking over the lease of output %s from a run that stopped renewing it (%s)",
@@ -180,6 +181,21 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _owner_died_here(record: dict) -> bool:
+    """The lease's owner ran on this machine and its process is gone (a killed driver, resumed at
+    once on the same machine): no need to wait for the lease to expire. A lease from another machine
+    can only expire. A reused pid looks alive, which only means waiting for the expiry."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process: alive
+        return False
+    return False
 
 
 def _iso(epoch: float) -> str:

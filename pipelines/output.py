@@ -121,9 +121,11 @@ def read_records(fs, path: str) -> list[dict]:
 
 
 def entries(fs, folder: str) -> list[dict]:
-    """Every file below `folder`, freshly listed: s3fs caches listings per filesystem instance,
-    and the driver's instance would otherwise still show data/ as it was before the run wrote."""
-    fs.invalidate_cache(folder)
+    """Every file below `folder`, freshly listed: s3fs caches listings (and with them ETags) per
+    filesystem instance, and the driver's instance would otherwise still show data/ as it was
+    before the run wrote. Its invalidate_cache(path) drops the path and its parents only, not the
+    per-file folders below it, so the whole cache goes."""
+    fs.invalidate_cache()
     try:
         found = fs.find(folder, detail=True)
     except FileNotFoundError:

@@ -38,8 +38,9 @@ def title(pid: int) -> str:
 
 
 def ids_in(folder: str) -> list[str]:
-    """Every row id in folder/*.parquet, duplicates kept (hidden .tmp- files are not matched, as for any reader)."""
-    return [i for path in sorted(glob.glob(f"{folder}/*.parquet"))
+    """Every row id in folder/*/*.parquet (a folder per manifest file), duplicates kept (hidden .tmp- files
+    are not matched, as for any reader)."""
+    return [i for path in sorted(glob.glob(f"{folder}/*/*.parquet"))
             for i in pq.read_table(path, columns=["id"])["id"].to_pylist()]
 
 

@@ -210,7 +210,9 @@ class Sequence:
     def snapshot(self) -> dict[str, bytes]:
         self.fs.invalidate_cache()
         out = self._key(self.out)
-        return {k: self.fs.cat_file(k) for k in self.fs.find(out)} if self.fs.exists(out) else {}
+        # The lease is not output: a refused run may take over a killed run's expired lease and give it back.
+        return {k: self.fs.cat_file(k) for k in self.fs.find(out) if not k.endswith("/_LEASE.json")} \
+            if self.fs.exists(out) else {}
 
     def shards(self) -> list[str]:
         self.fs.invalidate_cache()

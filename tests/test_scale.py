@@ -111,6 +111,37 @@ def test_of_two_racing_runs_exactly_one_takes_the_lease(where, tmp_path, s3):
         assert not fs.exists(f"{root}/_LEASE.json")
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_lease_from_another_machine_expires_one_from_a_dead_local_process_does_not_wait(where, tmp_path, s3):
+    fs, _ = s3
+    root = str(tmp_path / "out") if where == "local" else "kandinsky/lease-expiry/out"
+    fs = fs if where == "s3" else url_to_fs(root)[0]
+    fs.makedirs(root, exist_ok=True)
+
+    def plant(host, pid, ttl):
+        fs.pipe_file(f"{root}/_LEASE.json", json.dumps({"owner": "x", "host": host, "pid": pid,
+                                                         "expires_at_epoch": time.time() + ttl}).encode())
+        fs.invalidate_cache()
+
+    plant("another-machine", os.getpid(), 2)
+    with pytest.raises(LeaseHeld, match="another-machine"):
+        Lease(fs, root, 30, root).acquire()
+    started = time.monotonic()
+    lease = Lease(fs, root, 30, root)
+    lease.acquire(wait=True, poll_s=0.2)  # taken over once expired, not before
+    assert 1.5 < time.monotonic() - started < 10
+    lease.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    plant(__import__("socket").gethostname(), dead.pid, 600)  # this machine, its process gone: at once
+    lease = Lease(fs, root, 30, root)
+    lease.acquire()
+    lease.release()
+    plant(__import__("socket").gethostname(), os.getpid(), 600)  # this machine, alive: held
+    with pytest.raises(LeaseHeld):
+        Lease(fs, root, 30, root).acquire()
+
+
 def test_a_second_run_exits_3_or_waits(ray_cluster, model_cache, tmp_path, capsys):
     from jobs.cli import main
 
