@@ -38,6 +38,8 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
     options = {name: True for name in ("channels_last", "compile") if getattr(model, name)}
     return {
         **({"model_options": options} if options else {}),
+        # Fused stages run at the decoder section's thread count: recorded when on, as the options above.
+        **({"fuse_stages": True} if config.fuse_stages else {}),
         "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in PARTS},
         "libraries": library_versions(),
         "dtype": model.dtype,

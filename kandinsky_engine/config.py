@@ -258,6 +258,14 @@ class JobConfig(_Strict):
         "any). Stages keep only the models these tasks need: without mix or variation rows the prior frees the "
         "CLIP image encoder once it has computed the zero-image embedding.",
     )
+    fuse_stages: bool = Field(
+        False,
+        description="Run every model stage in one actor pool, scheduled by the `decoder` section (actors, "
+        "num_cpus, num_gpus, torch_threads); each stage keeps its batch size. For CPU machines and single "
+        "GPUs: one process per replica loads every model once and hands no blocks between pools, so start-up "
+        "and fill are shorter. Images are the same bytes as with a pool per stage at the same thread counts. "
+        "See README, Benchmark.",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to attach to; default RAY_ADDRESS, else a local cluster is started."
     )

@@ -115,6 +115,31 @@ class Chunked:
         return out
 
 
+class Fused:
+    """Every model stage of the job in one actor: each stage wrapped in its own Chunked (its batch
+    size, its OOM splitting), applied in order to the block. `stages`: [(stage class, batch size,
+    constructor kwargs)]. torch's thread count is per process: the last stage's setting would win,
+    so it is set once more from `threads`."""
+
+    def __init__(self, stages: list, threads: int, **kwargs):
+        import torch
+
+        self.stages = [Chunked(cls, batch_size, **kwargs, **extra) for cls, batch_size, extra in stages]
+        torch.set_num_threads(threads)
+
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for stage in self.stages:
+            block = stage(block)
+        return block
+
+
+def fused_config(config: JobConfig, stages: list) -> JobConfig:
+    """The config the stages of a fused actor see: every used stage scheduled as the decoder section
+    (threads, GPU share, memory cap), each keeping its batch size."""
+    scheduling = config.decoder.model_dump(exclude={"batch_size"})
+    return config.model_copy(update={name: stage.model_copy(update=scheduling) for name, _, stage in stages})
+
+
 def _release_memory() -> None:
     import gc
 
@@ -187,10 +212,12 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
     every stage's num_gpus (device.check_devices).
     """
     stages = {name: stage for name, _, stage in model_stages(config, manifest)}
+    if config.fuse_stages:  # one pool, scheduled by the decoder section
+        stages = {"decoder": config.decoder}
+    check_devices(config, list(stages))
     cpus = sum(s.num_cpus * s.actors for s in stages.values())
     gpus = sum(s.num_gpus * s.actors for s in stages.values())
     have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
-    check_devices(config, list(stages))
     tolerance = 1e-9  # sums of fractions: 0.2 + 0.4 + 0.3 + 0.1 is 1.0000000000000002
     if cpus > have_cpus - 1 + tolerance:
         detail = ", ".join(f"{n} {s.actors}x{s.num_cpus}" for n, s in stages.items())
@@ -215,9 +242,15 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
     if manifest.tasks & set(FETCH_TASKS):
         ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0].path},
                             batch_format="numpy", num_cpus=IO_CPUS)
-    for _, stage_class, stage in model_stages(config, manifest):
-        extra = {"encode": False} if stage_class is MovqStage else {}  # encoded below, off the model actors
-        ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, **extra))
+    stages = model_stages(config, manifest)
+    extra = lambda cls: {"encode": False} if cls is MovqStage else {}  # noqa: E731 (encoded below, off the model actors)
+    if config.fuse_stages:
+        args = stage_args(None, config.decoder, fused_config(config, stages))
+        args["fn_constructor_kwargs"] = {"config": fused_config(config, stages), "threads": config.decoder.threads(),
+                                         "stages": [(cls, stage.batch_size, extra(cls)) for _, cls, stage in stages]}
+        ds = ds.map_batches(Fused, **args)
+    for _, stage_class, stage in [] if config.fuse_stages else stages:
+        ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, **extra(stage_class)))
     # Plain CPU tasks: an actor that holds a GPU never waits on zlib, and encoding scales with the
     # cluster's CPUs instead of the MoVQ pool's size.
     return ds.map_batches(encode_images, fn_kwargs={"output": config.output}, batch_size=None,

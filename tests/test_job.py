@@ -97,6 +97,19 @@ def test_rerun_gives_byte_identical_images(first_run):
     assert {k: r["image"] for k, r in again.items()} == {k: r["image"] for k, r in rows.items()}
 
 
+def test_fused_stages_on_two_actors_give_the_same_bytes(first_run):
+    """fuse_stages: every model stage in one actor pool (two actors here); same units, same batch
+    sizes and thread counts as the pooled run, so the same bytes, whichever actor took a unit."""
+    config, _, rows, _ = first_run
+    fused = config.model_copy(update={"fuse_stages": True, "decoder": config.decoder.model_copy(update={"actors": 2}),
+                                      "output": config.output.model_copy(update={"path": config.output.path + "-fused"})})
+    summary = run_job(fused)
+    again, count = read_output(fused.output.path)
+    assert count == summary["rows"] == 14
+    assert {k: r["image"] for k, r in again.items()} == {k: r["image"] for k, r in rows.items()}
+    assert "MapBatches(Fused)" in summary["ray_data_stats"] and "PriorStagePool" not in summary["ray_data_stats"]
+
+
 def test_rerun_resumes_and_a_changed_job_is_refused(first_run):
     from jobs.resume import FingerprintMismatch
 
