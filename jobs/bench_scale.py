@@ -52,7 +52,8 @@ def plan(sizes: list[int], workdir: Path, cache_dir: str) -> list[dict]:
         if done.returncode or line is None:
             raise RuntimeError(f"dry run of {rows} rows failed ({done.returncode}): {done.stderr[-2000:]}")
         report = json.loads(line[len("dry run: "):])
-        results.append({"rows": rows, "files": report["files"], "driver_peak_rss_mb": report["driver_peak_rss_mb"],
+        results.append({"rows": rows, "files": report["files"], "read_tasks": report["read_tasks"],
+                        "units": report["units_in_scope"], "driver_peak_rss_mb": report["driver_peak_rss_mb"],
                         "plan_s": round(seconds, 1), "ray_startup_s": report["ray_startup_s"]})
         print(json.dumps(results[-1]), flush=True)
     return results

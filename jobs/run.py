@@ -123,7 +123,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
                     "are", len(found.gone), path, ", ".join(list(found.gone)[:5]))
     check_resources(config, manifest, ray.cluster_resources())
     if dry_run:
-        return _dry_run_report(manifest, stops, found, rows_per_block, ray_startup_s)
+        return _dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s)
     if mode == "overwrite":
         remove_owned(fs, root)
     if mode != "resume":
@@ -217,11 +217,24 @@ def limit_stops(files: list, limit: int | None, rows_per_block: int) -> list[int
     return stops
 
 
-def _dry_run_report(manifest, stops, found, rows_per_block, ray_startup_s) -> dict:
+def _dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s) -> dict:
+    """What a run would do. The read tasks are built as a run builds them (they are most of the
+    driver's plan at scale), so the peak RSS reported is the run's."""
     import resource
 
+    from pipelines.output import FilePlan
+    from pipelines.read import ManifestUnits
+    from kandinsky_engine.units import file_key
+
     committed = sum(len(v) for k, v in found.data.items())
-    return {"dry_run": True, "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "manifest_rows": manifest.num_rows, "files": len(manifest.files),
+    done = {}
+    for unit in found.data:
+        key, start = unit.rsplit("/", 1)
+        done.setdefault(key, set()).add(int(start))
+    plans = [FilePlan(f, stop, done.get(file_key(f.relpath), set())) for f, stop in zip(manifest.files, stops)]
+    read_tasks = len(ManifestUnits(plans, rows_per_block, config.storage_options).get_read_tasks(-1))
+    return {"dry_run": True, "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "manifest_rows": manifest.num_rows, "files": len(manifest.files), "read_tasks": read_tasks,
             "rows_in_scope": sum(stops), "units_in_scope": sum(-(-s // rows_per_block) for s in stops),
             "committed_shards": committed, "failing_validation": len(manifest.row_errors),
             "changed_files": sorted(found.changed), "ray_startup_s": round(ray_startup_s, 3)}
