@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/kandinsky-batch run configs/demo.yaml --overwrite
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=30
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/kandinsky-batch bench --rows 64 --steps 10

@@ -60,7 +60,7 @@ def start_cluster() -> tuple[Cluster, dict]:
 
 def main(cluster: Cluster, workers: dict, cache: str, work: Path) -> dict:
     manifest = write_manifest(work / "manifest.parquet", [{"id": f"row-{i:03d}", "prompt": f"p {i}"} for i in range(ROWS)])
-    config = make_config(cache, manifest, str(work / "out"), input={"rows_per_block": 4}, defaults=SLOW)
+    config = make_config(cache, manifest, str(work / "out"), fuse_stages=False, input={"rows_per_block": 4}, defaults=SLOW)
     started = time.monotonic()
     job = Background(lambda: run_job(config, address=cluster.address))
     job.start()

@@ -49,7 +49,7 @@ def busy_decoder(job: Background, killed: set[int]) -> dict:
 
 def test_decoder_actor_killed_three_times(ray_cluster, model_cache, tmp_path):
     path, ids = manifest(tmp_path)
-    config = make_config(model_cache, path, str(tmp_path / "out"), input={"rows_per_block": 4}, defaults=SLOW)
+    config = make_config(model_cache, path, str(tmp_path / "out"), fuse_stages=False, input={"rows_per_block": 4}, defaults=SLOW)
     started = time.monotonic()
     job = Background(lambda: run_job(config))
     job.start()

@@ -41,7 +41,7 @@ def first_run(ray_cluster, model_cache, tmp_path_factory):
     manifest = write_manifest(tmp / "manifest.parquet", manifest_rows(14))
     # Blocks of 6 rows, split by the stages into 2s, 4s and 3s: the rerun test below then shows
     # that a row's batch-mates (and so its pixels) do not depend on how Ray bundles blocks.
-    config = make_config(model_cache, manifest, str(tmp / "out"),
+    config = make_config(model_cache, manifest, str(tmp / "out"), fuse_stages=False,  # a pool per stage, the default
                          input={"rows_per_block": 6}, prior={"batch_size": 2}, movq={"batch_size": 3})
     summary = run_job(config)
     return config, summary, *read_output(config.output.path)
@@ -108,6 +108,7 @@ def test_fused_stages_on_two_actors_give_the_same_bytes(first_run):
     assert count == summary["rows"] == 14
     assert {k: r["image"] for k, r in again.items()} == {k: r["image"] for k, r in rows.items()}
     assert "MapBatches(Fused)" in summary["ray_data_stats"] and "PriorStagePool" not in summary["ray_data_stats"]
+    assert "MapBatches(PriorStagePool)" in first_run[1]["ray_data_stats"]
 
 
 def test_rerun_resumes_and_a_changed_job_is_refused(first_run):

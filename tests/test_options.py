@@ -72,7 +72,7 @@ def test_inductor_movq_decode_stays_within_a_level_of_eager(model_cache, tmp_pat
 
 def test_channels_last_stays_within_a_level(model_cache, tmp_path):
     torch.set_num_threads(1)
-    plain = make_config(model_cache, "m.parquet", str(tmp_path))
+    plain = make_config(model_cache, "m.parquet", str(tmp_path), fuse_stages=False)
     config = plain.model_copy(update={"model": plain.model.model_copy(update={"channels_last": True})})
     prior = PriorStage(plain)
     decoder, movq = DecoderStage(config), MovqStage(config)
@@ -125,7 +125,7 @@ def test_gpu_reservations_add_up_with_a_tolerance(model_cache, tmp_path):
     from kandinsky_engine.manifest import Manifest
     from pipelines.generate import check_resources
 
-    manifest = Manifest(files=[], num_rows=1, columns=["id", "prompt"], tasks={"controlnet"}, filesystem=None)
+    manifest = Manifest(files=[], tasks={"controlnet"}, filesystem=None)
     config = gpu_config(model_cache, tmp_path, prior=0.2, hint=0.4, decoder=0.3, movq=0.1)
     assert sum(getattr(config, s).num_gpus for s in ("prior", "hint", "decoder", "movq")) > 1
     check_resources(config, manifest, {"CPU": 8, "GPU": 1})
@@ -138,7 +138,7 @@ def test_cuda_device_must_suit_every_used_stage(model_cache, tmp_path):
     from kandinsky_engine.manifest import Manifest
     from pipelines.generate import check_resources
 
-    text = Manifest(files=[], num_rows=1, columns=["id", "prompt"], tasks={"controlnet"}, filesystem=None)
+    text = Manifest(files=[], tasks={"controlnet"}, filesystem=None)
     cluster = {"CPU": 8, "GPU": 2}
     shares = dict(prior=0.2, hint=0.2, decoder=0.4, movq=0.2)
     check_resources(gpu_config(model_cache, tmp_path, **shares), text, cluster)
@@ -172,12 +172,13 @@ def test_attention_backends_name_the_kernel_of_every_attention_module():
 def test_options_that_change_bits_are_in_the_run_fingerprint(model_cache, tmp_path):
     """A resumed run must compute like the first one: compile and channels_last change float results,
     so they change the fingerprint; a run without them keeps the fingerprint it always had."""
-    from jobs.resume import fingerprint, fingerprint_inputs
-    from kandinsky_engine.manifest import Manifest
+    import pyarrow as pa
 
-    manifest = Manifest(files=["m.parquet"], num_rows=1, columns=["id", "prompt"], tasks={"text2img"}, filesystem=None)
+    from jobs.resume import fingerprint, fingerprint_inputs
+
+    manifest = pa.schema([("id", pa.string()), ("prompt", pa.string())])  # the manifest's unified schema
     weights = {"prior": "p", "decoder": "d", "depth": "h"}
-    plain = make_config(model_cache, "m.parquet", str(tmp_path))
+    plain = make_config(model_cache, "m.parquet", str(tmp_path), fuse_stages=False)
     inputs = fingerprint_inputs(plain, manifest, weights)
     assert "model_options" not in inputs
     prints = {fingerprint(inputs)}
@@ -186,4 +187,8 @@ def test_options_that_change_bits_are_in_the_run_fingerprint(model_cache, tmp_pa
         prints.add(fingerprint(fingerprint_inputs(config, manifest, weights)))
     scheduler = plain.model_copy(update={"defaults": plain.defaults.model_copy(update={"scheduler": "dpmpp"})})
     prints.add(fingerprint(fingerprint_inputs(scheduler, manifest, weights)))
-    assert len(prints) == 4
+    fused = plain.model_copy(update={"fuse_stages": True})  # stages at the decoder section's thread count
+    prints.add(fingerprint(fingerprint_inputs(fused, manifest, weights)))
+    png = plain.model_copy(update={"output": plain.output.model_copy(update={"png_compress_level": 1})})
+    prints.add(fingerprint(fingerprint_inputs(png, manifest, weights)))
+    assert len(prints) == 6

@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROWS, UNIT = 10, 2  # 5 units
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("width", pa.int64()), ("note", pa.string()),
                     ("rank", pa.int64())])
-SEQUENCES, STEPS = {"local": 2, "s3": 1}, 5
+SEQUENCES, STEPS = {"local": 1, "s3": 1}, 5
 RAN = {"local": 0, "s3": 0}
 MOVES: dict[str, Counter] = {"local": Counter(), "s3": Counter()}
 
