@@ -55,11 +55,16 @@ def encode_images(batch: dict[str, np.ndarray], output: OutputConfig) -> dict[st
     out = {k: v for k, v in batch.items() if k != "pixels"}
     errors = {name: batch[name].copy() for name in ERROR_COLUMNS}
     images = []
+    upstream = failed(batch)  # their error stays as it is; Ray may hand their empty cells over as NaN
     for i, (raw, h, w) in enumerate(zip(batch["pixels"], batch["image_height"], batch["image_width"])):
+        if upstream[i]:
+            images.append(None)
+            continue
         try:
-            pixels = None if raw is None else np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3)
-            images.append(None if raw is None else encode_image(pixels, output.image_format, output.quality,
-                                                                output.png_compress_level))
+            if not isinstance(raw, (bytes, bytearray, memoryview)):
+                raise ValueError(f"no decoded pixels reached the encoder (got {type(raw).__name__})")
+            pixels = np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3)
+            images.append(encode_image(pixels, output.image_format, output.quality, output.png_compress_level))
         except Exception as exc:
             images.append(None)
             for name, value in zip(ERROR_COLUMNS, ("encode_images", type(exc).__name__, str(exc)[:2000])):

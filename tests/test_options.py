@@ -116,8 +116,8 @@ def test_memory_fraction_follows_the_gpu_share():
 def gpu_config(model_cache, tmp_path, device="cuda", **shares):
     """A ControlNet job's config with these GPU shares (prior=0.2, ...)."""
     sections = {name: {"num_gpus": share} for name, share in shares.items()}
-    return make_config(model_cache, "m.parquet", str(tmp_path), model={"device": device, "decoder": "tiny-controlnet"},
-                       **sections)
+    return make_config(model_cache, "m.parquet", str(tmp_path), fuse_stages=False,  # a pool per stage, each its share
+                       model={"device": device, "decoder": "tiny-controlnet"}, **sections)
 
 
 def test_gpu_reservations_add_up_with_a_tolerance(model_cache, tmp_path):
@@ -150,6 +150,12 @@ def test_cuda_device_must_suit_every_used_stage(model_cache, tmp_path):
     with pytest.raises(ValueError, match=r"model.device is 'cuda:1'.*use model.device: cuda"):
         check_resources(gpu_config(model_cache, tmp_path, "cuda:1", **shares), text, cluster)
     check_resources(gpu_config(model_cache, tmp_path, "cpu"), text, {"CPU": 8})  # nothing to check on the CPU
+    # Fused stages: one pool, scheduled (and checked) by the decoder section alone.
+    fused = gpu_config(model_cache, tmp_path, **{**shares, "hint": 0}).model_copy(update={"fuse_stages": True})
+    check_resources(fused, text, cluster)
+    with pytest.raises(ValueError, match=r"decoder.num_gpus is 0"):
+        check_resources(fused.model_copy(update={"decoder": fused.decoder.model_copy(update={"num_gpus": 0})}), text,
+                        cluster)
 
 
 def test_attention_backends_name_the_kernel_of_every_attention_module():

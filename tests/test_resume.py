@@ -3,6 +3,8 @@ command is run again each time. The final output must equal an uninterrupted run
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import os
 import re
@@ -17,6 +19,9 @@ import pytest
 
 from jobs.run import run_job
 from tests.conftest import FAST, make_config, write_manifest
+
+# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
+make_config = partial(make_config, fuse_stages=False)
 
 pytestmark = pytest.mark.ray
 

@@ -15,6 +15,8 @@ a kill leaves is made directly, so that a sequence costs seconds, not a Ray star
 
 from __future__ import annotations
 
+from functools import partial
+
 import hashlib
 import io
 import json
@@ -32,6 +34,9 @@ from jobs.run import ManifestChanged, run_job
 from jobs.verify import verify
 from kandinsky_engine.storage import url_to_fs
 from tests.conftest import make_config
+
+# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
+make_config = partial(make_config, fuse_stages=False)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import logging
 import os
@@ -15,6 +17,9 @@ import pytest
 from jobs.run import run_job
 from kandinsky_engine.manifest import validate_manifest
 from tests.conftest import KEY, SECRET, make_config, png, put_manifest
+
+# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
+make_config = partial(make_config, fuse_stages=False)
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray

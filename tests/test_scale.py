@@ -3,6 +3,8 @@ files that change or are still being written."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import os
 import signal
@@ -19,6 +21,9 @@ from jobs.run import ManifestChanged, run_job
 from jobs.verify import verify
 from kandinsky_engine.storage import url_to_fs
 from tests.conftest import make_config, put_manifest, write_manifest
+
+# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
+make_config = partial(make_config, fuse_stages=False)
 
 pytestmark = pytest.mark.ray
 
