@@ -15,7 +15,6 @@ a kill leaves is made directly, so that a sequence costs seconds, not a Ray star
 
 from __future__ import annotations
 
-from functools import partial
 
 import hashlib
 import io
@@ -35,15 +34,12 @@ from jobs.verify import verify
 from kandinsky_engine.storage import url_to_fs
 from tests.conftest import make_config
 
-# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
-make_config = partial(make_config, fuse_stages=False)
-
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROWS, UNIT = 10, 2  # 5 units
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("width", pa.int64()), ("note", pa.string()),
                     ("rank", pa.int64())])
-SEQUENCES, STEPS = {"local": 1, "s3": 1}, 5
+SEQUENCES, STEPS = {"local": 1, "s3": 1}, 4
 RAN = {"local": 0, "s3": 0}
 MOVES: dict[str, Counter] = {"local": Counter(), "s3": Counter()}
 
