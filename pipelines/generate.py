@@ -245,12 +245,14 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
     stages = model_stages(config, manifest)
     extra = lambda cls: {"encode": False} if cls is MovqStage else {}  # noqa: E731 (encoded below, off the model actors)
     if config.fuse_stages:
-        args = stage_args(None, config.decoder, fused_config(config, stages))
-        args["fn_constructor_kwargs"] = {"config": fused_config(config, stages), "threads": config.decoder.threads(),
+        fused = fused_config(config, stages)
+        args = stage_args(None, config.decoder, fused)
+        args["fn_constructor_kwargs"] = {"config": fused, "threads": config.decoder.threads(),
                                          "stages": [(cls, stage.batch_size, extra(cls)) for _, cls, stage in stages]}
         ds = ds.map_batches(Fused, **args)
-    for _, stage_class, stage in [] if config.fuse_stages else stages:
-        ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, **extra(stage_class)))
+    else:
+        for _, stage_class, stage in stages:
+            ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, **extra(stage_class)))
     # Plain CPU tasks: an actor that holds a GPU never waits on zlib, and encoding scales with the
     # cluster's CPUs instead of the MoVQ pool's size.
     return ds.map_batches(encode_images, fn_kwargs={"output": config.output}, batch_size=None,

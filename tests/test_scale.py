@@ -87,12 +87,17 @@ def test_a_file_still_being_written_is_never_half_read(ray_cluster, model_cache,
 
 # --- one run at a time -----------------------------------------------------------------------
 
+def lease_root(where: str, tmp_path, s3, name: str):
+    """(filesystem, output root) for a lease test, on local disk or on the moto S3 server."""
+    root = str(tmp_path / "out") if where == "local" else f"kandinsky/{name}/out"
+    fs = s3[0] if where == "s3" else url_to_fs(root)[0]
+    fs.makedirs(root, exist_ok=True)
+    return fs, root
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_of_two_racing_runs_exactly_one_takes_the_lease(where, tmp_path, s3):
-    fs, options = s3
-    root = str(tmp_path / "out") if where == "local" else "kandinsky/lease-race/out"
-    fs = fs if where == "s3" else url_to_fs(root)[0]
-    fs.makedirs(root, exist_ok=True)
+    fs, root = lease_root(where, tmp_path, s3, "lease-race")
     for _ in range(5):
         leases, won = [Lease(fs, root, 30, root) for _ in range(4)], []
         barrier = threading.Barrier(len(leases))
@@ -118,10 +123,7 @@ def test_of_two_racing_runs_exactly_one_takes_the_lease(where, tmp_path, s3):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_lease_from_another_machine_expires_one_from_a_dead_local_process_does_not_wait(where, tmp_path, s3):
-    fs, _ = s3
-    root = str(tmp_path / "out") if where == "local" else "kandinsky/lease-expiry/out"
-    fs = fs if where == "s3" else url_to_fs(root)[0]
-    fs.makedirs(root, exist_ok=True)
+    fs, root = lease_root(where, tmp_path, s3, "lease-expiry")
 
     def plant(host, pid, ttl):
         fs.pipe_file(f"{root}/_LEASE.json", json.dumps({"owner": "x", "host": host, "pid": pid,
