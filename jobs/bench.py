@@ -63,7 +63,7 @@ def diffusers_loop(root: Path, rows: list[dict], defaults, batch_size: int, thre
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
-    from kandinsky_engine.movq import encode_image
+    from kandinsky_engine.stages.movq import encode_image
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -127,9 +127,10 @@ def counted(fn) -> tuple[int, object]:
 def run(args) -> dict:
     import torch
 
-    from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage, fullsize
+    from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
+    from kandinsky_engine.families.kandinsky22 import fullsize
     from kandinsky_engine.attention import attention_backends, summary
-    from kandinsky_engine.movq import movq_decode
+    from kandinsky_engine.stages.movq import movq_decode
     from kandinsky_engine.rows import latent_size
 
     started = time.perf_counter()

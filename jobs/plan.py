@@ -4,7 +4,7 @@ It measures each model stage's rows/s on this machine with the job's models, dev
 steps and batch sizes: the stage classes called directly, without Ray (as jobs/bench_gpu.py does),
 on synthetic text2img rows, one warm-up call and then the best of --repeats timed calls. Or, for a
 cluster you are not on, `--from-flops` estimates the stage times from the reference FLOPs of the
-full-size models (kandinsky_engine/reference/kandinsky22_configs.json) at the job's size and steps
+full-size models (kandinsky_engine/families/kandinsky22/reference/kandinsky22_configs.json) at the job's size and steps
 and --tflops per GPU. pipelines/placement.py turns the times into actors, GPU or CPU shares and
 blocks in flight per actor; this prints them with the predicted images/s, and `--write FILE`
 writes the stage sections as YAML to merge into the job config (`--full`: the whole config).
@@ -51,7 +51,7 @@ def flop_costs(config: JobConfig, tflops: float) -> dict[str, StageCost]:
     multiple of 64; their convolutions are linear in it, attention a little worse), U-Net and prior
     by steps, and x2 where guidance runs the unconditional half. The prior's text encoding counts
     twice, as in the reference's 212.6 TFLOP per image."""
-    from kandinsky_engine.fullsize import configs
+    from kandinsky_engine.families.kandinsky22.fullsize import configs
 
     ref, d = configs()["_flops_768"], config.defaults
     pixels = (64 * math.ceil(d.width / 64)) * (64 * math.ceil(d.height / 64)) / 768**2

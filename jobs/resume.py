@@ -13,13 +13,12 @@ import json
 from datetime import datetime, timezone
 
 from kandinsky_engine.config import JobConfig
-from kandinsky_engine.identity import PARTS, library_versions
+from kandinsky_engine.families import family_for
+from kandinsky_engine.identity import library_versions
 from kandinsky_engine.storage import redact, redact_url, url_to_fs
 from pipelines.output import RUN_FILE
 
 from .output_guard import OWNED_TEXT, is_empty
-
-STAGES = ("prior", "hint", "encode", "decoder", "movq")
 
 
 class FingerprintMismatch(RuntimeError):
@@ -33,6 +32,7 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
     manifest location that receives new files is the same job, and each file's identity is in its
     units' digests (kandinsky_engine/units.py)."""
     model = config.model
+    family = family_for(config)
     # Options that change float results; recorded only when on, so that runs without them keep the
     # fingerprint they had before these options existed.
     options = {name: True for name in ("channels_last", "compile") if getattr(model, name)}
@@ -40,18 +40,27 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         **({"model_options": options} if options else {}),
         # Fused stages run at the decoder section's thread count: recorded when on, as the options above.
         **({"fuse_stages": True} if config.fuse_stages else {}),
-        "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in PARTS},
+        # Recorded when not 2.2, so that 2.2 runs keep the fingerprint they had before families existed.
+        **({"family": family.name} if family.name != "kandinsky22" else {}),
+        "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in family.parts},
         "libraries": library_versions(),
         "dtype": model.dtype,
         "device": model.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
-        "defaults": config.defaults.model_dump(mode="json"),
+        "defaults": defaults_of(config),
         "output": config.output.model_dump(mode="json", include={"image_format", "quality", "png_compress_level", "size_policy"}),
         "rows_per_block": config.rows_per_block(),
-        "batch_size": {s: getattr(config, s).batch_size for s in STAGES},
-        "torch_threads": {s: getattr(config, s).threads() for s in STAGES},
+        "batch_size": {s: getattr(config, s).batch_size for s in family.sections},
+        "torch_threads": {s: getattr(config, s).threads() for s in family.sections},
         "manifest": {"location": redact_url(config.input.manifest),
                      "schema": [[f.name, str(f.type)] for f in schema]},
     }
+
+
+def defaults_of(config: JobConfig) -> dict:
+    defaults = config.defaults.model_dump(mode="json")
+    if not defaults["task_defaults"]:  # as before per-task defaults existed (Kandinsky 2.2 has none)
+        del defaults["task_defaults"]
+    return defaults
 
 
 def fingerprint(inputs: dict) -> str:

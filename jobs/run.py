@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from kandinsky_engine.columns import output_schema
 from kandinsky_engine.config import JobConfig
+from kandinsky_engine.families import resolve_family
 from kandinsky_engine.identity import model_identity, weights_digests
 from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema, validate_manifest
 from kandinsky_engine.model_cache import check_cache_dir
@@ -70,10 +71,12 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     overwrite = overwrite or overwrite_unowned
     with access_checked(config.output.path, config.storage_options, "checking output"):
         check_target(config, overwrite=overwrite, unowned=overwrite_unowned, config_file=config_file)
-    for part in ("prior", "decoder"):
-        # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
-        check_source(getattr(config.model, part), part, config.model.cache_dir, config.storage_options)
-    weights = weights_digests(config.model, config.storage_options)
+    # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
+    check_source(config.model.decoder, "decoder", config.model.cache_dir, config.storage_options)
+    config, family = resolve_family(config)  # the decoder's pipeline names it; from here on, the stages' config
+    if "prior" in family.parts:
+        check_source(config.model.prior, "prior", config.model.cache_dir, config.storage_options)
+    weights = weights_digests(config.model, config.storage_options, family.parts)
     inputs = fingerprint_inputs(config, schema_in, weights)
     with access_checked(config.output.path, config.storage_options, "checking output"):
         path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)

@@ -162,6 +162,7 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     `config` (whose storage options then reach the manifest, output and models)."""
     from kandinsky_engine.columns import output_schema
     from kandinsky_engine.config import JobConfig
+    from kandinsky_engine.families import resolve_family
     from kandinsky_engine.identity import weights_digests
     from kandinsky_engine.manifest import validate_manifest
 
@@ -178,8 +179,10 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
             return Check(problems=[f"{path}/_RUN.json records no config (older version): pass --config JOB.yaml"])
         config = JobConfig.model_validate({**run["config"], "storage_options": {}})
     config = config.model_copy(update={"output": config.output.model_copy(update={"path": path})})
+    config, family = resolve_family(config)
     manifest = validate_manifest(config)
-    inputs = fingerprint_inputs(config, manifest.schema, weights_digests(config.model, config.storage_options))
+    weights = weights_digests(config.model, config.storage_options, family.parts)
+    inputs = fingerprint_inputs(config, manifest.schema, weights)
     problems = []
     if fingerprint(inputs) != run["fingerprint"]:
         changed = "; ".join(differences(run["inputs"], inputs)[:10])

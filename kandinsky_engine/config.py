@@ -22,13 +22,8 @@ from .uri_policy import canonical
 TINY = "tiny"
 HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
-# Tasks, and which decoder runs them (a job loads one decoder; see models.decoder_kind).
-DECODER_TASKS = {
-    "standard": ("text2img", "img2img", "mix", "variation"),
-    "inpaint": ("inpaint",),
-    "controlnet": ("controlnet", "controlnet_img2img"),
-}
-TASKS = tuple(t for tasks in DECODER_TASKS.values() for t in tasks)
+# Every task of every family; which ones a job's weights can run is the family's (kandinsky_engine/families/).
+TASKS = ("text2img", "img2img", "mix", "variation", "inpaint", "controlnet", "controlnet_img2img")
 
 
 class _Strict(BaseModel):
@@ -55,6 +50,11 @@ class ModelConfig(_Strict):
         description="Depth estimator for ControlNet rows without a hint: 'tiny', a local or remote transformers "
         "directory, "
         "or a hub id such as 'Intel/dpt-hybrid-midas'.",
+    )
+    family: str = Field(
+        "auto", description="Model family: 'kandinsky22', 'kandinsky21' or 'kandinsky3', or 'auto' (default): "
+        "the family whose diffusers pipeline model.decoder's model_index.json names (`_class_name`). See README, "
+        "Model families.",
     )
     device: str = Field("cpu", description="torch device for every stage: 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -147,6 +147,12 @@ class GenerationDefaults(_Strict):
     strength: float = Field(
         0.3, ge=0, le=1, description="img2img and variation: the share of the schedule re-run from the input "
         "(1 = ignore it), as diffusers."
+    )
+    task_defaults: dict[Literal[TASKS], dict[str, int | float]] = Field(
+        default_factory=dict,
+        description="Per-task defaults, {task: {field: value}}, for rows of that task without the column, e.g. "
+        "{img2img: {guidance_scale: 7.0}}. The model family fills in its pipelines' own (Kandinsky 2.1's img2img "
+        "guides at 7.0) unless the field is set here or above.",
     )
     scheduler: Literal[tuple(SCHEDULERS)] = Field(
         "ddpm",
@@ -243,7 +249,11 @@ class JobConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     # On a GPU box give each stage num_gpus (fractions share one GPU) and larger batches.
-    prior: StageConfig = Field(default_factory=StageConfig, description="Diffusion prior actors.")
+    prior: StageConfig = Field(default_factory=StageConfig, description="Diffusion prior actors (Kandinsky 2.x).")
+    text_encoder: StageConfig = Field(
+        default_factory=StageConfig, description="Text encoder actors of families whose U-Net reads text (Kandinsky "
+        "3's T5 encoder, its own pool: 8.7B parameters on the real model)."
+    )
     encode: StageConfig = Field(
         default_factory=StageConfig, description="MoVQ encoder actors (init images; only when a row needs one)."
     )

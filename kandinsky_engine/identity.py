@@ -26,7 +26,7 @@ from .storage import redact_url
 # Libraries whose version can change pixels: the maths (torch), the pipelines' semantics
 # (diffusers, transformers) and the encoders (Pillow: PNG/JPEG/WebP bytes, resizing).
 LIBRARIES = ("torch", "diffusers", "transformers", "Pillow")
-PARTS = ("prior", "decoder", "depth")
+PARTS = ("prior", "decoder", "depth")  # Kandinsky 2.2's; a family names its own
 
 
 def library_versions() -> dict[str, str]:
@@ -96,12 +96,14 @@ def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict
     return directory_digest(local, cache_dir)
 
 
-def weights_digests(model: ModelConfig, storage_options: dict | None = None) -> dict[str, str]:
-    return {part: weights_digest(getattr(model, part), part, model.cache_dir, storage_options) for part in PARTS}
+def weights_digests(model: ModelConfig, storage_options: dict | None = None,
+                    parts: tuple[str, ...] = PARTS) -> dict[str, str]:
+    """{part: digest} of the model parts a job's family reads (families.Family.parts)."""
+    return {part: weights_digest(getattr(model, part), part, model.cache_dir, storage_options) for part in parts}
 
 
 def model_identity(model: ModelConfig, digests: dict[str, str]) -> dict[str, str]:
     """What every output row records about its weights: the source as configured (the URL, not the
     node's cache path, without any user:password@) and the first 16 hex chars of its digest."""
     return {f"{part}_model": f"{redact_url(getattr(model, part))}@{digests[part][:16]}"
-            for part in PARTS}
+            for part in digests}

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401 (MIX_ITEM: re-exported)
 from .config import JobConfig
 from .model_cache import VERSION_FIELDS
-from .models import supported_tasks
+from .families import supported_tasks
 from .row_checks import check_rows, tasks_of
 from .storage import access_checked, is_object_store, redact, url_to_fs
 from .units import Unit, file_units

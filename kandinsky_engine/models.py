@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DECODER_TASKS, TINY, ModelConfig
+from .config import TINY, ModelConfig
 from .model_cache import is_remote, mirror, read_json, remote_listing
 from .tiny import ensure_tiny_model
 
@@ -75,22 +75,11 @@ def load_asset(cls, model: ModelConfig, part: str, subfolder: str, storage_optio
     return cls.from_pretrained(source, subfolder=subfolder)
 
 
-def decoder_kind(model: ModelConfig, storage_options: dict | None = None) -> str:
-    """Which decoder `model.decoder` is, from its U-Net config alone (no weights loaded; for a
-    remote decoder only unet/config.json is read, nothing is mirrored)."""
+def unet_config(model: ModelConfig, storage_options: dict | None = None) -> dict:
+    """model.decoder's U-Net config alone (no weights loaded; for a remote decoder only
+    unet/config.json is read, nothing is mirrored)."""
     from diffusers import UNet2DConditionModel
 
     if is_remote(model.decoder):
-        unet = read_json(model.decoder, "unet/config.json", storage_options)
-    else:
-        unet = UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir),
-                                                subfolder="unet")
-    if unet.get("in_channels") == 9:
-        return "inpaint"
-    if unet.get("addition_embed_type") == "image_hint":
-        return "controlnet"
-    return "standard"
-
-
-def supported_tasks(model: ModelConfig, storage_options: dict | None = None) -> tuple[str, ...]:
-    return DECODER_TASKS[decoder_kind(model, storage_options)]
+        return read_json(model.decoder, "unet/config.json", storage_options)
+    return UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir), subfolder="unet")

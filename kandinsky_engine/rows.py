@@ -56,17 +56,23 @@ def resolve_params(table, defaults: GenerationDefaults) -> tuple[dict, dict[int,
     arrow_types = {str: pa.string(), int: pa.int64(), float: pa.float64()}
     n, ids = table.num_rows, table["id"].to_pylist()
     columns, problems = {}, {}
+    tasks = None  # the rows' resolved tasks: `task` comes first, and picks the per-task defaults
     for name, kind in PARAM_COLUMNS.items():
         given = table[name].to_pylist() if name in table.column_names else [None] * n
         values = []
         for i, value in enumerate(given):
-            if value is None:
-                value = derive_seed(defaults.seed, ids[i]) if name == "seed" else getattr(defaults, name)
+            if value is None and name == "seed":
+                value = derive_seed(defaults.seed, ids[i])
+            elif value is None:
+                per_task = defaults.task_defaults.get(tasks[i], {}) if tasks else {}
+                value = per_task.get(name, getattr(defaults, name))
             if kind is int and not INT64_MIN <= value <= INT64_MAX:
                 problems.setdefault(i, f"column '{name}' is {value}, outside the int64 range")
                 value = 0
             values.append(value)
         columns[name] = pa.array(values, arrow_types[kind])
+        if name == "task":
+            tasks = values
     return columns, problems
 
 

@@ -1,5 +1,5 @@
-"""The generation plan: manifest -> resolve -> [fetch inputs] -> prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ
--> encode images (CPU tasks).
+"""The generation plan: manifest -> resolve -> [fetch inputs] -> the model family's stages (Kandinsky 2.2:
+prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ) -> encode images (CPU tasks).
 
 The builder only describes the lazy Ray Data plan; nothing runs until the caller writes it.
 """
@@ -10,14 +10,14 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
-from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
+from kandinsky_engine import JobConfig
 from kandinsky_engine.columns import passthrough_fields
 from kandinsky_engine.config import StageConfig
 from kandinsky_engine.device import check_devices
-from kandinsky_engine.hint import CONTROLNET_TASKS, HintStage
-from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, fetch_inputs
+from kandinsky_engine.families import family_for
+from kandinsky_engine.inputs import FETCH_TASKS, fetch_inputs
 from kandinsky_engine.manifest import Manifest
-from kandinsky_engine.movq import encode_images
+from kandinsky_engine.stages.movq import MovqStage, encode_images
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
 
 from .output import FilePlan
@@ -137,7 +137,7 @@ def fused_config(config: JobConfig, stages: list) -> JobConfig:
     """The config the stages of a fused actor see: every used stage scheduled as the decoder section
     (threads, GPU share, memory cap), each keeping its batch size."""
     scheduling = config.decoder.model_dump(exclude={"batch_size"})
-    return config.model_copy(update={name: stage.model_copy(update=scheduling) for name, _, stage in stages})
+    return config.model_copy(update={name: stage.model_copy(update=scheduling) for name, _, stage, _ in stages})
 
 
 def _release_memory() -> None:
@@ -193,14 +193,11 @@ def stage_args(stage_class, stage: StageConfig, config: JobConfig, **stage_kwarg
     )
 
 
-def model_stages(config: JobConfig, manifest: Manifest) -> list[tuple[str, type, StageConfig]]:
-    """The actor stages this job needs, in order: hints and MoVQ encoding only when some row needs them."""
-    stages = [("prior", PriorStage, config.prior)]
-    if manifest.tasks & set(CONTROLNET_TASKS):
-        stages.append(("hint", HintStage, config.hint))
-    if manifest.tasks & set(IMAGE_TASKS):
-        stages.append(("encode", MovqEncodeStage, config.encode))
-    return stages + [("decoder", DecoderStage, config.decoder), ("movq", MovqStage, config.movq)]
+def model_stages(config: JobConfig, manifest: Manifest) -> list[tuple[str, type, StageConfig, dict]]:
+    """The actor stages of this job, in order: its model family's, for the tasks its rows run.
+    (section name, stage class, the section's StageConfig, constructor kwargs)."""
+    family = family_for(config)
+    return [(name, cls, getattr(config, name), kwargs) for name, cls, kwargs in family.stages(config, manifest.tasks)]
 
 
 def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> None:
@@ -211,7 +208,7 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
     stall silently). So the actors may reserve at most (cluster CPUs - 1). A CUDA device must suit
     every stage's num_gpus (device.check_devices).
     """
-    stages = {name: stage for name, _, stage in model_stages(config, manifest)}
+    stages = {name: stage for name, _, stage, _ in model_stages(config, manifest)}
     if config.fuse_stages:  # one pool, scheduled by the decoder section
         stages = {"decoder": config.decoder}
     check_devices(config, list(stages))
@@ -243,16 +240,19 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
         ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0].path},
                             batch_format="numpy", num_cpus=IO_CPUS)
     stages = model_stages(config, manifest)
-    extra = lambda cls: {"encode": False} if cls is MovqStage else {}  # noqa: E731 (encoded below, off the model actors)
+    # The MoVQ hands raw pixels on: they are encoded below, off the model actors.
+    extra = lambda cls, kwargs: {**kwargs, "encode": False} if cls is MovqStage else kwargs  # noqa: E731
     if config.fuse_stages:
         fused = fused_config(config, stages)
         args = stage_args(None, config.decoder, fused)
-        args["fn_constructor_kwargs"] = {"config": fused, "threads": config.decoder.threads(),
-                                         "stages": [(cls, stage.batch_size, extra(cls)) for _, cls, stage in stages]}
+        args["fn_constructor_kwargs"] = {
+            "config": fused, "threads": config.decoder.threads(),
+            "stages": [(cls, stage.batch_size, extra(cls, kwargs)) for _, cls, stage, kwargs in stages]}
         ds = ds.map_batches(Fused, **args)
     else:
-        for _, stage_class, stage in stages:
-            ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, **extra(stage_class)))
+        for _, stage_class, stage, kwargs in stages:
+            ds = ds.map_batches(pool_class(stage_class),
+                                **stage_args(stage_class, stage, config, **extra(stage_class, kwargs)))
     # Plain CPU tasks: an actor that holds a GPU never waits on zlib, and encoding scales with the
     # cluster's CPUs instead of the MoVQ pool's size.
     return ds.map_batches(encode_images, fn_kwargs={"output": config.output}, batch_size=None,

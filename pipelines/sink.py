@@ -16,7 +16,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from kandinsky_engine.columns import OUTPUT_TYPES, PASSTHROUGH_BLOB, unpack_passthrough
-from kandinsky_engine.hint import CONTROLNET_TASKS
+from kandinsky_engine.stages.hint import CONTROLNET_TASKS
 from kandinsky_engine.rows import is_null
 from kandinsky_engine.storage import redact_url, url_to_fs
 

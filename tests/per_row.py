@@ -1,6 +1,6 @@
 """The per-row denoising loops the engine ran before issue 10, kept as the reference of the vectorised ones.
 
-Copied from `DecoderStage._denoise` and `PriorStage._run_prior` at commit 283157c, with `self` made
+Copied from `DecoderStage._denoise` and `PriorStage.run_prior` at commit 283157c, with `self` made
 a `stage` argument. Three changes, none of which changes a bit of the old behaviour:
 - the decoder loop takes a scheduler class, and gives each row its own instance (multistep
   schedulers keep per-sample state; the old code shared one DDPMScheduler, which keeps none);
@@ -21,7 +21,7 @@ import torch
 from diffusers import DDPMScheduler, UnCLIPScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from kandinsky_engine.decoder import STRENGTH_TASKS
+from kandinsky_engine.stages.decoder import STRENGTH_TASKS
 from kandinsky_engine.inputs import unpack
 from kandinsky_engine.rows import generators, working_size
 

@@ -1,6 +1,6 @@
 """The full-size GPU benchmark (jobs/bench_gpu.py): its code path on the CPU (--smoke), its skip
 without CUDA, and the full-size architectures it builds, checked on the meta device against the
-reference figures (kandinsky_engine/reference/kandinsky22_configs.json)."""
+reference figures (kandinsky_engine/families/kandinsky22/reference/kandinsky22_configs.json)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jobs import bench_gpu
-from kandinsky_engine import fullsize
+from kandinsky_engine.families.kandinsky22 import fullsize
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the benchmark would run")

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from kandinsky_engine import DecoderStage, MovqStage, PriorStage
-from kandinsky_engine.hint import HintStage
-from kandinsky_engine.inputs import MovqEncodeStage
+from kandinsky_engine.stages.hint import HintStage
+from kandinsky_engine.stages.movq_encode import MovqEncodeStage
 from tests.conftest import batch_of, make_config
 from tests.conftest import run_chain as run
 from tests.reference import Reference, decode, max_diff
@@ -90,7 +90,7 @@ def test_controlnet_img2img_non_square_keeps_orientation(stages, pipes):
 def test_depth_hint_is_make_hint_of_the_depth_pipeline(stages, tiny_root):
     from transformers import pipeline
 
-    from kandinsky_engine.hint import hint_from_depth
+    from kandinsky_engine.stages.hint import hint_from_depth
 
     image = init_image(64, 64, seed=10)
     row = {"id": "d", "prompt": "a robot", "task": "controlnet", "image_bytes": png(image)}
@@ -118,7 +118,7 @@ def test_rows_in_one_batch_equal_rows_alone(stages):
 def test_depth_of_a_flat_image_is_defined():
     """A constant depth map has no range: transformers' pipeline divides 0 by 0 (NaN, then garbage
     as uint8); the engine maps it to 0. Other maps scale exactly as the pipeline scales them."""
-    from kandinsky_engine.hint import depth_to_uint8
+    from kandinsky_engine.stages.hint import depth_to_uint8
 
     flat = depth_to_uint8(np.full((8, 8), 3.25, np.float32))
     assert flat.dtype == np.uint8 and not flat.any()

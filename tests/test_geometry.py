@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kandinsky_engine.hint import hint_from_depth
-from kandinsky_engine.inputs import MovqEncodeStage, unpack
+from kandinsky_engine.stages.hint import hint_from_depth
+from kandinsky_engine.inputs import unpack
+from kandinsky_engine.stages.movq_encode import MovqEncodeStage
 from tests.conftest import batch_of, make_config
 from tests.conftest import run_chain as run
 from tests.reference import decode, max_diff

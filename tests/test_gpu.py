@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kandinsky_engine import DecoderStage, MovqStage, PriorStage
-from kandinsky_engine.hint import HintStage
-from kandinsky_engine.inputs import MovqEncodeStage
+from kandinsky_engine.stages.hint import HintStage
+from kandinsky_engine.stages.movq_encode import MovqEncodeStage
 from tests.conftest import batch_of, make_config, write_manifest
 from tests.conftest import run_chain as run
 from tests.reference import Reference, decode, max_diff
@@ -102,7 +102,7 @@ def test_depth_hints_in_every_dtype(model_cache, tmp_path, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_movq_decode_in_half_is_finite_and_close_to_float32(model_cache, tmp_path, dtype):
     """Stated bound: the half-precision MoVQ decode of the same latents stays within 8/255 of float32."""
-    from kandinsky_engine.movq import movq_decode
+    from kandinsky_engine.stages.movq import movq_decode
 
     full = cuda_config(model_cache, tmp_path, "float32")
     rows = [{"id": f"r{i}", "prompt": p, "seed": i} for i, p in enumerate(["a cat", "a ship", "a red wall"])]

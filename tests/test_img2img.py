@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kandinsky_engine import DecoderStage, MovqStage, PriorStage
-from kandinsky_engine.inputs import MovqEncodeStage
+from kandinsky_engine.stages.movq_encode import MovqEncodeStage
 from tests.conftest import batch_of, make_config
 from tests.conftest import run_chain as run
 from tests.reference import Reference, decode, max_diff

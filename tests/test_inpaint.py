@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from kandinsky_engine import DecoderStage, MovqStage, PriorStage
-from kandinsky_engine.inputs import MovqEncodeStage, unpack
+from kandinsky_engine.inputs import unpack
+from kandinsky_engine.stages.movq_encode import MovqEncodeStage
 from tests.conftest import batch_of, make_config
 from tests.conftest import run_chain as run
 from tests.reference import Reference, decode, max_diff
@@ -94,7 +95,7 @@ def test_white_is_repainted_and_black_is_kept(stages):
 def test_keep_mask_equals_diffusers_prepare_mask():
     from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask
 
-    from kandinsky_engine.inpaint import DILATION
+    from kandinsky_engine.stages.inpaint import DILATION
 
     rng = np.random.default_rng(0)
     for shape in [(8, 8), (8, 16), (13, 7), (32, 32)]:

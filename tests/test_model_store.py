@@ -16,7 +16,8 @@ import pytest
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.model_cache import MANIFEST, ModelSourceError, mirror, url_folder
 from kandinsky_engine.identity import model_identity
-from kandinsky_engine.models import check_source, resolve_source, supported_tasks
+from kandinsky_engine.families import supported_tasks
+from kandinsky_engine.models import check_source, resolve_source
 from tests.conftest import KEY, SECRET, make_config, write_manifest
 
 BUCKET = "kandinsky/models"

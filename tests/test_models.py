@@ -8,7 +8,7 @@ import torch
 from jobs.cli import main
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.models import load_module, resolve_source
-from kandinsky_engine.tiny import build_tokenizer
+from kandinsky_engine.families.kandinsky22.tiny import build_tokenizer
 
 
 def test_tiny_model_cli_writes_loadable_diffusers_dirs(tmp_path):

@@ -162,7 +162,7 @@ def test_attention_backends_name_the_kernel_of_every_attention_module():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kandinsky_engine.attention import MATH, attention_backends, is_attention
-    from kandinsky_engine.tiny import build_unet
+    from kandinsky_engine.families.kandinsky22.tiny import build_unet
 
     unet = build_unet()
     x, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 32)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from kandinsky_engine import DecoderStage, PriorStage
-from kandinsky_engine.hint import HintStage
-from kandinsky_engine.inputs import MovqEncodeStage
+from kandinsky_engine.stages.hint import HintStage
+from kandinsky_engine.stages.movq_encode import MovqEncodeStage
 from kandinsky_engine.sampling import SCHEDULERS, AncestralSteps, Schedule, draw_noise, make_scheduler
 from tests.conftest import batch_of, make_config
 from tests.per_row import per_row_denoise, per_row_prior
@@ -117,7 +117,7 @@ def test_prior_loop_equals_per_row_loop(prior, model_cache, tmp_path_factory, mo
     batch = batch_of(rows, config)
     ours = prior({k: v.copy() for k, v in batch.items()})
     assert not any(ours["error_message"])
-    monkeypatch.setattr(prior, "_run_prior", functools.partial(per_row_prior, prior, encode_uncond=prior._encode_uncond))
+    monkeypatch.setattr(prior, "run_prior", functools.partial(per_row_prior, prior, encode_uncond=prior._encode_uncond))
     reference = prior({k: v.copy() for k, v in batch.items()})
     for column in ("image_embeds", "negative_image_embeds"):
         for i, row_id in enumerate(batch["id"]):
@@ -192,7 +192,7 @@ def test_ancestral_steps_equal_the_schedulers_step(cls, kwargs):
 def test_multistep_state_is_per_group(kind):
     """A scheduler instance per group: two groups stepped in turn equal each group stepped alone (a
     shared multistep scheduler would mix their histories)."""
-    from kandinsky_engine.tiny import build_decoder_scheduler
+    from kandinsky_engine.families.kandinsky22.tiny import build_decoder_scheduler
 
     config = build_decoder_scheduler().config
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kandinsky_engine import DecoderStage, MovqStage, PriorStage
-from kandinsky_engine.hint import HintStage
-from kandinsky_engine.inputs import MovqEncodeStage
+from kandinsky_engine.stages.hint import HintStage
+from kandinsky_engine.stages.movq_encode import MovqEncodeStage
 from kandinsky_engine.sampling import SCHEDULERS
 from tests.conftest import batch_of, make_config
 from tests.conftest import run_chain as run

@@ -69,7 +69,7 @@ def test_size_policy(config, policy, size):
 
 
 def test_crop_is_centred(config):
-    from kandinsky_engine.movq import centre_crop
+    from kandinsky_engine.stages.movq import centre_crop
 
     image = np.arange(8 * 8).reshape(8, 8)
     assert centre_crop(image, 4, 6).tolist() == image[2:6, 1:7].tolist()
@@ -83,7 +83,7 @@ def test_missing_columns_name_the_stage(config, stage):
 
 
 def test_encoding_off_the_movq_actor_gives_the_same_bytes(config, decoder_out):
-    from kandinsky_engine.movq import encode_images
+    from kandinsky_engine.stages.movq import encode_images
 
     decoded = MovqStage(config, encode=False)(decoder_out)
     assert "image" not in decoded and [len(p) for p in decoded["pixels"]] == [64 * 64 * 3, 64 * 128 * 3]
@@ -93,7 +93,7 @@ def test_encoding_off_the_movq_actor_gives_the_same_bytes(config, decoder_out):
 
 
 def test_png_compress_level_changes_bytes_not_pixels(config, decoder_out):
-    from kandinsky_engine.movq import encode_images
+    from kandinsky_engine.stages.movq import encode_images
 
     decoded = MovqStage(config, encode=False)(decoder_out)
     levels = {lvl: encode_images(decoded, config.output.model_copy(update={"png_compress_level": lvl}))["image"]
@@ -105,7 +105,7 @@ def test_png_compress_level_changes_bytes_not_pixels(config, decoder_out):
 
 
 def test_a_row_that_fails_to_encode_fails_alone(config, decoder_out):
-    from kandinsky_engine.movq import encode_images
+    from kandinsky_engine.stages.movq import encode_images
 
     decoded = MovqStage(config, encode=False)(decoder_out)
     decoded["pixels"] = decoded["pixels"].copy()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import JobConfig
-from .images import ImageInputError, decode_input, pad_centred
-from .rows import failed, is_null, mark_failed, working_size
+from ..config import JobConfig
+from ..images import ImageInputError, decode_input, pad_centred
+from ..rows import failed, is_null, mark_failed, working_size
 
 CONTROLNET_TASKS = ("controlnet", "controlnet_img2img")
 
@@ -38,8 +38,8 @@ class HintStage:
         import torch
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        from .device import stage_device
-        from .models import resolve_source
+        from ..device import stage_device
+        from ..models import resolve_source
 
         torch.set_num_threads(config.hint.threads())
         self.device = stage_device(config.model, config.hint)

@@ -6,13 +6,13 @@ import io
 
 import numpy as np
 
-from .compiled import Bucketed
-from .config import JobConfig, OutputConfig
-from .device import stage_device
-from .images import centre_offsets
-from .inputs import unpack
-from .models import load_module
-from .rows import ERROR_COLUMNS, failed, group_rows, latent_size, object_column
+from ..compiled import Bucketed
+from ..config import JobConfig, OutputConfig
+from ..device import stage_device
+from ..images import centre_offsets
+from ..inputs import unpack
+from ..models import load_module
+from ..rows import ERROR_COLUMNS, failed, group_rows, latent_size, object_column
 
 REQUIRED = ("id", "width", "height", "latents")
 INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels",

@@ -3,31 +3,18 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import numpy as np
 
-from .config import JobConfig
-from .images import ImageInputError, decode_input
-from .models import load_asset, load_module
-from .device import stage_device
-from .rows import failed, generators, group_rows, is_null, mark_failed, strength_start
-from .sampling import Schedule, draw_noise, guide, row_scales
+from ..config import JobConfig
+from ..images import decode_input
+from ..models import load_asset, load_module
+from ..device import stage_device
+from ..rows import failed, generators, group_rows, is_null, mark_failed
+from ..sampling import Schedule, draw_noise, guide, row_scales
+from .prior_images import IMAGE_INPUT_TASKS, mix_rows, variation_rows
 
-IMAGE_INPUT_TASKS = ("mix", "variation")  # the tasks whose rows the CLIP image encoder encodes
 REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "prior_num_inference_steps", "prior_guidance_scale")
-
-
-def mix_items(value) -> list[dict]:
-    """The `mix` column of a row: [{text | image_uri | image_bytes, weight}, ...]."""
-    if is_null(value) or len(value) == 0:
-        raise ValueError("mix: needs a non-empty list of {text or image, weight}")
-    items = [dict(item) for item in value]
-    for n, item in enumerate(items):
-        sources = [k for k in ("text", "image_bytes") if not is_null(item.get(k))]
-        if len(sources) != 1 or is_null(item.get("weight")):
-            raise ValueError(f"mix[{n}]: needs exactly one of text or image, and a weight")
-    return items
 
 
 class PriorStage:
@@ -92,12 +79,12 @@ class PriorStage:
         todo = np.flatnonzero(~failed(batch))
         with torch.inference_mode():
             plain = [i for i in todo if batch["task"][i] not in ("mix", "variation")]
-            for i, (e, ne) in zip(plain, self._prompt_rows(batch, plain)):
+            for i, (e, ne) in zip(plain, self.prompt_rows(batch, plain)):
                 embeds[i], negative[i] = e, ne
-            for task, method in (("variation", self._variation_rows), ("mix", self._mix_rows)):
+            for task, method in (("variation", variation_rows), ("mix", mix_rows)):
                 rows = [i for i in todo if batch["task"][i] == task]
                 if rows:
-                    for i, result in zip(rows, method(batch, rows)):
+                    for i, result in zip(rows, method(self, batch, rows)):
                         if isinstance(result, Exception):
                             mark_failed(batch, i, "PriorStage", result)
                         else:
@@ -106,7 +93,7 @@ class PriorStage:
 
     # -- one prior run over many rows ------------------------------------------------------
 
-    def _run_prior(self, texts, negatives, gens, scales, num_steps: int, cfg: bool, init=None, t_start: int = 0):
+    def run_prior(self, texts, negatives, gens, scales, num_steps: int, cfg: bool, init=None, t_start: int = 0):
         """Run the prior once for several rows; returns [(embedding, negative embedding)] per row.
 
         Like diffusers, a row with a negative prompt runs two items, [text, negative], whose
@@ -180,7 +167,7 @@ class PriorStage:
         out = self.text_encoder(tokens.input_ids.to(self.device))
         return out.text_embeds, out.last_hidden_state, tokens.attention_mask.bool().to(self.device)
 
-    def _encode_image(self, data, kind: str) -> "torch.Tensor":
+    def encode_image(self, data, kind: str) -> "torch.Tensor":
         """Encoded image bytes -> (D,) CLIP image embedding, through the CLIP image processor."""
         if self.image_encoder is None:
             raise ValueError(f"{kind}: this job's tasks ({', '.join(self.tasks)}) encode no images, so the prior "
@@ -191,11 +178,11 @@ class PriorStage:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def _negative(self, batch, i):
+    def negative_of(self, batch, i):
         value = batch["negative_prompt"][i]
         return None if is_null(value) else str(value)
 
-    def _prompt_rows(self, batch, rows: list[int], init=None, starts=None) -> list:
+    def prompt_rows(self, batch, rows: list[int], init=None, starts=None) -> list:
         """text2img-style rows (and variation rows when `init`/`starts` are given), sub-batched by
         (steps, guidance on/off, start step)."""
         steps, guidance = batch["prior_num_inference_steps"], batch["prior_guidance_scale"]
@@ -204,72 +191,10 @@ class PriorStage:
         key = lambda k: (int(steps[rows[k]]), bool(guidance[rows[k]] > 1), starts.get(rows[k], 0))
         for (num_steps, cfg, t_start), ks in group_rows({"id": np.array(rows)}, key).items():
             group = [rows[k] for k in ks]
-            out = self._run_prior(
-                [str(batch["prompt"][i]) for i in group], [self._negative(batch, i) for i in group],
+            out = self.run_prior(
+                [str(batch["prompt"][i]) for i in group], [self.negative_of(batch, i) for i in group],
                 generators(batch["seed"][group]), [float(guidance[i]) for i in group], num_steps, cfg,
                 init=None if init is None else [init[i] for i in group], t_start=t_start,
             )
             results.update(zip(group, out))
-        return [results[i] for i in rows]
-
-    def _variation_rows(self, batch, rows: list[int]) -> list:
-        """emb2emb: the row's image embedding, re-noised by `strength`, guided by its prompt."""
-        init, starts, results = {}, {}, {}
-        for i in rows:
-            try:
-                starts[i] = strength_start(int(batch["prior_num_inference_steps"][i]), float(batch["strength"][i]))
-                init[i] = self._encode_image(batch["image_bytes"][i], "image")
-            except ValueError as exc:  # ImageInputError included
-                results[i] = exc
-        ok = [i for i in rows if i not in results]
-        results.update(zip(ok, self._prompt_rows(batch, ok, init=init, starts=starts)))
-        return [results[i] for i in rows]
-
-    def _mix_rows(self, batch, rows: list[int]) -> list:
-        """`interpolate`: sum of weight x embedding over the row's texts (each a prior run that
-        continues the row's generator, in order) and images (CLIP image embeddings); the negative
-        is the zero embedding, or the prior's embedding of the negative prompt."""
-        import torch
-
-        results, items, gens = {}, {}, {}
-        for i in rows:
-            try:
-                items[i] = mix_items(batch["mix"][i])
-                gens[i] = generators([batch["seed"][i]])[0]
-            except ValueError as exc:
-                results[i] = exc
-        total = {i: torch.zeros(self.embedding_dim) for i in items}
-        steps, guidance = batch["prior_num_inference_steps"], batch["prior_guidance_scale"]
-        # Round r runs the r-th text of every row at once; each row's generator advances in order.
-        texts = {i: [it for it in items[i] if not is_null(it.get("text"))] for i in items}
-        rounds = max((len(t) for t in texts.values()), default=0)
-        for r in range(rounds + 1):
-            # The last round is diffusers' `out_zero` run on "" with the negative prompt.
-            batch_rows = [i for i in items if i not in results and (r < len(texts[i]) or r == rounds)]
-            by_key = defaultdict(list)
-            for i in batch_rows:
-                if r == rounds and self._negative(batch, i) is None:
-                    continue  # negative = zero embedding; nothing else depends on this generator
-                by_key[(int(steps[i]), bool(guidance[i] > 1))].append(i)
-            for (num_steps, cfg), group in by_key.items():
-                text = lambda i: "" if r == rounds else str(texts[i][r]["text"])
-                out = self._run_prior([text(i) for i in group], [self._negative(batch, i) for i in group],
-                                      [gens[i] for i in group], [float(guidance[i]) for i in group], num_steps, cfg)
-                for i, (emb, neg) in zip(group, out):
-                    if r < rounds:
-                        total[i] += float(texts[i][r]["weight"]) * torch.from_numpy(emb)
-                    else:
-                        results[i] = neg
-        for i in items:
-            if isinstance(results.get(i), Exception):
-                continue
-            try:
-                for it in items[i]:
-                    if is_null(it.get("text")):
-                        total[i] += float(it["weight"]) * self._encode_image(it["image_bytes"], "mix image").float().cpu()
-            except ImageInputError as exc:
-                results[i] = exc
-                continue
-            negative = results.get(i)
-            results[i] = (total[i].numpy(), self.zero_embed[0].float().cpu().numpy() if negative is None else negative)
         return [results[i] for i in rows]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compiled import Bucketed
-from .config import JobConfig
-from .device import stage_device
-from .inputs import pack, unpack
-from .models import load_asset, load_module, resolve_source
-from .rows import failed, generators, group_rows, latent_size, mark_failed, strength_start, working_size
-from .sampling import Schedule, draw_noise, guide, make_scheduler, row_scales
+from ..compiled import Bucketed
+from ..config import JobConfig
+from ..device import stage_device
+from ..inputs import pack, unpack
+from ..models import load_asset, load_module, resolve_source
+from ..rows import failed, generators, group_rows, latent_size, mark_failed, strength_start, working_size
+from ..sampling import Schedule, draw_noise, guide, make_scheduler, row_scales
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
             "image_embeds", "negative_image_embeds")
