@@ -1,5 +1,5 @@
 """The generation plan: manifest -> resolve -> [fetch inputs] -> prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ
--> encode images (CPU tasks).
+-> [CLIP score] -> encode images (CPU tasks).
 
 The builder only describes the lazy Ray Data plan; nothing runs until the caller writes it.
 """
@@ -19,6 +19,7 @@ from kandinsky_engine.inputs import FETCH_TASKS, IMAGE_TASKS, MovqEncodeStage, f
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.movq import encode_images
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
+from kandinsky_engine.score import ClipScoreStage
 
 from .output import FilePlan
 from .prepare import SPLITS, UNIT, prepare_units
@@ -194,13 +195,17 @@ def stage_args(stage_class, stage: StageConfig, config: JobConfig, **stage_kwarg
 
 
 def model_stages(config: JobConfig, manifest: Manifest) -> list[tuple[str, type, StageConfig]]:
-    """The actor stages this job needs, in order: hints and MoVQ encoding only when some row needs them."""
+    """The actor stages this job needs, in order: hints and MoVQ encoding only when some row needs them,
+    CLIP scoring (on the decoded pixels) only when output.columns asks for clip_score."""
     stages = [("prior", PriorStage, config.prior)]
     if manifest.tasks & set(CONTROLNET_TASKS):
         stages.append(("hint", HintStage, config.hint))
     if manifest.tasks & set(IMAGE_TASKS):
         stages.append(("encode", MovqEncodeStage, config.encode))
-    return stages + [("decoder", DecoderStage, config.decoder), ("movq", MovqStage, config.movq)]
+    stages += [("decoder", DecoderStage, config.decoder), ("movq", MovqStage, config.movq)]
+    if "clip_score" in config.output.columns:
+        stages.append(("score", ClipScoreStage, config.score))
+    return stages
 
 
 def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> None:
