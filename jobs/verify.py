@@ -53,10 +53,14 @@ class Check:
 def _read(fs, path: str, deep: bool) -> tuple[object, list, dict | None]:
     """(layout, ids, record if deep) of a shard; the layout is what its format's schema_problem judges."""
     shards = format_of(path)
-    if deep or shards.ext != "parquet":  # a tar's columns are in every json member: read it whole
+    if deep:
         payload = fs.cat_file(path)
         rows, ids, layout = shards.decode(payload)  # every page (member) must decode
-        return layout, ids, record_of("", payload, rows) if deep else None
+        return layout, ids, record_of("", payload, rows)
+    if shards.ext == "tar":
+        with fs.open(path, "rb") as f:
+            ids, layout = shards.scan(f)
+            return layout, ids, None
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         return parquet.schema_arrow, parquet.read(columns=["id"])["id"].to_pylist(), None

@@ -94,18 +94,24 @@ class TarShards:
         return buf.getvalue()
 
     def ids(self, f) -> list:
-        return [row["id"] for row in _metadata(tarfile.open(fileobj=f, mode="r:"))]
+        return self.scan(f)[0]
+
+    def scan(self, f) -> tuple[list, list]:
+        """(ids, layout) from an open file, reading only the json members: the tar reader seeks past
+        the images, so on S3 this fetches little more than the metadata. The layout is each
+        sample's column names and whether its image member is there."""
+        tar = tarfile.open(fileobj=f, mode="r:")
+        rows = list(_metadata(tar))
+        images = {m.name.split(".", 1)[0] for m in tar.getmembers() if not m.name.endswith(".json")}
+        return [row["id"] for row in rows], [(list(row), sample_key(row["id"]) in images) for row in rows]
 
     def decode(self, payload: bytes) -> tuple[int, list, object]:
-        """(rows, ids, per-sample column names and image member found), every member read."""
+        """(rows, ids, layout) of a whole shard, every member read."""
         tar = tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
-        names = [m.name for m in tar.getmembers()]
-        rows = list(_metadata(tar))
-        images = {n.split(".", 1)[0] for n in names if not n.endswith(".json")}
         for member in tar.getmembers():
             tar.extractfile(member).read()
-        columns = [(list(row), sample_key(row["id"]) in images) for row in rows]
-        return len(rows), [row["id"] for row in rows], columns
+        ids, layout = self.scan(io.BytesIO(payload))
+        return len(ids), ids, layout
 
     def schema_problem(self, found: list, want: pa.Schema) -> str | None:
         expected = [n for n in want.names if n != "image"]

@@ -107,6 +107,15 @@ def test_signals_match_direct_computations(model_cache, tiny_root, tmp_path):
         assert out["sha256"][i] == hashlib.sha256(out["image"][i]).hexdigest()
         assert out["phash"][i] == str(imagehash.phash(stored)) and len(out["phash"][i]) == 16
     assert out["clip_score"][0] != out["clip_score"][1]
+    # The plan schedules the scoring stage last among the model stages (its own pool unless fused).
+    from types import SimpleNamespace
+
+    from pipelines.generate import model_stages
+
+    manifest = SimpleNamespace(tasks={"text2img"})
+    assert [name for name, *_ in model_stages(config, manifest)] == ["prior", "decoder", "movq", "score"]
+    plain = config.model_copy(update={"output": config.output.model_copy(update={"columns": ["sha256"]})})
+    assert "score" not in [name for name, *_ in model_stages(plain, manifest)]
     print(f"\nclip-score stage on the tiny model: {per_image * 1000:.1f} ms per image (batch of {len(rows)})")
 
 
@@ -121,8 +130,8 @@ def wds_rows(tars: list) -> list[dict]:
 
 
 def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_cache, tmp_path):
-    """One manifest of hostile ids, all signals: a Parquet job (a pool per stage, the scoring pool
-    included), and a WebDataset job (fused stages) run with --limit and then resumed. Both verify, every
+    """One manifest of hostile ids, all signals: a Parquet job, and a WebDataset job run with --limit
+    and then resumed (fused stages: the scoring stage is one of the fused actor's). Both verify, every
     row is in each exactly once, with the same image bytes and metadata."""
     import datasets
 
@@ -132,7 +141,7 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": i, "prompt": f"a lighthouse {n}", "note": n}
                                                        for n, i in enumerate(HOSTILE)])
     sections = dict(input={"rows_per_block": 4}, output={"columns": SIGNALS})
-    parquet = make_config(model_cache, manifest, str(tmp_path / "parquet"), fuse_stages=False, **sections)
+    parquet = make_config(model_cache, manifest, str(tmp_path / "parquet"), **sections)
     assert run_job(parquet)["rows"] == len(HOSTILE)
     wds_out = tmp_path / "wds"
     tar = make_config(model_cache, manifest, str(wds_out), input=sections["input"],
