@@ -47,7 +47,13 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         "dtype": model.dtype,
         "device": model.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
         "defaults": defaults_of(config),
-        "output": config.output.model_dump(mode="json", include={"image_format", "quality", "png_compress_level", "size_policy"}),
+        # The shard format and the opt-in columns shape the output: a resume that changes them is another job.
+        "output": config.output.model_dump(mode="json", include={"image_format", "quality", "png_compress_level",
+                                                                 "size_policy", "format", "columns"}),
+        # The scoring stage's batch size and threads change clip_score's float results (as the other stages' do
+        # their pixels); recorded only when it runs.
+        **({"score": {"batch_size": config.score.batch_size, "torch_threads": config.score.threads()}}
+           if "clip_score" in config.output.columns else {}),
         "rows_per_block": config.rows_per_block(),
         "batch_size": {s: getattr(config, s).batch_size for s in family.sections},
         "torch_threads": {s: getattr(config, s).threads() for s in family.sections},

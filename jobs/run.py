@@ -149,8 +149,8 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         log.warning("%d row(s) failed validation and go to errors/, e.g. %s", len(manifest.row_errors),
                     next(iter(manifest.row_errors.values())))
     started, started_at = time.perf_counter(), time.time()
-    schema = output_schema(manifest.schema)
-    sink = ShardSink(path, config.storage_options, schema, model_identity(config.model, weights), tag)
+    schema = output_schema(manifest.schema, config.output.columns)
+    sink = ShardSink(path, config.storage_options, schema, model_identity(config.model, weights), tag, config.output)
     ray_data_stats = None
     if state.rows_todo:
         ds = build_generation(config, manifest, state.plans)

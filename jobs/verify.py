@@ -8,7 +8,8 @@ An output is sound when
 3. every shard has the size and sha256 of its record (`_index.parquet`); the job's own check
    before it writes `_SUCCESS.json` compares sizes, the command reads every shard and compares
    sha256;
-4. every data shard has the job's output schema (one schema for the whole of data/);
+4. every data shard has the job's output schema (one schema for the whole of data/; a webdataset
+   shard's json members hold its columns but the image, and every sample has its image);
 5. every id of a committed unit is in data/ or errors/ exactly once, every unit the run covered
    (all, or a --limit's) is committed, and `_SUCCESS.json`'s counts agree.
 Shards of manifest files that are gone from the manifest are reported, not judged.
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from kandinsky_engine.storage import url_to_fs
 from kandinsky_engine.units import file_key
 from pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
+from pipelines.shards import format_of
 
 MAX_SHOWN = 30  # problems listed; the count of the rest is given
 
@@ -48,12 +50,17 @@ class Check:
         return not self.problems
 
 
-def _read(fs, path: str, deep: bool) -> tuple[pa.Schema, list, dict | None]:
-    """(schema, ids, record if deep) of a shard."""
+def _read(fs, path: str, deep: bool) -> tuple[object, list, dict | None]:
+    """(layout, ids, record if deep) of a shard; the layout is what its format's schema_problem judges."""
+    shards = format_of(path)
     if deep:
         payload = fs.cat_file(path)
-        table = pq.read_table(pa.BufferReader(payload))  # every page must decode
-        return table.schema, table["id"].to_pylist(), record_of("", payload, table.num_rows)
+        rows, ids, layout = shards.decode(payload)  # every page (member) must decode
+        return layout, ids, record_of("", payload, rows)
+    if shards.ext == "tar":
+        with fs.open(path, "rb") as f:
+            ids, layout = shards.scan(f)
+            return layout, ids, None
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         return parquet.schema_arrow, parquet.read(columns=["id"])["id"].to_pylist(), None
@@ -132,8 +139,8 @@ def _check_shard(fs, shard, by_key, rows_per_block, record, schema, deep, by_uni
         return f"{name}: unreadable ({type(exc).__name__}: {exc})"
     if deep and read["sha256"] != record["sha256"]:
         return f"{name}: sha256 {read['sha256'][:16]}..., recorded {record['sha256'][:16]}..."
-    if shard.attempt is not None and not found_schema.equals(schema, check_metadata=False):
-        return f"{name}: schema differs from the job's output schema: {_schema_diff(found_schema, schema)}"
+    if shard.attempt is not None and (diff := format_of(shard.file).schema_problem(found_schema, schema)):
+        return f"{name}: schema differs from the job's output schema: {diff}"
     by_unit[shard.start].append((shard, ids))
     return None
 
@@ -147,14 +154,6 @@ def _check_ids(check: Check, unit: str, unit_ids: list, shards: list) -> None:
         if ids:
             check.problems.append(f"{unit}: {len(ids)} id(s) {what} across data/ and errors/: "
                                   f"{', '.join(repr(i) for i in ids[:5])}")
-
-
-def _schema_diff(found: pa.Schema, want: pa.Schema) -> str:
-    got = {f.name: str(f.type) for f in found}
-    expected = {f.name: str(f.type) for f in want}
-    diff = [f"{n}: {got.get(n, 'absent')} (expected {expected.get(n, 'absent')})"
-            for n in dict.fromkeys([*expected, *got]) if got.get(n) != expected.get(n)]
-    return "; ".join(diff[:5]) or "column order"
 
 
 def verify(path: str, *, config=None, deep: bool = True) -> Check:
@@ -194,7 +193,8 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
         problems.append(f"{INDEX} is unreadable ({type(exc).__name__}: {exc}); rerun the job to rewrite it")
         records = {}
     stops = limit_stops(manifest.files, summary.get("limit"), config.rows_per_block())
-    check = check_output(fs, root, config, manifest.files, stops, output_schema(manifest.schema), records, deep)
+    check = check_output(fs, root, config, manifest.files, stops, output_schema(manifest.schema, config.output.columns), records,
+                         deep)
     check.problems = problems + check.problems
     if summary:
         if (summary.get("rows"), summary.get("failed_rows")) != (check.rows, check.failed_rows):

@@ -14,6 +14,8 @@ and are joined back by id in the writer, so their values and types come out as t
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
 # Manifest columns the engine reads, and the kind of Arrow type each accepts (checked at validation).
@@ -46,6 +48,24 @@ MIX_ITEM = pa.struct([("text", pa.string()), ("image_uri", pa.string()), ("image
 MIX_ITEM_OUT = pa.struct([("text", pa.string()), ("image_uri", pa.string()), ("image_sha256", pa.string()),
                           ("weight", pa.float64())])
 
+# The image column as Hugging Face `datasets` stores an `Image` feature: the encoded bytes, and a
+# file name (the row's sample key and the format's extension, as in a webdataset shard). pyarrow
+# readers take `table["image"].field("bytes")`; `datasets` decodes it to a PIL image because the
+# schema's metadata says so (HF_METADATA).
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+# Only the image is described: `datasets.Features.from_arrow_schema` takes every other column's
+# feature from its Arrow type, so the engine needs no `datasets` at run time and a pass-through
+# column of any type needs no entry. The JSON is what `datasets.Features({"image":
+# datasets.Image()}).arrow_schema.metadata` holds (tests/test_formats.py compares them).
+HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
+# Opt-in signals (output.columns), written after the engine's columns when asked.
+SIGNAL_TYPES: dict[str, pa.DataType] = {
+    "image_embeds": pa.list_(pa.float32()),  # (D,) the prior's CLIP image embedding
+    "clip_score": pa.float32(),
+    "sha256": pa.string(),
+    "phash": pa.string(),
+}
+
 # The engine's output columns, in order. Parameters are the resolved values (row value or job
 # default); URIs are written with credentials redacted; *_sha256 identify the input bytes used
 # (inline or fetched); *_model identify the weights (source @ weights digest, see models.py).
@@ -69,7 +89,7 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "mask_sha256": pa.string(),
     "hint_sha256": pa.string(),
     "mix": pa.list_(MIX_ITEM_OUT),
-    "image": pa.binary(),
+    "image": IMAGE_TYPE,
     "image_width": pa.int64(),
     "image_height": pa.int64(),
     "prior_model": pa.string(),
@@ -89,7 +109,7 @@ def reserved_reason(name: str) -> str | None:
     """Why a manifest column cannot pass through under this name, or None if it can."""
     if name in ENGINE_INPUTS:
         return None  # the engine's own input: read, typed and written by the engine
-    if name in OUTPUT_TYPES or name in STAGE_COLUMNS:
+    if name in OUTPUT_TYPES or name in STAGE_COLUMNS or name in SIGNAL_TYPES:
         return "is a column the engine writes; rename it in the manifest"
     if name.startswith(RESERVED_PREFIX):
         return f"starts with {RESERVED_PREFIX!r}, which is reserved for the engine's internal columns; rename it"
@@ -101,9 +121,11 @@ def passthrough_fields(manifest_schema: pa.Schema) -> list[pa.Field]:
     return [f for f in manifest_schema if f.name not in ENGINE_INPUTS]
 
 
-def output_schema(manifest_schema: pa.Schema) -> pa.Schema:
+def output_schema(manifest_schema: pa.Schema, columns: list[str] = ()) -> pa.Schema:
+    """The engine's columns, the signals asked for (`columns`: output.columns), the pass-through columns."""
     fields = [pa.field(name, type_) for name, type_ in OUTPUT_TYPES.items()]
-    return pa.schema(fields + [f.with_nullable(True) for f in passthrough_fields(manifest_schema)])
+    fields += [pa.field(name, SIGNAL_TYPES[name]) for name in columns]
+    return pa.schema(fields + [f.with_nullable(True) for f in passthrough_fields(manifest_schema)], metadata=HF_METADATA)
 
 
 def pack_passthrough(table: pa.Table, fields: list[pa.Field]) -> bytes:

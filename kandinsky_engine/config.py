@@ -24,6 +24,8 @@ HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 # Every task of every family; which ones a job's weights can run is the family's (kandinsky_engine/families/).
 TASKS = ("text2img", "img2img", "mix", "variation", "inpaint", "controlnet", "controlnet_img2img")
+# Opt-in per-row output columns (output.columns), in the order they are written.
+SIGNAL_COLUMNS = ("image_embeds", "clip_score", "sha256", "phash")
 
 
 class _Strict(BaseModel):
@@ -232,6 +234,29 @@ class OutputConfig(_Strict):
         "(as diffusers does); 'crop' centre-crops back to the requested size, 'round_up' keeps the larger "
         "image, 'reject' refuses such rows at validation.",
     )
+    format: Literal["parquet", "webdataset"] = Field(
+        "parquet",
+        description="Data shard format: 'parquet' (one table per unit; `image` is a Hugging Face Image column, "
+        "struct{bytes, path}) or 'webdataset' (one tar per unit: `<key>.<image_format>` and `<key>.json` per "
+        "row, the key derived from the id, see pipelines/shards.py). errors/ is Parquet either way.",
+    )
+    columns: list[Literal[SIGNAL_COLUMNS]] = Field(
+        default_factory=list,
+        description="Per-row signals to add, opt-in: 'image_embeds' (the prior's CLIP image embedding that "
+        "conditioned the image, float32 list), 'clip_score' (cosine of the prompt's CLIP text embedding and "
+        "the generated image's CLIP image embedding, both from the prior's encoders; runs a scoring stage, "
+        "section `score`), 'sha256' (of the encoded image bytes), 'phash' (imagehash.phash of the image as "
+        "stored, 16 hex digits). Part of the job's fingerprint.",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_once(cls, columns: list[str]) -> list[str]:
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise ValueError(f"output.columns names {twice} more than once")
+        # Written (and fingerprinted) in one order, whatever order the YAML lists them in.
+        return [c for c in SIGNAL_COLUMNS if c in columns]
     lease_ttl_s: float = Field(
         120.0,
         gt=0,
@@ -262,6 +287,9 @@ class JobConfig(_Strict):
     )
     decoder: StageConfig = Field(default_factory=StageConfig, description="U-Net decoder actors.")
     movq: StageConfig = Field(default_factory=StageConfig, description="MoVQ decode + image encoding actors.")
+    score: StageConfig = Field(
+        default_factory=StageConfig, description="CLIP scoring actors (only when output.columns has clip_score)."
+    )
     tasks: list[Literal[TASKS]] | None = Field(
         None,
         description="The tasks this job's rows run, filled in from the manifest by `kandinsky-batch run` (None: "

@@ -1,5 +1,5 @@
 """The generation plan: manifest -> resolve -> [fetch inputs] -> the model family's stages (Kandinsky 2.2:
-prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ) -> encode images (CPU tasks).
+prior -> [hint] -> [MoVQ encode] -> decoder -> MoVQ) -> [CLIP score] -> encode images (CPU tasks).
 
 The builder only describes the lazy Ray Data plan; nothing runs until the caller writes it.
 """
@@ -19,6 +19,7 @@ from kandinsky_engine.inputs import FETCH_TASKS, fetch_inputs
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.stages.movq import MovqStage, encode_images
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
+from kandinsky_engine.stages.score import ClipScoreStage
 
 from .output import FilePlan
 from .prepare import SPLITS, UNIT, prepare_units
@@ -194,10 +195,17 @@ def stage_args(stage_class, stage: StageConfig, config: JobConfig, **stage_kwarg
 
 
 def model_stages(config: JobConfig, manifest: Manifest) -> list[tuple[str, type, StageConfig, dict]]:
-    """The actor stages of this job, in order: its model family's, for the tasks its rows run.
+    """The actor stages of this job, in order: its model family's, for the tasks its rows run, then CLIP
+    scoring (on the decoded pixels) when output.columns asks for clip_score.
     (section name, stage class, the section's StageConfig, constructor kwargs)."""
     family = family_for(config)
-    return [(name, cls, getattr(config, name), kwargs) for name, cls, kwargs in family.stages(config, manifest.tasks)]
+    clip = {"image_embeds", "clip_score"} & set(config.output.columns)
+    if clip and "prior" not in family.parts:  # both come from the prior's CLIP encoders
+        raise ValueError(f"output.columns {sorted(clip)}: {family.title} has no CLIP prior to compute them with")
+    stages = [(name, cls, getattr(config, name), kwargs) for name, cls, kwargs in family.stages(config, manifest.tasks)]
+    if "clip_score" in config.output.columns:
+        stages.append(("score", ClipScoreStage, config.score, {}))
+    return stages
 
 
 def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> None:

@@ -2,7 +2,7 @@
 
     PATH/_RUN.json                                  run fingerprint and config (written before any shard)
     PATH/_LEASE.json                                who runs the job now (jobs/lease.py)
-    PATH/data/{file}/part-{start:012d}-{digest}-a{K}.parquet
+    PATH/data/{file}/part-{start:012d}-{digest}-a{K}.parquet (or .tar, output.format webdataset)
                                                     rows of the unit at row `start` of manifest file
                                                     `file` that succeeded at attempt K
     PATH/errors/{file}/part-{start:012d}-{digest}.parquet
@@ -52,6 +52,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kandinsky_engine.storage import ensure_dir
+
+from .shards import FORMATS, format_of
 from kandinsky_engine.units import file_key, unit_digest
 
 DATA, ERRORS, TMP = "data", "errors", "_tmp"
@@ -64,13 +66,13 @@ INDEX, LEASE = "_index.parquet", "_LEASE.json"
 # order: the summary first (the output stops claiming to be complete), the run file last (a
 # removal cut short still holds _RUN.json, so --overwrite can take it up again).
 OWNED_ENTRIES = (SUMMARY, INDEX, DATA, ERRORS, TMP, DAMAGED, RUNS, RUN_FILE)
-DATA_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})-a(\d+)\.parquet")
+DATA_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})-a(\d+)\.(parquet|tar)")
 ERRORS_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})\.parquet")
 RECORD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
 
 
-def data_name(key: str, start: int, digest: str, attempt: int) -> str:
-    return f"{key}/part-{start:012d}-{digest}-a{attempt}.parquet"
+def data_name(key: str, start: int, digest: str, attempt: int, output_format: str = "parquet") -> str:
+    return f"{key}/part-{start:012d}-{digest}-a{attempt}.{FORMATS[output_format].ext}"
 
 
 def errors_name(key: str, start: int, digest: str) -> str:
@@ -92,10 +94,9 @@ def put_bytes(fs, root: str, relpath: str, payload: bytes, tmp_tag: str) -> None
 
 
 def put(fs, root: str, folder: str, name: str, table: pa.Table, tmp_tag: str) -> dict:
-    """Write `table` as root/folder/name; returns its record (rows, bytes, sha256)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    payload = sink.getvalue().to_pybytes()
+    """Write `table` as root/folder/name, in the format its extension names; returns its record
+    (rows, bytes, sha256)."""
+    payload = format_of(name).encode(table)
     put_bytes(fs, root, f"{folder}/{name}", payload, tmp_tag)
     return record_of(f"{folder}/{name}", payload, table.num_rows)
 
@@ -191,7 +192,7 @@ def read_back(fs, shard: Shard, deep: bool, known: dict | None) -> dict | None:
         return known
     try:
         payload = fs.cat_file(shard.path)
-        rows = pq.read_table(pa.BufferReader(payload)).num_rows  # every page decodes, not just the footer
+        rows = format_of(shard.file).decode(payload)[0]  # every page (member) decodes, not just the footer
     except Exception:  # truncated, garbage, vanished: not a shard any reader can use
         return None
     record = record_of(shard.file, payload, rows)
@@ -305,7 +306,7 @@ def reconcile(fs, root: str, files: list, stops: list[int], rows_per_block: int,
             done = set()
             for shard in shards:
                 with fs.open(shard.path, "rb") as f:
-                    done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+                    done.update(format_of(shard.file).ids(f))
             pending = rows - len(done)
             state.rows_done += len(done)
             if not pending:  # the last attempt committed its rows but stopped before removing the errors

@@ -15,13 +15,14 @@ import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from kandinsky_engine.columns import OUTPUT_TYPES, PASSTHROUGH_BLOB, unpack_passthrough
+from kandinsky_engine.columns import IMAGE_TYPE, OUTPUT_TYPES, PASSTHROUGH_BLOB, SIGNAL_TYPES, unpack_passthrough
 from kandinsky_engine.stages.hint import CONTROLNET_TASKS
 from kandinsky_engine.rows import is_null
 from kandinsky_engine.storage import redact_url, url_to_fs
 
 from .output import DATA, ERRORS, data_name, errors_name, put
 from .prepare import ATTEMPT, DIGEST, SPLITS, UNIT, UNIT_ROWS
+from .shards import image_path
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
                           ("error_type", pa.string()), ("message", pa.string()), ("attempt", pa.int64())])
@@ -37,6 +38,8 @@ def engine_column(rows: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
     column = rows[name]
     if column.type == type_:
         return column.combine_chunks()
+    if isinstance(column.type, pa.BaseExtensionType):  # Ray's tensor column of (n, D) embeddings
+        return pa.array([None if v is None else v.tolist() for v in column.to_pylist()], type_)
     values = [None if is_null(v) else v for v in column.to_pylist()]
     if pa.types.is_integer(type_):
         values = [None if v is None else int(v) for v in values]
@@ -51,7 +54,8 @@ def mix_recipe(items) -> list[dict] | None:
              "image_sha256": item.get("image_sha256"), "weight": item.get("weight")} for item in items]
 
 
-def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blobs: list[bytes]) -> pa.Table:
+def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blobs: list[bytes],
+               image_format: str = "png") -> pa.Table:
     """The rows that succeeded, in the job's output schema: engine columns with their fixed types,
     URIs redacted, model identities, then the pass-through columns joined back by id from the
     unit's `blobs` (taken before failed rows were dropped: the blob rides on the unit's first row,
@@ -65,6 +69,10 @@ def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blob
         elif name == "mix":
             values = rows["mix"].to_pylist() if "mix" in rows.column_names else [None] * n
             columns[name] = pa.array([mix_recipe(v) for v in values], type_)
+        elif name == "image":  # the struct of an HF Image feature: the bytes and their file name
+            images = engine_column(rows, "image", pa.binary()).to_pylist()
+            columns[name] = pa.array([{"bytes": b, "path": image_path(i, image_format)}
+                                      for i, b in zip(rows["id"].to_pylist(), images)], IMAGE_TYPE)
         elif name in ("prior_model", "decoder_model"):
             columns[name] = pa.array([identity[name]] * n, type_)
         elif name == "depth_model":
@@ -76,7 +84,10 @@ def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blob
                                       for t, g in zip(tasks, given)], type_)
         else:
             columns[name] = engine_column(rows, name, type_)
-    extra = [f for f in schema if f.name not in OUTPUT_TYPES]
+    for name in SIGNAL_TYPES:
+        if name in schema.names:
+            columns[name] = engine_column(rows, name, SIGNAL_TYPES[name])
+    extra = [f for f in schema if f.name not in OUTPUT_TYPES and f.name not in SIGNAL_TYPES]
     if extra:
         given = unpack_passthrough(blobs) if blobs else None
         position = {} if given is None else {row_id: i for i, row_id in enumerate(given["id"].to_pylist())}
@@ -100,11 +111,13 @@ def errors_table(rows: pa.Table, attempt: int) -> pa.Table:
 class ShardSink(Datasink):
     """Writes each unit's rows as one data shard (and its failures as one errors shard), named by
     unit, unit digest and attempt. `schema` is the job's output schema; `identity` the model
-    columns (models.model_identity)."""
+    columns (models.model_identity); `output`: the job's OutputConfig (shard format, image format)."""
 
     def __init__(self, path: str, storage_options: dict | None, schema: pa.Schema, identity: dict[str, str],
-                 tmp_tag: str | None = None):
+                 tmp_tag: str | None = None, output=None):
         self.path = path
+        self.format = output.format if output is not None else "parquet"
+        self.image_format = output.image_format if output is not None else "png"
         self.storage_options = storage_options or {}
         self.schema = schema
         self.identity = identity
@@ -141,9 +154,9 @@ class ShardSink(Datasink):
     def _commit(self, fs, root: str, key: str, start: int, digest: str, attempt: int, rows: pa.Table) -> list[dict]:
         failed = pc.not_equal(rows["error_message"], "")
         blobs = [b for b in rows[PASSTHROUGH_BLOB].to_pylist() if b is not None]
-        data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity, blobs)
+        data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity, blobs, self.image_format)
         errors = errors_table(rows.filter(failed), attempt)
-        data_file, errors_file = data_name(key, start, digest, attempt), errors_name(key, start, digest)
+        data_file, errors_file = data_name(key, start, digest, attempt, self.format), errors_name(key, start, digest)
         records = []
         # Order is the protocol (pipelines/output.py): attempt 1 records its failures before its
         # data shard marks the unit committed; a retry commits the rows that now succeed before

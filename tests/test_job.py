@@ -54,7 +54,7 @@ def test_every_row_exactly_once_with_requested_size(first_run):
     assert set(rows) == set(expected)
     for row_id, row in rows.items():
         want = expected[row_id]
-        assert decode(row["image"]).shape == (want["height"], want["width"], 3)
+        assert decode(row["image"]["bytes"]).shape == (want["height"], want["width"], 3)
         assert (row["width"], row["height"]) == (want["width"], want["height"])
         assert row["prompt"] == want["prompt"] and row["negative_prompt"] == want["negative_prompt"]
         assert row["num_inference_steps"] == 2 and row["guidance_scale"] == 4.0 and row["seed"] >= 0
@@ -87,6 +87,8 @@ def test_output_reads_with_hugging_face_datasets(first_run):
     config = first_run[0]
     ds = datasets.load_dataset("parquet", data_files=f"{config.output.path}/data/*/*.parquet", split="train")
     assert ds.num_rows == 14 and {"id", "image", "prompt", "seed"} <= set(ds.column_names)
+    # The image column is an HF Image feature: rows hold PIL images of the requested size.
+    assert ds.features["image"] == datasets.Image() and ds[1]["image"].size == (128, 64)
 
 
 def test_rerun_gives_byte_identical_images(first_run):
@@ -137,7 +139,7 @@ def test_job_images_equal_diffusers(ray_cluster, model_cache, tiny_root, tmp_pat
     reference = Reference(tiny_root)
     for row in rows:
         got = out[row["id"]]
-        assert max_diff(decode(got["image"]), reference.image(got)) <= 1, row["id"]
+        assert max_diff(decode(got["image"]["bytes"]), reference.image(got)) <= 1, row["id"]
 
 
 def test_cli_run_and_unschedulable_plan(ray_cluster, model_cache, tmp_path, capsys):
@@ -201,7 +203,7 @@ def test_mixed_tasks_from_uris_and_bytes_with_bad_rows(ray_cluster, model_cache,
     assert set(data) == {"t2i", "by-uri", "by-file-url", "inline", "variation", "mix"}
     assert ["image_bytes" in item for item in data["mix"]["mix"]] == [False, False]  # recipe kept, bytes dropped
     assert data["mix"]["mix"][1]["image_uri"].endswith("blue.png")
-    assert decode(data["inline"]["image"]).shape == (64, 128, 3)
+    assert decode(data["inline"]["image"]["bytes"]).shape == (64, 128, 3)
     assert data["by-uri"]["task"] == "img2img" and data["by-uri"]["strength"] == 0.5
     assert "image_bytes" not in data["inline"]
     errors = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "errors").to_pylist()}
@@ -241,7 +243,7 @@ def test_inpaint_job_with_masks_by_uri_and_inline(ray_cluster, model_cache, tmp_
     summary = run_job(config)
     assert (summary["rows"], summary["failed_rows"]) == (2, 1)
     data = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "data").to_pylist()}
-    assert {k: decode(v["image"]).shape for k, v in data.items()} == {"uri-mask": (64, 64, 3), "inline-mask": (64, 64, 3)}
+    assert {k: decode(v["image"]["bytes"]).shape for k, v in data.items()} == {"uri-mask": (64, 64, 3), "inline-mask": (64, 64, 3)}
     assert data["uri-mask"]["decoder_model"].startswith("tiny-inpaint@")
     error = pq.read_table(tmp_path / "out" / "errors").to_pylist()[0]
     assert error["id"] == "bad-mask" and error["message"].startswith("mask: not a decodable image")
@@ -271,7 +273,7 @@ def test_controlnet_job_with_given_and_estimated_hints(ray_cluster, model_cache,
     assert (summary["rows"], summary["failed_rows"]) == (3, 1)
     data = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "data").to_pylist()}
     assert set(data) == {"hint-uri", "depth", "c-img2img"}
-    assert all(decode(r["image"]).shape == (64, 64, 3) for r in data.values())
+    assert all(decode(r["image"]["bytes"]).shape == (64, 64, 3) for r in data.values())
     error = pq.read_table(tmp_path / "out" / "errors").to_pylist()[0]
     assert error["id"] == "no-hint-file" and error["message"].startswith("hint_uri: file not found")
 

@@ -164,7 +164,7 @@ def test_every_row_lands_once_where_it_belongs(job):
     # Good rows are real images of the requested size, whatever their task.
     sample = pq.read_table(next((out / "data").rglob("part-000000000008-*-a1.parquet"))).to_pylist()
     assert {r["task"] for r in sample} >= {"text2img", "img2img", "mix"}
-    assert all(decode(r["image"]).shape == (64, 64, 3) for r in sample)
+    assert all(decode(r["image"]["bytes"]).shape == (64, 64, 3) for r in sample)
 
 
 def test_each_poison_kind_is_explained(job):

@@ -60,7 +60,7 @@ def test_job_reads_and_writes_s3(ray_cluster, model_cache, s3, caplog, capfd):
     assert [s["file"] for s in summary["error_shards"]] == [f"errors/{unit.key}/part-000000000000-{unit.digest}.parquet"]
     data = pq.read_table(fs.open("kandinsky/out/" + summary["shards"][0]["file"], "rb")).to_pylist()
     assert {r["id"] for r in data} == {"t2i", "s3-image"}
-    assert all(decode(r["image"]).shape == (64, 64, 3) for r in data)
+    assert all(decode(r["image"]["bytes"]).shape == (64, 64, 3) for r in data)
     errors = pq.read_table(fs.open("kandinsky/out/" + summary["error_shards"][0]["file"], "rb")).to_pylist()
     assert errors[0]["id"] == "s3-missing" and "file not found: s3://kandinsky/in/nope.png" in errors[0]["message"]
     assert errors[0]["attempt"] == 1 and errors[0]["stage"] == "fetch_inputs"

@@ -93,7 +93,7 @@ def test_job_survives_transient_s3_faults(ray_cluster, model_cache, s3, proxy):
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         ids += table.column("id").to_pylist()
-        assert all(decode(image).shape == (64, 64, 3) for image in table.column("image").to_pylist())
+        assert all(decode(image["bytes"]).shape == (64, 64, 3) for image in table.column("image").to_pylist())
     assert sorted(ids) == sorted(r["id"] for r in rows)  # every row, exactly once
     assert fs.glob(f"{BUCKET}/out/errors/*/*.parquet") == []
     assert not [p for p in fs.find(f"{BUCKET}/out") if "/_tmp/" in p]  # no partial shards left behind

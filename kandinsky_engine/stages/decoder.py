@@ -18,7 +18,8 @@ STRENGTH_TASKS = ("img2img", "controlnet_img2img")  # start from the noised init
 
 
 class DecoderStage:
-    """Adds `latents` (packed float32 (4, H/8, W/8) per row) to a batch; drops the embeddings.
+    """Adds `latents` (packed float32 (4, H/8, W/8) per row) to a batch; drops the embeddings (but
+    `image_embeds` when output.columns asks for it).
 
     text2img rows start from noise; img2img rows from their `init_latents`, noised to the first
     of the timesteps that `strength` keeps; inpaint rows from noise, with their masked image and
@@ -51,6 +52,7 @@ class DecoderStage:
         self.learned_variance = self.scheduler_config.get("variance_type") in ("learned", "learned_range")
         self.hinted = self.unet.config.addition_embed_type == "image_hint"  # ControlNet: hint in added_cond_kwargs
         self.run_unet = unet_forward
+        self.keep = {"image_embeds"} & set(config.output.columns)  # asked for as an output column: passed on
         if model.compile:
             self.run_unet = Bucketed(unet_forward, 2 * config.decoder.batch_size)
             self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
@@ -96,7 +98,7 @@ class DecoderStage:
                 for i, lat in zip(idx, group.float().cpu().numpy()):
                     latents[i] = pack(lat)
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels")
-        out = {k: v for k, v in batch.items() if k not in internal}
+        out = {k: v for k, v in batch.items() if k not in internal or k in self.keep}
         out["latents"] = latents
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -70,6 +71,23 @@ def encode_images(batch: dict[str, np.ndarray], output: OutputConfig) -> dict[st
             for name, value in zip(ERROR_COLUMNS, ("encode_images", type(exc).__name__, str(exc)[:2000])):
                 errors[name][i] = value
     out.update(errors, image=object_column(images))
+    out.update(image_signals(images, output.columns))
+    return out
+
+
+def image_signals(images: list, columns: list[str]) -> dict[str, np.ndarray]:
+    """The opt-in columns computed from the encoded image (None where there is none): `sha256` of its
+    bytes, `phash` (imagehash's DCT perceptual hash, 16 hex digits) of the image as stored, so a
+    JPEG's is the hash of what a reader decodes."""
+    out = {}
+    if "sha256" in columns:
+        out["sha256"] = object_column(None if b is None else hashlib.sha256(b).hexdigest() for b in images)
+    if "phash" in columns:
+        import imagehash
+        from PIL import Image
+
+        out["phash"] = object_column(None if b is None else str(imagehash.phash(Image.open(io.BytesIO(b))))
+                                     for b in images)
     return out
 
 
@@ -100,6 +118,7 @@ class MovqStage:
             self.movq = components["movq"]
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         self.output, self.encode = config.output, encode
+        self.keep = {"image_embeds"} & set(config.output.columns)  # an output column when asked for
         self.decode = movq_decode
         if config.model.compile:  # the decode method, not the module: compiling VQModel compiles its forward
             self.decode = Bucketed(movq_decode, config.movq.batch_size)
@@ -140,7 +159,7 @@ class MovqStage:
             raw.append(np.ascontiguousarray(image).tobytes())
             heights.append(image.shape[0])
             widths.append(image.shape[1])
-        out = {k: v for k, v in batch.items() if k not in INTERNAL}
+        out = {k: v for k, v in batch.items() if k not in INTERNAL or k in self.keep}
         out["pixels"] = object_column(raw)
         out["image_width"] = object_column(widths)
         out["image_height"] = object_column(heights)
