@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/kandinsky-batch run configs/demo.yaml --overwrite
+	$(VENV)/bin/kandinsky-batch run configs/demo.yaml --overwrite --report
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q --durations=30

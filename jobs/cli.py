@@ -16,13 +16,16 @@ def _config(args):
 
 
 def cmd_run(args) -> int:
+    from jobs.progress import Console, quiet_ray
     from jobs.run import run_job
 
     config = _config(args)
+    quiet_ray(args.verbose)
+    console = Console(interval_s=args.progress_interval, echo=True, log_file=True, verbose=args.verbose)
     summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
                       new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
                       recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=args.wait,
-                      dry_run=args.dry_run)
+                      dry_run=args.dry_run, console=console)
     if summary.get("dry_run"):
         print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
         return 0
@@ -35,10 +38,50 @@ def cmd_run(args) -> int:
     if not summary["complete"]:
         print(f"partial: --limit {summary['limit']} covered {summary['rows'] + summary['failed_rows']} of "
               f"{summary['manifest_rows']} rows; run without --limit to complete the job")
+    if summary.get("log"):
+        print(f"log: {summary['log']}; workers' output: {summary['worker_logs']} (--verbose: all on the console)")
+    if args.report:
+        from jobs.report import write_report
+
+        url, _ = write_report(summary["output"], config.storage_options, args.gpu_hour_price)
+        print(f"report: {url}")
     if summary["failed_rows"]:
         print(f"{summary['failed_rows']} row(s) failed: see {summary['output']}/errors/ "
               "(rerun the same command to retry them)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _options(args) -> dict:
+    """Storage options of `status` and `report`: from --config if given, else the environment's."""
+    return _config(args).storage_options if args.config else {}
+
+
+def cmd_status(args) -> int:
+    from jobs.status import format_status, read_status
+
+    status = read_status(args.output, _options(args))
+    print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jobs.report import write_report
+
+    url, _ = write_report(args.output, _options(args), args.gpu_hour_price, max_rows=args.max_rows)
+    print(f"report: {url}")
+    if args.open:
+        import tempfile
+        import webbrowser
+        from pathlib import Path
+
+        from kandinsky_engine.storage import url_to_fs
+
+        fs, local = url_to_fs(url, _options(args))
+        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            local = str(Path(tempfile.mkdtemp(prefix="kandinsky-report-")) / "report.html")  # a browser needs a file
+            fs.get_file(url_to_fs(url, _options(args))[1], local)
+        webbrowser.open(Path(local).resolve().as_uri())
     return 0
 
 
@@ -121,7 +164,9 @@ def cmd_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky-batch", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)  # options every command takes, after its name
-    common.add_argument("--verbose", action="store_true", help="on failure, print the full traceback")
+    common.add_argument("--verbose", action="store_true",
+                        help="on failure, print the full traceback; run: Ray's operator status and workers' output "
+                             "(model loading) on the console too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, **kwargs):
@@ -154,7 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check-shards", action="store_true",
                      help="before resuming, compare every committed shard's sha256 with its record (reads the "
                           "whole output); by default sizes are compared and unrecorded shards read back")
+    run.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
+                     help="seconds between progress lines and writes of _runs/{run}.progress.json (default 10)")
+    run.add_argument("--report", action="store_true", help="write OUTPUT/report.html when the run ends (see report)")
+    run.add_argument("--gpu-hour-price", type=float, metavar="P", help="with --report: $ per GPU-hour")
     run.set_defaults(func=cmd_run)
+
+    def with_output(p):
+        p.add_argument("output", help="output path (PATH of the job's output.path), local or URL")
+        p.add_argument("--config", help="a job config whose storage_options to use (default: the environment)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
+        return p
+
+    status = with_output(add("status", help="where a job stands (running or finished): rows, failures, rate, "
+                                            "ETA, lease; reads small files only"))
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    report = with_output(add("report", help="write OUTPUT/report.html: contact sheet, failures, runs, throughput, "
+                                            "cost; self-contained"))
+    report.add_argument("--open", action="store_true", help="open it in a browser")
+    report.add_argument("--gpu-hour-price", type=float, metavar="P", help="$ per GPU-hour, for the cost estimate")
+    report.add_argument("--max-rows", type=int, default=200, help="thumbnails on the contact sheet (default 200)")
+    report.set_defaults(func=cmd_report)
 
     validate = with_config(add("validate", help="check the config and manifest without running"))
     validate.set_defaults(func=cmd_validate)

@@ -104,7 +104,7 @@ class Lease:
     def _try_take(self) -> bool:
         """Take the lease if it is free or expired; False if a live run holds it."""
         record, version = self._read()
-        if record is not None and record.get("expires_at_epoch", 0) > _now() and not _owner_died_here(record):
+        if record is not None and record.get("expires_at_epoch", 0) > _now() and not owner_died_here(record):
             return False
         if record is not None:
             log.warning("taking over the lease of output %s from a run that stopped renewing it (%s)",
@@ -183,7 +183,7 @@ class Lease:
         self.release()
 
 
-def _owner_died_here(record: dict) -> bool:
+def owner_died_here(record: dict) -> bool:
     """The lease's owner ran on this machine and its process is gone (a killed driver, resumed at
     once on the same machine): no need to wait for the lease to expire. A lease from another machine
     can only expire. A reused pid looks alive, which only means waiting for the expiry."""

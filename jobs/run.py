@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pipelines.output import INDEX, RUNS, SUMMARY, TMP
 
 from .output_guard import check_output as check_target
 from .lease import Lease
+from .progress import PROGRESS_SUFFIX, Console, JobLog, RunProgress
 from .output_guard import remove_owned
 from .resume import choose_output, fingerprint_inputs, write_run
 from .verify import check_output
@@ -29,15 +31,16 @@ from .verify import report as verify_report
 log = logging.getLogger("kandinsky_engine")
 
 
-def connect(address: str | None) -> float:
-    """Attach to `address` (or RAY_ADDRESS); otherwise start a local cluster. Returns seconds taken."""
+def connect(address: str | None, verbose: bool = False) -> float:
+    """Attach to `address` (or RAY_ADDRESS); otherwise start a local cluster. Returns seconds taken.
+    Workers' output (model loading, weight-loading bars) stays in Ray's session logs unless `verbose`."""
     import ray
 
     start = time.perf_counter()
     if not ray.is_initialized():
         # "local" starts a fresh cluster: with no address, ray.init would attach to whatever cluster
         # was started last on this machine (`ray start`, another test), which is not what was asked.
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose)
     return time.perf_counter() - start
 
 
@@ -48,7 +51,7 @@ class ManifestChanged(RuntimeError):
 def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None,
             new_run: bool = False, recompute_changed: bool = False, check_shards: bool = False,
             overwrite_unowned: bool = False, config_file: str | None = None, wait: bool = False,
-            dry_run: bool = False) -> dict:
+            dry_run: bool = False, console: Console | None = None) -> dict:
     """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json, plus
     the shard records (`shards`, `error_shards`), which the file keeps in PATH/_index.parquet.
 
@@ -57,8 +60,10 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     sha256 with its record before resuming (reads the whole output), not only its size;
     `overwrite_unowned` also overwrites a folder this tool did not write or that holds the manifest
     or `config_file` (see jobs/output_guard.py); `wait`: if another run holds the output's lease,
-    wait for it instead of failing; `dry_run`: plan, validate and inspect, print, write nothing.
+    wait for it instead of failing; `dry_run`: plan, validate and inspect, print, write nothing;
+    `console`: progress lines and the log file (jobs/progress.py; default: silent, progress file only).
     """
+    console = console or Console()
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     # Everything that can fail fast does so before Ray starts or a model loads, and before an
@@ -83,7 +88,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     if path != config.output.path.rstrip("/"):
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     fs, root = url_to_fs(path, config.storage_options)
-    ray_startup_s = connect(address or config.ray_address)
+    ray_startup_s = connect(address or config.ray_address, console.verbose)
     from pipelines.validate import check_with_ray
 
     # Rows are checked by Ray tasks, one per file: still before the output is touched.
@@ -93,23 +98,27 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     if not dry_run:
         ensure_dir(fs, root)
         lease.acquire(wait=wait)  # before anything below reads what a live run may be changing
+    cleanup = contextlib.ExitStack()  # the job log, opened once the output is ours
     try:
         if not dry_run:  # again, now that no other run can change the output under us
             with access_checked(config.output.path, config.storage_options, "checking output"):
                 path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
         return _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, limit=limit,
-                    recompute_changed=recompute_changed, check_shards=check_shards, dry_run=dry_run)
+                    recompute_changed=recompute_changed, check_shards=check_shards, dry_run=dry_run,
+                    console=console, cleanup=cleanup)
     finally:
+        cleanup.close()
         if not dry_run:
             lease.release()
 
 
 def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, *, limit, recompute_changed,
-         check_shards, dry_run) -> dict:
+         check_shards, dry_run, console, cleanup) -> dict:
     import ray
 
     from pipelines.generate import IO_CPUS, build_generation, check_resources
     from pipelines.output import Inspection, inspect, put_json, put_records, reconcile, shard_records
+    from pipelines.progress import CommitCounter
     from pipelines.sink import ShardSink
 
     rows_per_block = config.rows_per_block()
@@ -131,6 +140,9 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         remove_owned(fs, root)
     if mode != "resume":
         write_run(fs, root, inputs, config, tag)
+    job_log = JobLog(fs, root, tag) if console.log_file else None
+    if job_log:
+        cleanup.callback(job_log.close)
     if fs.exists(f"{root}/{SUMMARY}"):
         fs.rm(f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends
 
@@ -150,11 +162,22 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
                     next(iter(manifest.row_errors.values())))
     started, started_at = time.perf_counter(), time.time()
     schema = output_schema(manifest.schema, config.output.columns)
-    sink = ShardSink(path, config.storage_options, schema, model_identity(config.model, weights), tag, config.output)
+    progress = None
+    if state.rows_todo:
+        progress = RunProgress(fs, root, tag, state.rows_done + state.rows_todo, state.rows_done, console,
+                               CommitCounter.remote(), job_log and job_log.target, alive=lambda: not lease.lost)
+        progress.start()
+    sink = ShardSink(path, config.storage_options, schema, model_identity(config.model, weights), tag,
+                     config.output, progress=progress and progress.counter)
     ray_data_stats = None
     if state.rows_todo:
         ds = build_generation(config, manifest, state.plans)
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
+        try:
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
+        except BaseException:
+            progress.stop("failed")
+            raise
+        progress.stop("written")  # every unit is written; the run checks the output and writes its summary
         # Ray Data (2.60) keeps the executed write plan as `_write_ds`; its stats are the per-operator
         # breakdown that `bench` prints. Not part of the report: long text, and only diagnostics.
         ray_data_stats = ds._write_ds.stats() if getattr(ds, "_write_ds", None) is not None else None
@@ -179,6 +202,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         "timeline_s": timeline(sink.committed_at, started_at, wall),
         "images_per_s": round(state.rows_todo / wall, 4) if wall and state.rows_todo else None,
         "ray_startup_s": round(ray_startup_s, 3),
+        "gpus_reserved": gpus_reserved(config, manifest),  # x wall time: the run's GPU-hours (`report`)
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
     put_records(fs, root, f"{RUNS}/{tag}.parquet", records, tag)
@@ -192,7 +216,16 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
     if fs.exists(f"{root}/{TMP}"):  # written through by the shards and the metadata files; empty by now
         fs.rm(f"{root}/{TMP}", recursive=True)
     return {**summary, "shards": [r for r in records if r["file"].startswith("data/")],
-            "error_shards": [r for r in records if r["file"].startswith("errors/")], "ray_data_stats": ray_data_stats}
+            "error_shards": [r for r in records if r["file"].startswith("errors/")], "ray_data_stats": ray_data_stats,
+            "log": job_log and job_log.target, "worker_logs": job_log and job_log.worker_logs}
+
+
+def gpus_reserved(config: JobConfig, manifest) -> float:
+    """GPUs the run's actor pools held: what a cluster bills for, busy or not."""
+    from pipelines.generate import model_stages
+
+    stages = [config.decoder] if config.fuse_stages else [stage for _, _, stage in model_stages(config, manifest)]
+    return round(sum(stage.num_gpus * stage.actors for stage in stages), 4)
 
 
 def timeline(committed_at: list[float], started_at: float, wall: float) -> dict | None:
@@ -260,6 +293,8 @@ def read_reports(fs, root: str) -> tuple[list[dict], list[str]]:
     reports, damaged = [], []
     fs.invalidate_cache(f"{root}/{RUNS}")
     for name in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
+        if name.endswith(PROGRESS_SUFFIX):  # a display for `status`, never a run's report
+            continue
         try:
             with fs.open(name, "r") as f:
                 report = json.load(f)

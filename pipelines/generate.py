@@ -6,6 +6,10 @@ The builder only describes the lazy Ray Data plan; nothing runs until the caller
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+
 import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, Dataset
@@ -72,9 +76,12 @@ class Chunked:
     """
 
     def __init__(self, stage_class, batch_size: int, **kwargs):
+        started = time.perf_counter()
         self.stage = stage_class(**kwargs)
         self.name = stage_class.__name__
         self.batch_size = batch_size
+        # Once per actor, in the worker's log (Ray's session logs; the console with --verbose).
+        _actor_log().info("%s loaded in %.1f s (pid %d)", self.name, time.perf_counter() - started, os.getpid())
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if UNIT not in block:  # an empty block (its unit was committed)
@@ -139,6 +146,17 @@ def fused_config(config: JobConfig, stages: list) -> JobConfig:
     (threads, GPU share, memory cap), each keeping its batch size."""
     scheduling = config.decoder.model_dump(exclude={"batch_size"})
     return config.model_copy(update={name: stage.model_copy(update=scheduling) for name, _, stage, _ in stages})
+
+
+def _actor_log() -> logging.Logger:
+    """The engine's logger in an actor process, which has no logging set up: INFO to stderr."""
+    logger = logging.getLogger("kandinsky_engine")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger
 
 
 def _release_memory() -> None:

@@ -65,7 +65,9 @@ INDEX, LEASE = "_index.parquet", "_LEASE.json"
 # root itself may hold other files (a README, the manifest, a bucket's other keys). In removal
 # order: the summary first (the output stops claiming to be complete), the run file last (a
 # removal cut short still holds _RUN.json, so --overwrite can take it up again).
-OWNED_ENTRIES = (SUMMARY, INDEX, DATA, ERRORS, TMP, DAMAGED, RUNS, RUN_FILE)
+# report.html and _logs/ (`kandinsky-batch report`, the CLI's log of each run) describe the output.
+REPORT, LOGS = "report.html", "_logs"
+OWNED_ENTRIES = (SUMMARY, INDEX, REPORT, DATA, ERRORS, TMP, DAMAGED, RUNS, LOGS, RUN_FILE)
 DATA_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})-a(\d+)\.(parquet|tar)")
 ERRORS_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})\.parquet")
 RECORD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
@@ -112,7 +114,8 @@ def record_of(file: str, payload: bytes, rows: int) -> dict:
 def put_records(fs, root: str, relpath: str, records: list[dict], tmp_tag: str) -> None:
     """Shard records as a Parquet table: one row per shard, small at any scale."""
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), sink)
+    # Row groups of 64k records: `report` samples shards by reading a few groups, not a million records.
+    pq.write_table(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), sink, row_group_size=1 << 16)
     put_bytes(fs, root, relpath, sink.getvalue().to_pybytes(), tmp_tag)
 
 

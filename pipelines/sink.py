@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from typing import Iterable
 
 import pyarrow as pa
@@ -114,7 +115,7 @@ class ShardSink(Datasink):
     columns (models.model_identity); `output`: the job's OutputConfig (shard format, image format)."""
 
     def __init__(self, path: str, storage_options: dict | None, schema: pa.Schema, identity: dict[str, str],
-                 tmp_tag: str | None = None, output=None):
+                 tmp_tag: str | None = None, output=None, progress=None):
         self.path = path
         self.format = output.format if output is not None else "parquet"
         self.image_format = output.image_format if output is not None else "png"
@@ -126,6 +127,7 @@ class ShardSink(Datasink):
         self.records: list[dict] = []
         self.oom_splits = 0
         self.committed_at: list[float] = []  # epoch seconds of each write task's last commit: the run's timeline
+        self.progress = progress  # a CommitCounter actor (pipelines/progress.py) told of each commit, or None
 
     def get_name(self) -> str:
         return "ShardSink"
@@ -146,8 +148,13 @@ class ShardSink(Datasink):
                 raise RuntimeError(f"unit {unit} reached the writer with {rows.num_rows} of "
                                    f"{rows[UNIT_ROWS][0].as_py()} rows; lower input.rows_per_block")
             key, start = unit.rsplit("/", 1)
-            records += self._commit(fs, root, key, int(start), str(rows[DIGEST][0].as_py()),
-                                    int(rows[ATTEMPT][0].as_py()), rows)
+            committed = self._commit(fs, root, key, int(start), str(rows[DIGEST][0].as_py()),
+                                     int(rows[ATTEMPT][0].as_py()), rows)
+            records += committed
+            if self.progress is not None:  # fire and forget: progress is a display, never a dependency
+                failed = rows.filter(pc.not_equal(rows["error_message"], ""))
+                kinds = [f"{s}: {t}" for s, t in zip(failed["error_stage"].to_pylist(), failed["error_type"].to_pylist())]
+                self.progress.commit.remote(unit, rows.num_rows - failed.num_rows, failed.num_rows, dict(Counter(kinds)))
         splits = int(pc.sum(table[SPLITS]).as_py() or 0) if SPLITS in table.column_names else 0
         return {"records": records, "oom_splits": splits, "committed_at": time.time()}
 

@@ -93,7 +93,7 @@ def test_remove_owned_removes_exactly_the_layout_entries(s3, tmp_path):
     fs, _ = s3
     keep = ["data_old/part-00000000-a1.parquet", "datafile", "_RUN.json.bak", "notes.txt", "_other/x"]
     owned = ["data/part-00000000-a1.parquet", "errors/part-00000000.parquet", "_tmp/x", "_damaged/y",
-             "_runs/abc.json", "_RUN.json", "_SUCCESS.json", "_index.parquet"]
+             "_runs/abc.json", "_RUN.json", "_SUCCESS.json", "_index.parquet", "report.html", "_logs/abc.log"]
     assert {name.split("/")[0] for name in owned} == set(OWNED_ENTRIES)
     fs.pipe({f"kandinsky/owned/{name}": b"x" for name in keep + owned})
     assert sorted(remove_owned(fs, "kandinsky/owned")) == sorted(OWNED_ENTRIES)
