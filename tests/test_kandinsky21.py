@@ -215,3 +215,15 @@ def test_tiny_tokenizer_round_trips(tiny_root):
     assert len({tuple(i) for i in ids}) == len(prompts)  # different prompts, different ids
     assert loaded.unk_token_id in ids[2] and loaded.unk_token_id not in ids[1]  # 🚀 is unknown, Cyrillic is not
     assert (ids[4], loaded.pad_token_id) == ([0, 2], 1)
+
+
+def test_example_config_is_a_kandinsky21_job(model_cache):
+    from pathlib import Path
+
+    from kandinsky_engine.config import load_config
+    from kandinsky_engine.manifest import validate_manifest
+
+    path = Path(__file__).parents[1] / "configs" / "examples" / "kandinsky21.yaml"
+    config, family = resolve_family(load_config(path, [f"model.cache_dir={model_cache}"]))
+    assert family.name == "kandinsky21" and config.defaults.task_defaults == {"img2img": {"guidance_scale": 7.0}}
+    assert {"text2img", "img2img", "mix"} <= set(validate_manifest(config).tasks)
