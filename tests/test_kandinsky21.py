@@ -178,7 +178,7 @@ def test_mix_matches_interpolate_and_diffusers_batch_bugs(stages, ref):
     two = ref["prior"].interpolate(["a cat", scene], [0.3, 0.7], num_inference_steps=3, num_images_per_prompt=2,
                                    generator=gen(r), guidance_scale=4.0)
     assert two.image_embeds.shape == (1, prior.embedding_dim)  # two images asked, one summed embedding
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):  # 2 prompts' rows, 1 image embedding
         ref["text2img"]("a cat", image_embeds=expected.image_embeds, negative_image_embeds=expected.image_embeds,
                         num_images_per_prompt=2, guidance_scale=1.0, height=64, width=64, num_inference_steps=2)
     # The engine: a mix row decodes like diffusers' decoder given interpolate's embeddings and the prompt.
