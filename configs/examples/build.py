@@ -74,6 +74,14 @@ def main() -> None:
          "image_bytes": png(scene(hue=40)), "strength": s}
         for s in (0.3, 0.7)
     ])
+    write("kandinsky21", [  # Kandinsky 2.1's decoder reads the prompt too (and the negative prompt)
+        {"id": "k21-text", "prompt": "a red cat, 4k photo", "negative_prompt": "blurry"},
+        {"id": "k21-multilingual", "prompt": "Кот на крыше, акварель", "width": 128},
+        {"id": "k21-img2img", "prompt": "a watercolor landscape", "task": "img2img", "image_bytes": png(scene()),
+         "strength": 0.6},
+        {"id": "k21-mix", "prompt": "a cat in a landscape", "task": "mix",
+         "mix": [{"text": "a cat", "weight": 0.6}, {"image_bytes": png(scene(hue=40)), "weight": 0.4}]},
+    ])
     write("controlnet", [
         {"id": "controlnet-hint", "prompt": "a robot, 4k photo", "task": "controlnet", "hint_bytes": png(depth())},
         {"id": "controlnet-depth", "prompt": "a marble statue", "task": "controlnet", "image_bytes": png(scene())},

@@ -1,0 +1,187 @@
+"""Decoder21Stage: prompts + image embeddings -> final latents, with the semantics of Kandinsky 2.1's
+`KandinskyPipeline`, `KandinskyImg2ImgPipeline` and `KandinskyInpaintPipeline`.
+
+Unlike 2.2, the 2.1 U-Net is conditioned on the text too: the prompt, tokenized to 77 tokens by the
+XLM-R tokenizer, goes through `MultilingualCLIP`, whose pooled output joins the image embedding in
+`added_cond_kwargs` and whose hidden states are the cross-attention input (no attention mask is
+passed to the U-Net, as diffusers does not). The text encoder lives in this stage, so the (77, H)
+hidden states never travel between actors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import JobConfig
+from ..device import stage_device
+from ..inputs import pack, unpack
+from ..models import load_asset, load_module, resolve_source
+from ..rows import failed, generators, group_rows, is_null, latent_size, mark_failed, strength_start
+from ..sampling import Schedule, draw_noise, guide, make_scheduler, row_scales
+
+REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps",
+            "guidance_scale", "strength", "image_embeds", "negative_image_embeds")
+MAX_LENGTH = 77  # the pipelines' `max_length=77`, whatever the tokenizer's model_max_length
+
+
+def img2img_alphas_cumprod():
+    """The schedule 2.1's img2img noises its input with, whatever the sampler: linear betas
+    1e-4..0.02 over 1000 steps (`KandinskyImg2ImgPipeline.add_noise`, from the original repo)."""
+    import torch
+
+    return torch.cumprod(1.0 - torch.linspace(0.0001, 0.02, 1000, dtype=torch.float32), dim=0)  # (1000,)
+
+
+class Decoder21Stage:
+    """Adds `latents` (packed float32 (4, H/8, W/8) per row) to a batch; drops the embeddings.
+
+    text2img and mix rows start from noise; img2img rows from their `init_latents` noised to the
+    fixed timestep int(1000 * strength) - 2 with 2.1's own schedule, then denoised over the timesteps
+    `strength` keeps; inpaint rows from noise, with [masked image latents, keep mask] as extra U-Net
+    channels and no blending (2.1 has none, unlike 2.2). The unconditional text is the row's negative
+    prompt, "" without one (encoded once per actor). Rows sharing (size, steps, guidance on/off, task,
+    start step) run as one group, each with its own generator (sampling.py). Rows failed upstream
+    pass through.
+    """
+
+    def __init__(self, config: JobConfig):
+        import torch
+        from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
+        from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
+        from transformers import XLMRobertaTokenizer
+
+        torch.set_num_threads(config.decoder.threads())
+        model, options = config.model, config.storage_options
+        self.device = stage_device(model, config.decoder)
+        load = lambda cls, subfolder: load_module(cls, model, "decoder", subfolder, options, self.device)
+        self.unet = load(UNet2DConditionModel, "unet")
+        self.text_encoder = load(MultilingualCLIP, "text_encoder")
+        self.tokenizer = load_asset(XLMRobertaTokenizer, model, "decoder", "tokenizer", options)
+        self.scheduler_config = load_asset(DDIMScheduler, model, "decoder", "scheduler", options).config
+        movq = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options), subfolder="movq")
+        self.scheduler = config.defaults.scheduler  # SCHEDULERS key; a fresh instance per group
+        self.movq_scale_factor = 2 ** (len(movq["block_out_channels"]) - 1)
+        self.channels = movq["latent_channels"]  # the inpainting U-Net takes 2C + 1
+        self.learned_variance = self.scheduler_config.get("variance_type") in ("learned", "learned_range")
+        self.noise_table = img2img_alphas_cumprod()
+        with torch.inference_mode():
+            self.empty_prompt = self._encode([""])  # ((1, D), (1, 77, H)): the negative of most rows
+
+    def _encode(self, texts: list[str]):
+        """-> pooled (n, D) and hidden states (n, 77, H), as the pipelines' `_encode_prompt`."""
+        tokens = self.tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                                return_attention_mask=True, add_special_tokens=True, return_tensors="pt")
+        return self.text_encoder(input_ids=tokens.input_ids.to(self.device),
+                                 attention_mask=tokens.attention_mask.to(self.device))
+
+    def _encode_negatives(self, texts: list[str]):
+        """Unconditional inputs: "" from the actor's cache, the other negative prompts encoded together."""
+        import torch
+
+        others = [t for t in texts if t != ""]
+        encoded = self._encode(others) if others else None
+        parts, j = [], 0
+        for text in texts:
+            parts.append(self.empty_prompt if text == "" else tuple(x[j : j + 1] for x in encoded))
+            j += text != ""
+        return tuple(torch.cat(column) for column in zip(*parts))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        missing = [c for c in REQUIRED if c not in batch]
+        if missing:
+            raise ValueError(f"Decoder21Stage: batch lacks columns {missing}")
+        h, w = batch["height"], batch["width"]
+        steps, guidance = batch["num_inference_steps"], batch["guidance_scale"]
+        start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
+        for i in np.flatnonzero(~failed(batch)):
+            try:
+                start[i] = self._start(batch, i)
+            except ValueError as exc:
+                mark_failed(batch, i, "Decoder21Stage", exc)
+        key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.movq_scale_factor), int(steps[i]),
+                         bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
+        latents = np.full(len(batch["id"]), None, dtype=object)
+        with torch.inference_mode():
+            done = [(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, task, t_start))
+                    for (lh, lw, num_steps, cfg, task, t_start), idx in group_rows(batch, key).items() if t_start >= 0]
+            for idx, group in done:
+                for i, lat in zip(idx, group.float().cpu().numpy()):
+                    latents[i] = pack(lat)
+        internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask")
+        out = {k: v for k, v in batch.items() if k not in internal}
+        out["latents"] = latents
+        return out
+
+    def _start(self, batch, i: int) -> int:
+        if batch["task"][i] != "img2img":
+            return 0
+        strength = float(batch["strength"][i])
+        if int(self.scheduler_config["num_train_timesteps"] * strength) - 2 < 0:
+            raise ValueError(f"strength {strength}: img2img noises to timestep int(1000 x strength) - 2, "
+                             "which must be >= 0")
+        return strength_start(int(batch["num_inference_steps"][i]), strength)
+
+    def _conditioning(self, batch, idx, cfg: bool):
+        """U-Net conditioning of a group: hidden states (B, 77, H) and {text_embeds, image_embeds} (B, D),
+        B = 2n with guidance (unconditional half first, as diffusers), else n."""
+        import torch
+
+        dtype = self.unet.dtype
+        text, hidden = self._encode([str(batch["prompt"][i]) for i in idx])
+        image = torch.from_numpy(np.stack(batch["image_embeds"][idx])).to(self.device)  # (n, D)
+        if cfg:
+            negatives = ["" if is_null(batch["negative_prompt"][i]) else str(batch["negative_prompt"][i]) for i in idx]
+            u_text, u_hidden = self._encode_negatives(negatives)
+            u_image = torch.from_numpy(np.stack(batch["negative_image_embeds"][idx])).to(self.device)
+            text, hidden, image = torch.cat([u_text, text]), torch.cat([u_hidden, hidden]), torch.cat([u_image, image])
+        return hidden.to(dtype), {"text_embeds": text.to(dtype), "image_embeds": image.to(dtype)}
+
+    def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, task: str, t_start: int):
+        """The final latents (n, C, H/8, W/8) of one group, left on the device."""
+        import torch
+
+        dtype, n, channels = self.unet.dtype, len(idx), self.channels
+        hidden, cond = self._conditioning(batch, idx, cfg)
+        schedule = Schedule(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start, self.device)
+        noisy = schedule.noise_steps()
+        # Row r's draws, in the pipeline's order: its initial noise (img2img: the noise added to
+        # the input), then one per noisy step.
+        noise = draw_noise(generators(batch["seed"][idx]), [(1, channels, lh, lw)] * n, 1 + sum(noisy), dtype,
+                           self.device)  # (1 + K, n, C, H/8, W/8)
+        latents = noise[0] * schedule.init_noise_sigma
+        extra = None  # inpainting: [masked image latents, keep mask] beside the latents
+        if task in ("img2img", "inpaint"):
+            init = np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx])
+            init = torch.from_numpy(init).to(self.device, dtype)  # (n, C, h, w)
+        if task == "img2img":
+            # diffusers scales the encoded image by init_noise_sigma (1 for DDIM), then noises it
+            # to a timestep of its own schedule, independent of the sampler's.
+            # Rows of one group share their start step, not always their strength: one timestep each.
+            t = [int(self.scheduler_config["num_train_timesteps"] * float(batch["strength"][i])) - 2 for i in idx]
+            alpha = self.noise_table[t].view(n, 1, 1, 1).to(self.device, dtype)  # (n, 1, 1, 1)
+            latents = alpha ** 0.5 * (init * schedule.init_noise_sigma) + (1 - alpha) ** 0.5 * noise[0]
+        elif task == "inpaint":
+            keep = torch.from_numpy(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]))
+            keep = keep.to(self.device, dtype)  # (n, 1, h, w): 1 = keep the source
+            extra = torch.cat([init * keep, keep], dim=1)  # (n, C + 1, h, w)
+            extra = torch.cat([extra] * 2) if cfg else extra
+        scales = row_scales([float(batch["guidance_scale"][i]) for i in idx], 4, self.device)  # (n, 1, 1, 1)
+
+        draw = 1
+        for k in range(len(schedule.timesteps)):
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            if extra is not None:
+                model_input = torch.cat([model_input, extra], dim=1)  # (.., 2C + 1, h, w)
+            pred = self.unet(sample=model_input, timestep=schedule.model_timesteps[k], encoder_hidden_states=hidden,
+                             added_cond_kwargs=cond, return_dict=False)[0]  # (B, 2C, h, w)
+            pred_noise, pred_variance = pred.split(channels, dim=1)
+            if cfg:  # the text half's variance, as diffusers
+                eps, var = guide(pred_noise[:n], pred_noise[n:], scales, dtype), pred_variance[n:]
+            else:
+                eps, var = pred_noise, pred_variance
+            model_output = torch.cat([eps, var], dim=1) if self.learned_variance else eps
+            latents = schedule.step(k, model_output, latents, noise[draw] if noisy[k] else None)
+            draw += noisy[k]
+        return latents
