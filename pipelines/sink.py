@@ -65,8 +65,8 @@ def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blob
         elif name == "mix":
             values = rows["mix"].to_pylist() if "mix" in rows.column_names else [None] * n
             columns[name] = pa.array([mix_recipe(v) for v in values], type_)
-        elif name in ("prior_model", "decoder_model"):
-            columns[name] = pa.array([identity[name]] * n, type_)
+        elif name in ("prior_model", "decoder_model"):  # null where the family has no such part (Kandinsky 3: no prior)
+            columns[name] = pa.array([identity.get(name)] * n, type_)
         elif name == "depth_model":
             # Only rows whose hint was estimated depend on the depth model.
             tasks = rows["task"].to_pylist()
