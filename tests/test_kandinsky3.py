@@ -159,15 +159,16 @@ JOB_ROWS = [
     {"id": "t-long", "prompt": LONG, "negative_prompt": "blurry", "width": 128},
     {"id": "t-unguided", "prompt": "Медведь", "guidance_scale": 1.0},
     {"id": "i-square", "prompt": "a watercolor", "task": "img2img", "image_bytes": scene(64, 64), "strength": 1.0},
-    {"id": "i-wide", "prompt": "Пейзаж", "task": "img2img", "image_bytes": scene(128, 64), "width": 128},
-    {"id": "bad-image", "prompt": "x", "task": "img2img", "image_bytes": b"not an image"},  # MovqEncodeStage
+    {"id": "i-wide", "prompt": "Пейзаж", "task": "img2img", "image_bytes": scene(128, 64), "width": 128, "strength": 0.5},
+    {"id": "bad-image", "prompt": "x", "task": "img2img", "image_bytes": b"not an image", "strength": 1.0},  # MovqEncodeStage
     {"id": "bad-task", "prompt": "x", "task": "inpaint", "image_bytes": scene(64, 64), "mask_bytes": scene(64, 64)},
 ]
 
 
 @pytest.fixture(scope="module")
 def job(ray_cluster, model_cache, tmp_path_factory):
-    """The job, then the same command again on its output: (config, first summary, second summary)."""
+    """The job, then the same command again on its output: (config, first summary, second summary,
+    the data shards after the first run)."""
     from jobs.run import run_job
 
     tmp = tmp_path_factory.mktemp("k3job")
@@ -175,21 +176,23 @@ def job(ray_cluster, model_cache, tmp_path_factory):
     config = make_config(model_cache, manifest, str(tmp / "out"), model=K3, input={"rows_per_block": 4},
                          text_encoder={"batch_size": 3}, decoder={"batch_size": 2})
     first = run_job(config)
-    return config, first, run_job(config)
+    shards = {p: p.read_bytes() for p in sorted((tmp / "out" / "data").rglob("*.parquet"))}
+    return config, first, run_job(config), shards
 
 
 @pytest.mark.ray
 def test_job_writes_every_good_row_once_and_the_poison_rows_to_errors(job, k3):
     from jobs.verify import verify
 
-    config, first, second = job
+    config, first, second, shards = job
     out = Path(config.output.path)
     rows = {r["id"]: r for r in pq.read_table(out / "data").to_pylist()}
     errors = {r["id"]: r for p in (out / "errors").rglob("*.parquet") for r in pq.read_table(p).to_pylist()}
     assert sorted(rows) == ["i-square", "i-wide", "t-long", "t-short", "t-unguided"]
     assert sorted(errors) == ["bad-image", "bad-task"]
-    assert errors["bad-image"]["error_stage"] == "MovqEncodeStage" and "image" in errors["bad-image"]["error_message"]
-    assert "inpaint" in errors["bad-task"]["error_message"]
+    assert errors["bad-image"]["stage"] == "MovqEncodeStage" and "image" in errors["bad-image"]["message"]
+    assert errors["bad-task"]["stage"] == "validate" and "'inpaint' needs another decoder" in errors["bad-task"]["message"]
+    assert {e["attempt"] for e in errors.values()} == {2}  # the rerun retried the bad rows, and only them
     for row in rows.values():
         assert decode(row["image"]).shape == (row["height"], row["width"], 3)
         assert row["prior_model"] is None and row["decoder_model"].startswith("tiny-k3@")
@@ -197,7 +200,8 @@ def test_job_writes_every_good_row_once_and_the_poison_rows_to_errors(job, k3):
     resolved = {k: v[0] for k, v in batch_of([JOB_ROWS[0]], k3[0]).items()}
     assert max_diff(decode(rows["t-short"]["image"]), reference(k3, resolved)) <= 1
     # The rerun resumes: nothing good is recomputed, and the output verifies.
-    assert (second["rows_skipped"], second["rows_computed"]) == (5, 0)
+    assert (first["rows"], second["rows_skipped"], second["rows_computed"]) == (5, 5, 2)  # the 2 bad rows only
+    assert {p: p.read_bytes() for p in sorted((out / "data").rglob("*.parquet"))} == shards
     check = verify(config.output.path)
     assert check.ok, check.problems
     assert (check.rows, check.failed_rows) == (5, 2)
