@@ -25,15 +25,16 @@ def test_tiny_model_cli_writes_loadable_diffusers_dirs(tmp_path):
     assert decoder.movq_scale_factor == 8  # four MoVQ blocks, like the real one
     assert not prior.prior.training and not decoder.unet.training
     files = [p for p in (tmp_path / "tiny").rglob("*") if p.is_file()]
-    # 2 encoders and the prior; U-Net and MoVQ for each of the three decoders; the depth model
-    assert len([p for p in files if p.suffix == ".safetensors"]) == 10
+    # 2.2: 2 encoders and the prior; U-Net and MoVQ for each of the three decoders; the depth model.
+    # Kandinsky 3 (decoder-k3): T5 encoder, U-Net, MoVQ.
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 10 + 3
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
 
 
 def test_tiny_model_is_seeded(tmp_path):
     main(["tiny-model", str(tmp_path / "a")])
     main(["tiny-model", str(tmp_path / "b")])
-    for part in ("prior/prior", "decoder/unet", "decoder/movq"):
+    for part in ("prior/prior", "decoder/unet", "decoder/movq", "decoder-k3/unet"):
         a = (tmp_path / "a" / part / "diffusion_pytorch_model.safetensors").read_bytes()
         assert a == (tmp_path / "b" / part / "diffusion_pytorch_model.safetensors").read_bytes()
 
