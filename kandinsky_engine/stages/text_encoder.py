@@ -61,7 +61,7 @@ class T5EncoderStage:
         for j, i in enumerate(guided, start=len(ok)):
             negative_counts[i] = min(tokens[j], lengths[i])
             negative[i] = pack(hidden[j, : lengths[i]])
-        out = {k: v for k, v in batch.items() if k != "negative_prompt_embeds"}
+        out = dict(batch)
         out.update(prompt_embeds=embeds, context_length=lengths, prompt_tokens=counts,
                    negative_prompt_embeds=negative, negative_prompt_tokens=negative_counts)
         return out
