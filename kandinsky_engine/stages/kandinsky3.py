@@ -53,7 +53,8 @@ class Kandinsky3UNetStage:
         start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
         for i in np.flatnonzero(~failed(batch)):
             try:
-                start[i] = strength_start(int(steps[i]), float(batch["strength"][i])) if batch["task"][i] == "img2img" else 0
+                img2img = batch["task"][i] == "img2img"
+                start[i] = strength_start(int(steps[i]), float(batch["strength"][i])) if img2img else 0
             except ValueError as exc:
                 mark_failed(batch, i, "Kandinsky3UNetStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), LATENT_SCALE), int(steps[i]),  # noqa: E731
@@ -105,7 +106,8 @@ class Kandinsky3UNetStage:
         else:
             latents = noise[0] * schedule.init_noise_sigma
         guidance = [float(batch["guidance_scale"][i]) for i in idx]
-        text_scales, uncond_scales = row_scales([g + 1.0 for g in guidance], 4, self.device), row_scales(guidance, 4, self.device)
+        text_scales = row_scales([g + 1.0 for g in guidance], 4, self.device)  # (n, 1, 1, 1)
+        uncond_scales = row_scales(guidance, 4, self.device)
         draw = 1
         for k in range(len(schedule.timesteps)):
             model_input = torch.cat([latents] * 2) if cfg else latents
