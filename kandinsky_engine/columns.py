@@ -99,7 +99,8 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
 # Columns the stages add and drop on the way; a manifest column of the same name would be
 # overwritten by them.
 STAGE_COLUMNS = ("error_stage", "error_type", "error_message", "image_embeds", "negative_image_embeds", "latents",
-                 "init_latents", "keep_mask", "hint_pixels")
+                 "init_latents", "keep_mask", "hint_pixels", "prompt_embeds", "context_length", "prompt_tokens",
+                 "negative_prompt_embeds", "negative_prompt_tokens")
 # Internal bookkeeping columns start with "_" (see pipelines/sink.py): the prefix is reserved.
 RESERVED_PREFIX = "_"
 PASSTHROUGH_BLOB = "_passthrough"

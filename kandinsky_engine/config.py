@@ -321,7 +321,7 @@ class JobConfig(_Strict):
         largest stage batch size."""
         if self.input.rows_per_block:
             return self.input.rows_per_block
-        stages = (self.prior, self.hint, self.encode, self.decoder, self.movq)
+        stages = (self.prior, self.text_encoder, self.hint, self.encode, self.decoder, self.movq)
         return 8 * max(stage.batch_size for stage in stages)
 
 

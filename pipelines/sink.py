@@ -74,8 +74,8 @@ def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blob
             images = engine_column(rows, "image", pa.binary()).to_pylist()
             columns[name] = pa.array([{"bytes": b, "path": image_path(i, image_format)}
                                       for i, b in zip(rows["id"].to_pylist(), images)], IMAGE_TYPE)
-        elif name in ("prior_model", "decoder_model"):
-            columns[name] = pa.array([identity[name]] * n, type_)
+        elif name in ("prior_model", "decoder_model"):  # null where the family has no such part (Kandinsky 3: no prior)
+            columns[name] = pa.array([identity.get(name)] * n, type_)
         elif name == "depth_model":
             # Only rows whose hint was estimated depend on the depth model.
             tasks = rows["task"].to_pylist()

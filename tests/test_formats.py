@@ -175,6 +175,15 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     assert sorted(r["id"] for r in hf_tar["json"]) == sorted(HOSTILE)
     assert isinstance(hf_tar[0]["png"], Image.Image)
 
+    # The report's contact sheet samples tar shards as it does Parquet ones (jobs/samples.py).
+    from jobs.samples import sample_rows
+    from kandinsky_engine.storage import url_to_fs
+
+    for out in (tmp_path / "parquet", wds_out):
+        shown = sample_rows(*url_to_fs(str(out), {}), max_rows=6)
+        assert len(shown) == 6 and all(by_id[r["id"]]["image"] == r["image"] for r in shown)
+        assert all(r["clip_score"] == by_id[r["id"]]["clip_score"] for r in shown)
+
 
 def test_webdataset_resumes_on_s3(ray_cluster, model_cache, s3):
     """A --limit run then the full run against the S3 API: tar shards under the layout, each row

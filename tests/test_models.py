@@ -35,7 +35,7 @@ def test_tiny_model_cli_writes_loadable_diffusers_dirs(tmp_path):
 def test_tiny_model_is_seeded(tmp_path):
     main(["tiny-model", str(tmp_path / "a")])
     main(["tiny-model", str(tmp_path / "b")])
-    for part in ("prior/prior", "decoder/unet", "decoder/movq"):
+    for part in ("prior/prior", "decoder/unet", "decoder/movq", "decoder-k3/unet"):
         a = (tmp_path / "a" / part / "diffusion_pytorch_model.safetensors").read_bytes()
         assert a == (tmp_path / "b" / part / "diffusion_pytorch_model.safetensors").read_bytes()
 

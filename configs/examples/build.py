@@ -88,6 +88,16 @@ def main() -> None:
         {"id": "controlnet-img2img", "prompt": "a bronze statue", "task": "controlnet_img2img",
          "image_bytes": png(scene(hue=30)), "hint_bytes": png(depth()), "strength": 0.8},
     ])
+    write("kandinsky3", [  # model.decoder: tiny-k3 (configs/examples/kandinsky3.yaml)
+        {"id": "k3-cat", "prompt": "a red cat, 4k photo"},
+        {"id": "k3-lighthouse", "prompt": "a lighthouse in a storm at night, oil painting", "negative_prompt": "blurry",
+         "width": 128},
+        {"id": "k3-bear", "prompt": "Медведь в лесу", "guidance_scale": 1.0},
+        {"id": "k3-img2img", "prompt": "a watercolor landscape", "task": "img2img", "image_bytes": png(scene()),
+         "strength": 0.75},
+        {"id": "k3-img2img-wide", "prompt": "the same at sunset", "task": "img2img", "width": 128,
+         "image_bytes": png(scene(128, 64, hue=40)), "strength": 0.5},
+    ])
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ class Family:
 
 
 def _registry() -> dict[str, Family]:
-    from . import kandinsky21, kandinsky22
+    from . import kandinsky3, kandinsky21, kandinsky22
 
-    return {f.name: f for f in (kandinsky22.FAMILY, kandinsky21.FAMILY)}
+    return {f.name: f for f in (kandinsky22.FAMILY, kandinsky21.FAMILY, kandinsky3.FAMILY)}
 
 
 FAMILIES = _registry()
