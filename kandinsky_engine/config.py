@@ -38,12 +38,15 @@ class ModelConfig(_Strict):
 
     prior: str = Field(
         TINY,
-        description="Prior pipeline: 'tiny' (built offline), a local diffusers-layout directory, a remote one "
+        description="Prior pipeline (Kandinsky 2.x; unused by 3): 'tiny' or 'tiny-k21' (built offline), a local "
+        "diffusers-layout directory, a remote one "
         f"(s3://..., any fsspec URL; mirrored once per node into cache_dir), or a hub id such as '{HUB_PRIOR}'.",
     )
     decoder: str = Field(
         TINY,
-        description="Decoder pipeline (U-Net + MoVQ): 'tiny', 'tiny-inpaint' or 'tiny-controlnet', a local "
+        description="Decoder pipeline (U-Net + MoVQ; with Kandinsky 2.1 and 3 also the text encoder): its "
+        "model_index.json names the model family. 'tiny', 'tiny-inpaint' or 'tiny-controlnet' (2.2), 'tiny-k21' "
+        "or 'tiny-k21-inpaint' (2.1), 'tiny-k3' (3), a local "
         f"or remote directory, or a hub id such as '{HUB_DECODER}', '{HUB_DECODER}-inpaint' or "
         "'kandinsky-community/kandinsky-2-2-controlnet-depth'.",
     )
