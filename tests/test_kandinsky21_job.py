@@ -64,7 +64,7 @@ def test_k21_job_every_row_once_then_resumes(job):
     rows = {r["id"]: r for r in pq.read_table(out / "data").to_pylist()}
     for row_id, want in good.items():
         row = rows[row_id]
-        assert decode(row["image"]).shape == (64, want.get("width", 64), 3)
+        assert decode(row["image"]["bytes"]).shape == (64, want.get("width", 64), 3)
         # The family's defaults: img2img guides at 7.0 (unless the row says), the others at 4.0.
         assert row["guidance_scale"] == want.get("guidance_scale", 7.0 if row["task"] == "img2img" else 4.0)
         assert row["decoder_model"].startswith("tiny-k21@") and row["prior_model"].startswith("tiny-k21@")
@@ -87,5 +87,5 @@ def test_k21_job_images_match_the_stages(job):
     rows = {r["id"]: r for r in pq.read_table(job["out"] / "data").to_pylist()}
     for want in (GOOD[1], GOOD[3]):
         alone = decode(run_chain(chain, [want])["image"][0])
-        diff = np.abs(alone.astype(int) - decode(rows[want["id"]]["image"]).astype(int)).max()
+        diff = np.abs(alone.astype(int) - decode(rows[want["id"]]["image"]["bytes"]).astype(int)).max()
         assert diff <= 3, (want["id"], diff)

@@ -194,11 +194,11 @@ def test_job_writes_every_good_row_once_and_the_poison_rows_to_errors(job, k3):
     assert errors["bad-task"]["stage"] == "validate" and "'inpaint' needs another decoder" in errors["bad-task"]["message"]
     assert {e["attempt"] for e in errors.values()} == {2}  # the rerun retried the bad rows, and only them
     for row in rows.values():
-        assert decode(row["image"]).shape == (row["height"], row["width"], 3)
+        assert decode(row["image"]["bytes"]).shape == (row["height"], row["width"], 3)
         assert row["prior_model"] is None and row["decoder_model"].startswith("tiny-k3@")
     # A job row is its own diffusers call, whatever its batch-mates were (t-short shared a unit with t-long).
     resolved = {k: v[0] for k, v in batch_of([JOB_ROWS[0]], k3[0]).items()}
-    assert max_diff(decode(rows["t-short"]["image"]), reference(k3, resolved)) <= 1
+    assert max_diff(decode(rows["t-short"]["image"]["bytes"]), reference(k3, resolved)) <= 1
     # The rerun resumes: nothing good is recomputed, and the output verifies.
     assert (first["rows"], second["rows_skipped"], second["rows_computed"]) == (5, 5, 2)  # the 2 bad rows only
     assert {p: p.read_bytes() for p in sorted((out / "data").rglob("*.parquet"))} == shards
