@@ -126,6 +126,13 @@ def measured_costs(config: JobConfig, repeats: int) -> dict[str, StageCost]:
 def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, from_flops: bool = False,
          tflops: float = DEFAULT_TFLOPS, repeats: int = 3) -> tuple[dict[str, StageCost], Layout, str]:
     """(stage costs, layout, where the costs come from) for `gpus` GPUs or `cpus` cores."""
+    from kandinsky_engine.families import family_for
+
+    family = family_for(config)
+    if family.name != "kandinsky22":  # its stage costs and FLOPs are Kandinsky 2.2's prior, U-Net and MoVQ
+        raise ValueError(f"plan places Kandinsky 2.2's stages; model.decoder is a {family.title} model, which it "
+                         "does not place yet: size its sections by hand (README, Model families, gives each stage's "
+                         "GPU memory)")
     cuda = config.model.device.startswith("cuda")
     if (gpus is not None and gpus < 1) or (cpus is not None and cpus < 2):  # before minutes of measuring
         raise ValueError(f"plan for at least 1 GPU or 2 CPU cores (one stays free for reading), got "

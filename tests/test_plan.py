@@ -143,6 +143,8 @@ def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
     assert "model.device is 'cpu'" in capsys.readouterr().err
     assert main(["plan", str(tiny_job), "--cpus", "4", "--from-flops"]) == 2
     assert "use it with --gpus" in capsys.readouterr().err
+    assert main(["plan", str(tiny_job), "--cpus", "4", "--set", "model.decoder=tiny-k3"]) == 2
+    assert "a Kandinsky 3 model, which it does not place yet" in capsys.readouterr().err
 
 
 def test_stage_args_pass_tasks_in_flight_only_when_set(model_cache, tmp_path):
