@@ -12,7 +12,6 @@ import threading
 from collections import Counter
 
 import psutil  # installed with accelerate
-import pyarrow.parquet as pq
 
 
 def stage_actors(stage: str, states=("ALIVE",)) -> list[dict]:
@@ -38,10 +37,17 @@ def title(pid: int) -> str:
 
 
 def ids_in(folder: str) -> list[str]:
-    """Every row id in folder/*/*.parquet (a folder per manifest file), duplicates kept (hidden .tmp- files
-    are not matched, as for any reader)."""
-    return [i for path in sorted(glob.glob(f"{folder}/*/*.parquet"))
-            for i in pq.read_table(path, columns=["id"])["id"].to_pylist()]
+    """Every row id in the shards folder/*/*.{parquet,tar} (a folder per manifest file), read by the
+    shard format's own reader (pipelines/shards.py), duplicates kept (hidden .tmp- files are not
+    matched, as for any reader)."""
+    from pipelines.shards import format_of
+
+    paths = sorted(glob.glob(f"{folder}/*/*.parquet") + glob.glob(f"{folder}/*/*.tar"))
+    ids = []
+    for path in paths:
+        with open(path, "rb") as f:
+            ids += format_of(path).ids(f)
+    return ids
 
 
 def duplicated(ids: list[str]) -> dict[str, int]:

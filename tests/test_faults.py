@@ -1,5 +1,6 @@
 """Fault tolerance on real Ray: a decoder actor killed three times mid-job, a worker node removed
-mid-job. Either way every manifest row must be written exactly once."""
+mid-job. Either way every manifest row must be written exactly once. Both shard formats are under
+chaos: the decoder-kill job writes WebDataset tar shards, the node-loss job Parquet."""
 
 from __future__ import annotations
 
@@ -48,8 +49,12 @@ def busy_decoder(job: Background, killed: set[int]) -> dict:
 
 
 def test_decoder_actor_killed_three_times(ray_cluster, model_cache, tmp_path):
+    """On `output.format: webdataset`: a retried block must not leave a second tar of its unit."""
+    from jobs.verify import verify
+
     path, ids = manifest(tmp_path)
-    config = make_config(model_cache, path, str(tmp_path / "out"), fuse_stages=False, input={"rows_per_block": 4}, defaults=SLOW)
+    config = make_config(model_cache, path, str(tmp_path / "out"), fuse_stages=False, input={"rows_per_block": 4},
+                         defaults=SLOW, output={"format": "webdataset"})
     started = time.monotonic()
     job = Background(lambda: run_job(config))
     job.start()
@@ -68,10 +73,18 @@ def test_decoder_actor_killed_three_times(ray_cluster, model_cache, tmp_path):
     assert len({k["pid"] for k in kills}) == 3
     # Ray restarted the same actor each time (max_restarts=-1): one actor, three restarts.
     assert len({k["actor"] for k in kills}) == 1 and [k["restarts"] for k in kills] == [0, 1, 2]
-    written, failed = ids_in(f"{config.output.path}/data"), ids_in(f"{config.output.path}/errors")
+    out = Path(config.output.path)
+    written, failed = ids_in(f"{out}/data"), ids_in(f"{out}/errors")  # ids from the tars' json members
     assert duplicated(written) == {}
     assert sorted(written) == ids and failed == []
     assert job.result["rows"] == ROWS and job.result["failed_rows"] == 0
+    # One tar per unit of 4 rows, nothing else in data/ (no Parquet, no leftover temporary file).
+    shards = sorted(p.relative_to(out).as_posix() for p in (out / "data").rglob("*") if p.is_file())
+    assert len(shards) == ROWS // 4 and all(s.endswith("-a1.tar") for s in shards), shards
+    assert {s["file"] for s in job.result["shards"]} == set(shards)
+    check = verify(str(out))  # sha256 of every shard against its record, each tar read whole
+    assert check.ok, check.problems
+    assert (check.rows, check.failed_rows) == (ROWS, 0)
 
 
 def test_worker_node_removed_mid_job(model_cache, tmp_path):
