@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="before resuming, compare every committed shard's sha256 with its record (reads the "
                           "whole output); by default sizes are compared and unrecorded shards read back")
     run.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
-                     help="seconds between progress lines and writes of _runs/{run}.progress.json (default 10)")
+                     help="seconds between progress lines and writes of _runs/{run}.progress (default 10)")
     run.add_argument("--report", action="store_true", help="write OUTPUT/report.html when the run ends (see report)")
     run.add_argument("--gpu-hour-price", type=float, metavar="P", help="with --report: $ per GPU-hour")
     run.set_defaults(func=cmd_run)

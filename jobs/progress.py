@@ -1,5 +1,5 @@
 """What a running job tells its operator: one progress line at a steady interval (a live bar on a
-terminal), `_runs/{run}.progress.json` for `status` from any machine, and a log file that takes
+terminal), `_runs/{run}.progress` (JSON) for `status` from any machine, and a log file that takes
 Ray's own chatter off the console.
 
 Counts come from the sink's write tasks through a CommitCounter actor (pipelines/progress.py),
@@ -26,7 +26,7 @@ from kandinsky_engine.storage import is_object_store
 from pipelines.output import LOGS, RUNS, put_json
 
 log = logging.getLogger("kandinsky_engine")
-PROGRESS_SUFFIX = ".progress.json"  # _runs/{run}.progress.json
+PROGRESS_SUFFIX = ".progress"  # _runs/{run}.progress, JSON; not *.json, which are the runs' reports
 RATE_WINDOW_S = 60.0  # images/s "over the last minute"
 MAX_SAMPLES = 240  # points of the throughput history kept in the progress file (the report's chart)
 

@@ -22,7 +22,7 @@ from pipelines.output import INDEX, RUNS, SUMMARY, TMP
 
 from .output_guard import check_output as check_target
 from .lease import Lease
-from .progress import PROGRESS_SUFFIX, Console, JobLog, RunProgress
+from .progress import Console, JobLog, RunProgress
 from .output_guard import remove_owned
 from .resume import choose_output, fingerprint_inputs, write_run
 from .verify import check_output
@@ -293,8 +293,6 @@ def read_reports(fs, root: str) -> tuple[list[dict], list[str]]:
     reports, damaged = [], []
     fs.invalidate_cache(f"{root}/{RUNS}")
     for name in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
-        if name.endswith(PROGRESS_SUFFIX):  # a display for `status`, never a run's report
-            continue
         try:
             with fs.open(name, "r") as f:
                 report = json.load(f)

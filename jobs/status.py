@@ -56,7 +56,7 @@ def _read(fs, root: str, path: str, max_error_shards: int) -> dict:
     except FileNotFoundError:
         names = []
     with ThreadPoolExecutor(8) as pool:
-        files = dict(zip(names, pool.map(lambda n: _json(fs, n) if n.endswith(".json") else None, names)))
+        files = dict(zip(names, pool.map(lambda n: _json(fs, n) if n.endswith((".json", PROGRESS_SUFFIX)) else None, names)))
     reports = sorted((r for n, r in files.items() if not n.endswith(PROGRESS_SUFFIX) and r and "finished_at" in r),
                      key=lambda r: r["finished_at"])
     progress = sorted((p for n, p in files.items() if n.endswith(PROGRESS_SUFFIX) and p and "run" in p),

@@ -84,7 +84,8 @@ def test_image_copies_the_package_sources_only():
     sources = {src for op, args in steps if op == "COPY" and "--from" not in args
                for src in args.split()[:-1] if not src.startswith("--")}  # the last one is the destination
     packages = {"jobs", "kandinsky_engine", "pipelines"}
-    assert set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]) == packages
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {pattern.rstrip("*") for pattern in found["include"]} == packages  # the packages and their subpackages
     assert sources == {"pyproject.toml", PROJECT["readme"], *packages}
 
 

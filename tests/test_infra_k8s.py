@@ -102,6 +102,8 @@ def test_job_config_fits_the_gpu_group(tmp_path):
     from pipelines.generate import check_resources
 
     config = load_config(K8S / "settings" / "job.yaml")
+    # run_job resolves the family (from the decoder's model_index.json on S3) before this check.
+    config = config.model_copy(update={"model": config.model.model_copy(update={"family": "kandinsky22"})})
     settings = yaml.safe_load((K8S / "settings" / "settings.yaml").read_text())
     worker = doc("rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]

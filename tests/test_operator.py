@@ -45,7 +45,7 @@ def cli(config_file: Path, out: Path, kill_after_rows: int | None, interval_s: f
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     while kill_after_rows is not None and proc.poll() is None:
-        progress = [json.loads(p.read_text() or "{}") for p in (out / "_runs").glob("*.progress.json")] \
+        progress = [json.loads(p.read_text() or "{}") for p in (out / "_runs").glob("*.progress")] \
             if (out / "_runs").exists() else []
         if any(p.get("committed", 0) >= kill_after_rows for p in progress):
             proc.send_signal(signal.SIGKILL)  # the driver only, as a lost node would
