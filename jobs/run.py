@@ -224,7 +224,7 @@ def gpus_reserved(config: JobConfig, manifest) -> float:
     """GPUs the run's actor pools held: what a cluster bills for, busy or not."""
     from pipelines.generate import model_stages
 
-    stages = [config.decoder] if config.fuse_stages else [stage for _, _, stage in model_stages(config, manifest)]
+    stages = [config.decoder] if config.fuse_stages else [stage for _, _, stage, _ in model_stages(config, manifest)]
     return round(sum(stage.num_gpus * stage.actors for stage in stages), 4)
 
 
