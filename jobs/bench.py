@@ -1,5 +1,6 @@
-"""Benchmark: the Ray job vs the loop a user would write (both diffusers pipelines, batched, a list
-of per-row generators), same tiny model, same rows, same thread budget.
+"""Benchmark: the Ray job vs the loop a user would write (the family's diffusers pipelines, batched,
+a list of per-row generators), same tiny model, same rows, same thread budget. `--family` picks
+Kandinsky 2.2 (default), 2.1 or 3: text2img rows on that family's tiny model on both sides.
 
 Both sides produce encoded PNGs for N rows with the seed rule; one run prints both throughputs
 and their ratios: end to end (the job with its planning, actor start-up and pipeline fill; the
@@ -57,30 +58,53 @@ def task_rows(task: str, n: int, size: int) -> list[dict]:
     return rows
 
 
-def diffusers_loop(root: Path, rows: list[dict], defaults, batch_size: int, threads: int) -> tuple[float, float]:
-    """The loop a user writes: both diffusers pipelines, `batch_size` rows per call with a list of
-    per-row generators (the seed rule), PNG encoding included. Returns (load s, generation s)."""
-    import torch
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+# Per family, the diffusers pipelines of the loop a user writes for text2img rows: (prior or None,
+# decoder, whether the decoder reads the prompt) and the tiny model (`model.*` fields) both sides run.
+LOOP_PIPELINES = {
+    "kandinsky22": ("KandinskyV22PriorPipeline", "KandinskyV22Pipeline", False),
+    "kandinsky21": ("KandinskyPriorPipeline", "KandinskyPipeline", True),  # XLM-R text conditioning too
+    "kandinsky3": (None, "Kandinsky3Pipeline", True),  # no prior: T5 text conditioning only
+}
+TINY_MODEL = {"kandinsky22": {"prior": "tiny", "decoder": "tiny"},
+              "kandinsky21": {"prior": "tiny-k21", "decoder": "tiny-k21"},
+              "kandinsky3": {"decoder": "tiny-k3"}}
 
+
+def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> tuple[float, float]:
+    """The loop a user writes: the family's diffusers pipelines (`config.model`, loaded with
+    `from_pretrained` from the dirs the job loads), `batch_size` rows per call with a list of per-row
+    generators (the seed rule), the family's defaults as the job resolved them (`config` after
+    `resolve_family`), PNG encoding included. Returns (load s, generation s)."""
+    import diffusers
+    import torch
+
+    from kandinsky_engine.models import resolve_source
     from kandinsky_engine.stages.movq import encode_image
 
+    prior_class, decoder_class, decoder_reads_prompt = LOOP_PIPELINES[config.model.family]
+    model, d = config.model, config.defaults
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    prior = KandinskyV22PriorPipeline.from_pretrained(root / "prior")
-    decoder = KandinskyV22Pipeline.from_pretrained(root / "decoder")
+    decoder = getattr(diffusers, decoder_class).from_pretrained(resolve_source(model.decoder, "decoder", model.cache_dir))
+    prior = None
+    if prior_class:
+        prior = getattr(diffusers, prior_class).from_pretrained(resolve_source(model.prior, "prior", model.cache_dir))
     for pipe in (prior, decoder):
-        pipe.set_progress_bar_config(disable=True)
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
     loaded = time.perf_counter()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
+        prompts = [r["prompt"] for r in chunk]
         generators = lambda: [torch.Generator().manual_seed(r["seed"]) for r in chunk]  # noqa: E731
-        emb = prior([r["prompt"] for r in chunk], num_inference_steps=defaults.prior_num_inference_steps,
-                    guidance_scale=defaults.prior_guidance_scale, generator=generators())
-        images = decoder(emb.image_embeds, emb.negative_image_embeds, height=defaults.height, width=defaults.width,
-                         num_inference_steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
-                         generator=generators(), output_type="np").images
-        for image in images:
+        kwargs = {"prompt": prompts} if decoder_reads_prompt else {}
+        if prior is not None:  # 2.x: the prior's image embeddings (and the empty prompt's) condition the decoder
+            emb = prior(prompts, num_inference_steps=d.prior_num_inference_steps,
+                        guidance_scale=d.prior_guidance_scale, generator=generators())
+            kwargs.update(image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds)
+        images = decoder(**kwargs, height=d.height, width=d.width, num_inference_steps=d.num_inference_steps,
+                         guidance_scale=d.guidance_scale, generator=generators(), output_type="np").images
+        for image in images:  # (H, W, 3) floats in [0, 1]
             encode_image((image * 255).round().astype("uint8"), "png", 95)
     return loaded - start, time.perf_counter() - loaded
 
@@ -104,23 +128,30 @@ def operator_times(stats: str | None) -> dict[str, float]:
 def run_bench(args) -> dict:
     from jobs.run import connect, run_job
     from kandinsky_engine.config import JobConfig, apply_overrides
+    from kandinsky_engine.families import resolve_family
     from kandinsky_engine.tiny import ensure_tiny_model
 
+    if args.family != "kandinsky22" and args.tasks:
+        raise ValueError(f"bench --tasks runs the other tasks on Kandinsky 2.2's tiny decoders; not with --family {args.family}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
     cache = work / "cache"
-    root = ensure_tiny_model(cache)
+    ensure_tiny_model(cache)
     rows = [{"id": f"bench-{i:05d}", "prompt": PROMPTS[i % len(PROMPTS)], "seed": i} for i in range(args.rows)]
     pq.write_table(pa.Table.from_pylist(rows), work / "manifest.parquet")
     data = {
         "input": {"manifest": str(work / "manifest.parquet")},
         "output": {"path": str(work / "out")},
-        "model": {"cache_dir": str(cache)},
+        "model": {"cache_dir": str(cache), **TINY_MODEL[args.family]},
         "defaults": {"width": args.size, "height": args.size, "num_inference_steps": args.steps,
                      "prior_num_inference_steps": args.prior_steps or args.steps},
     }
-    config = JobConfig.model_validate(apply_overrides(data, args.set or []))
+    # The family's defaults (Kandinsky 3's guidance 3.0, 2.1's DDIM) filled in, as the job sees them.
+    config, family = resolve_family(JobConfig.model_validate(apply_overrides(data, args.set or [])))
 
     threads = args.threads or os.cpu_count() or 1
+    # The 1-minute load average when each side starts and at the end: on a shared machine the two
+    # sides, timed one after the other, may see different contention.
+    load = {"ray_job_start": os.getloadavg()[0]}
     ray_startup = connect(None)
     started = time.perf_counter()
     summary = run_job(config, overwrite=True)
@@ -133,8 +164,10 @@ def run_bench(args) -> dict:
     rows_after_first = summary["rows"] - min(summary["rows"], config.rows_per_block())
     steady_s = max(job_s - first_unit_s, 1e-9)
 
-    load_s, loop_s = diffusers_loop(root, rows, config.defaults, args.loop_batch, threads)
-    load1_s, loop1_s = diffusers_loop(root, rows, config.defaults, 1, threads) if args.batch1 else (None, None)
+    load["loop_start"] = os.getloadavg()[0]
+    load_s, loop_s = diffusers_loop(config, rows, args.loop_batch, threads)
+    load["loop_end"] = os.getloadavg()[0]
+    load1_s, loop1_s = diffusers_loop(config, rows, 1, threads) if args.batch1 else (None, None)
     loop_rate = args.rows / loop_s
     per_task = {}
     tasks = list(TASK_DECODER) if args.tasks == "all" else (args.tasks or "").split(",")
@@ -149,13 +182,14 @@ def run_bench(args) -> dict:
         per_task[task] = {"rows": task_summary["rows"], "failed": task_summary["failed_rows"],
                           "ray_job_s": round(seconds, 2), "images_per_s": round(task_summary["rows"] / seconds, 3)}
     return {
+        "family": family.name,
         "rows": args.rows,
         "size": f"{args.size}x{args.size}",
         "steps": args.steps,
         "prior_steps": args.prior_steps or args.steps,
         "rows_per_unit": config.rows_per_block(),
         "stages": {s: getattr(config, s).model_dump(include={"batch_size", "actors", "num_cpus", "torch_threads"})
-                   for s in ("prior", "decoder", "movq")},
+                   for s, _, _ in family.stages(config, {"text2img"})},
         "ray_startup_s": round(ray_startup, 2),
         "ray_job_s": round(job_s, 2),
         "ray_job_images_per_s": round(summary["rows"] / job_s, 3),
@@ -167,6 +201,7 @@ def run_bench(args) -> dict:
         f"diffusers_batch{args.loop_batch}_loop_s": round(loop_s, 2),
         f"diffusers_batch{args.loop_batch}_images_per_s": round(loop_rate, 3),
         "diffusers_threads": threads,
+        "load_average_1m": {k: round(v, 2) for k, v in load.items()},
         "diffusers_load_s": round(load_s, 2),
         "diffusers_batch1_images_per_s": round(args.rows / loop1_s, 3) if loop1_s else None,
         "ratio_end_to_end": round((summary["rows"] / job_s) / loop_rate, 3),

@@ -136,6 +136,9 @@ def cmd_stage_model(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.family != "kandinsky22" and (args.full_size or args.plan or args.order):
+        raise SystemExit(f"bench --family {args.family}: only the Ray job vs diffusers loop comparison; "
+                         "--full-size, --plan and --order run Kandinsky 2.2")
     if args.full_size:  # the GPU benchmark: its own options (python -m jobs.bench_gpu --help)
         from jobs.bench_gpu import main as bench_full_size
 
@@ -247,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add("bench", help="Ray job vs a plain diffusers loop on the same rows")
     bench.add_argument("--rows", type=int, default=32)
+    bench.add_argument("--family", default="kandinsky22", choices=["kandinsky22", "kandinsky21", "kandinsky3"],
+                       help="the model family: its tiny model in the Ray job, its diffusers pipelines in the loop")
     bench.add_argument("--steps", type=int, default=10, help="decoder steps")
     bench.add_argument("--prior-steps", type=int, default=None, help="prior steps (default: --steps)")
     bench.add_argument("--loop-batch", type=int, default=8, help="rows per call of the diffusers loop")
