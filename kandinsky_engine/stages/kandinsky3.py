@@ -23,11 +23,17 @@ INTERNAL = ("prompt_embeds", "context_length", "prompt_tokens", "negative_prompt
 class Kandinsky3UNetStage:
     """Adds `latents` (packed float32 (4, H/8, W/8) per row); drops the text embeddings and init latents.
 
-    Rows that share (size, steps, guidance on/off, task, start step, context length L) run as one group:
-    one U-Net call, one guidance and one scheduler step per step for all of them. L is part of the key
-    because the U-Net's attention pooling averages the context over all L positions, masked or not:
-    diffusers cuts a batch to its longest prompt, so there a short prompt's image changes with a long
-    batch-mate; here each row is denoised with its own L, i.e. as its own one-prompt diffusers call.
+    Rows that share (size, steps, guidance on/off, task, start step) run as one group: one U-Net call,
+    one guidance and one scheduler step per step for all of them, whatever their prompt lengths. Each
+    row's context (its own L = tokens + 1 positions, see T5EncoderStage) is zero-padded to the group's
+    longest L, and the padding is made exactly neutral, so each row is still its own one-prompt
+    diffusers call (where diffusers' batched call is not: it cuts a batch to its longest prompt, and
+    the U-Net's attention pooling averages the context over all those positions, masked or not):
+    - cross-attention: the U-Net turns the mask m into an additive `(1 - m) * -10000`. Within a row's
+      L, m is 1 (tokens) or 0 (the last position, -10000), as in the one-prompt call; beyond it m is
+      -inf, i.e. an additive -inf, so the padding gets a softmax weight of exactly 0. (-10000 would not
+      do: a row whose mask is all zeros, a null negative prompt, attends uniformly to all positions.)
+    - attention pooling: its query is the mean over each row's own first L positions (see `_pool`).
     """
 
     def __init__(self, config: JobConfig):
@@ -42,6 +48,12 @@ class Kandinsky3UNetStage:
         self.scheduler = config.defaults.scheduler  # SCHEDULERS key; a fresh instance per group
         self.channels = self.unet.config.in_channels  # 4: the MoVQ's latent channels
         self.text_dim = self.unet.config.encoder_hid_dim  # T5's d_model
+        # diffusers' Kandinsky3AttentionPooling takes `context.mean(dim=1)` over all positions as its
+        # query. This stage loaded the U-Net and is its only user, so it replaces that one module's
+        # forward (an instance attribute, not the class) with `_pool`, which averages each row over its
+        # own length; `_lengths` holds the current group's lengths (2n or n,), set before its U-Net calls.
+        self._lengths: list[int] = []
+        self.unet.add_time_condition.forward = self._pool
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -58,8 +70,7 @@ class Kandinsky3UNetStage:
             except ValueError as exc:
                 mark_failed(batch, i, "Kandinsky3UNetStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), LATENT_SCALE), int(steps[i]),  # noqa: E731
-                         bool(batch["guidance_scale"][i] > 1), str(batch["task"][i]), start.get(i, -1),
-                         int(batch["context_length"][i]))
+                         bool(batch["guidance_scale"][i] > 1), str(batch["task"][i]), start.get(i, -1))
         latents = np.full(len(batch["id"]), None, dtype=object)
         with torch.inference_mode():
             # Every group is queued on the device before any result is read back (as DecoderStage).
@@ -72,29 +83,48 @@ class Kandinsky3UNetStage:
         out["latents"] = latents
         return out
 
+    def _pool(self, x, context, context_mask):
+        """Kandinsky3AttentionPooling's forward with each row's query the mean of its own first L
+        positions, as in its one-prompt call: x (B, T) time embedding, context (B, L_max, C) projected
+        text, context_mask (B, 1, L_max) additive -> x + attention((B, 1, C) query, context) (B, T)."""
+        import torch
+
+        pooling = self.unet.add_time_condition
+        if len(self._lengths) != len(context):
+            raise ValueError(f"Kandinsky3UNetStage: {len(self._lengths)} row lengths for {len(context)} rows")
+        # Each row's slice is averaged as the one-prompt call averages its whole (1, L, C) context.
+        query = torch.cat([context[r : r + 1, :length].mean(dim=1, keepdim=True)
+                           for r, length in enumerate(self._lengths)])  # (B, 1, C)
+        return x + pooling.attention(query, context, context_mask.to(context.dtype)).squeeze(1)
+
     def _context(self, batch, idx, length: int, negative: bool):
-        """((n, L, D) embeddings, (n, L) bool mask) of the rows' prompts (or negative prompts: zeros
-        and an all-false mask where a row has none, as diffusers for `negative_prompt=None`)."""
+        """((n, L_max, D) embeddings, (n, L_max) float mask) of the rows' prompts (or negative prompts:
+        zeros and a mask of zeros where a row has none, as diffusers for `negative_prompt=None`).
+        Row r fills its own L_r positions (mask 1 for its tokens, then 0); beyond, zeros and mask -inf."""
         import torch
 
         name = "negative_prompt" if negative else "prompt"
+        lengths = [int(batch["context_length"][i]) for i in idx]
         embeds = np.zeros((len(idx), length, self.text_dim), np.float32)
-        for r, i in enumerate(idx):
+        mask = np.full((len(idx), length), -np.inf, np.float32)  # -inf: the U-Net makes it an additive -inf
+        for r, (i, own) in enumerate(zip(idx, lengths)):
             if batch[f"{name}_tokens"][i] > 0:
-                embeds[r] = unpack(batch[f"{name}_embeds"][i], (length, self.text_dim))
-        tokens = torch.tensor([int(batch[f"{name}_tokens"][i]) for i in idx])
-        mask = torch.arange(length)[None, :] < tokens[:, None]  # right padding: ones, then zeros
-        return torch.from_numpy(embeds).to(self.device, self.unet.dtype), mask.to(self.device)
+                embeds[r, :own] = unpack(batch[f"{name}_embeds"][i], (own, self.text_dim))
+            mask[r, :own] = np.arange(own) < batch[f"{name}_tokens"][i]  # right padding: ones, then zeros
+        return torch.from_numpy(embeds).to(self.device, self.unet.dtype), torch.from_numpy(mask).to(self.device)
 
-    def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, task: str, t_start: int, length: int):
+    def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, task: str, t_start: int):
         """The final latents (n, 4, H/8, W/8) of one group, left on the device."""
         import torch
 
         dtype, n = self.unet.dtype, len(idx)
-        context, mask = self._context(batch, idx, length, negative=False)
-        if cfg:  # unconditional half first, as diffusers
-            uncond, uncond_mask = self._context(batch, idx, length, negative=True)
+        lengths = [int(batch["context_length"][i]) for i in idx]
+        context, mask = self._context(batch, idx, max(lengths), negative=False)
+        self._lengths = lengths
+        if cfg:  # unconditional half first, as diffusers; the negative has the prompt's L
+            uncond, uncond_mask = self._context(batch, idx, max(lengths), negative=True)
             context, mask = torch.cat([uncond, context]), torch.cat([uncond_mask, mask])
+            self._lengths = lengths * 2
         schedule = Schedule(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start, self.device)
         noisy = schedule.noise_steps()
         # Row r's draws, in the one-row pipeline's order: its initial noise, then one per noisy step.

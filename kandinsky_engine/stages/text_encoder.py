@@ -24,7 +24,8 @@ class T5EncoderStage:
     (`process_embeds`: `attention_mask.sum(-1).max() + 1`), zeroing the padding. Here every row is cut
     to its own length L = its tokens + 1 (at most 128), exactly as a one-prompt call cuts it: the U-Net
     pools the context with an unmasked mean over L, so a batch-wide L would make a row's image depend
-    on its batch-mates (the U-Net stage groups rows by L instead). Within L, the first `prompt_tokens`
+    on its batch-mates (the U-Net stage pads rows to a common length and pools each over its own L
+    instead). Within L, the first `prompt_tokens`
     positions are attended to and the rest are zeros.
 
     The negative prompt is cut to the positive's L, as diffusers does. A null negative prompt gives
