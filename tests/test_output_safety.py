@@ -158,8 +158,8 @@ def test_overwrite_unowned_keeps_every_file_but_the_layout(ray_cluster, model_ca
     after = files_under(work)
     assert {k: after[k] for k in before} == before  # config, manifest and notes untouched
     assert pq.read_table(work / "data").num_rows == 2
-    assert {Path(k).parts[0] for k in after} - {Path(k).parts[0] for k in before} == {"data", "_runs", "_RUN.json",
-                                                                                      "_SUCCESS.json", "_index.parquet"}
+    assert {Path(k).parts[0] for k in after} - {Path(k).parts[0] for k in before} == {
+        "data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_logs"}  # _logs: the CLI's log of the run
     # Written by this tool now, but it still holds the config and the manifest: --overwrite refuses.
     assert main(["run", str(job), "--overwrite"]) == 2
     assert f"output {work} holds the manifest" in capsys.readouterr().err
