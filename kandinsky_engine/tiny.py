@@ -9,6 +9,7 @@ builder (kandinsky_engine/families/<family>/tiny.py) writes its directories ther
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,10 +25,30 @@ def write_tiny_model(root: str | os.PathLike) -> Path:
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for family in FAMILIES.values():
-        family.write_tiny(root)
+    with _quiet():
+        for family in FAMILIES.values():
+            family.write_tiny(root)
     (root / "tiny.json").write_text(json.dumps({"tiny_version": TINY_VERSION}))
     return root
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Building is a detail of a first run: no "Writing model shards" bar per saved module, and no
+    notice that the image processors fall back to their PIL backend (no torchvision here)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for library, level in zip((diffusers_logging, transformers_logging), levels):
+            library.enable_progress_bar()
+            library.set_verbosity(level)
 
 
 def ensure_tiny_model(cache_dir: str | os.PathLike) -> Path:

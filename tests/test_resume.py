@@ -74,7 +74,7 @@ def _reap(pgid: int) -> int:
     return 1
 
 
-def test_driver_killed_at_25_50_75_percent_then_rerun(ray_cluster, model_cache, tmp_path):
+def test_driver_killed_at_a_third_and_two_thirds_then_rerun(ray_cluster, model_cache, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", job_rows())
     reference = run_job(make_config(model_cache, manifest, str(tmp_path / "reference"), **sections()))
     assert reference["rows"] == ROWS
@@ -86,7 +86,7 @@ def test_driver_killed_at_25_50_75_percent_then_rerun(ray_cluster, model_cache, 
     log = tmp_path / "runs.log"
     units = ROWS // UNIT
     history = []
-    for share in (0.25, 0.50, 0.75):
+    for share in (1 / 3, 2 / 3):  # two kills: CI time (three cost another run, ~50 s)
         result = run_cli(config_file, log, kill_at_units=round(units * share))
         assert result["returncode"] == -signal.SIGKILL, log.read_text()[-3000:]
         assert not (out / "_SUCCESS.json").exists()
@@ -106,11 +106,11 @@ def test_driver_killed_at_25_50_75_percent_then_rerun(ray_cluster, model_cache, 
     assert sorted((s["file"], s["sha256"]) for s in index) == sorted((s["file"], s["sha256"]) for s in reference["shards"])
     # Each run skipped what the killed runs had committed and computed only the rest.
     skipped = [int(n) for n in re.findall(r"already committed: (\d+) rows", log.read_text())]
-    assert len(skipped) == 4 and skipped[0] == 0 and skipped == sorted(skipped), skipped
+    assert len(skipped) == 3 and skipped[0] == 0 and skipped == sorted(skipped), skipped
     runs = summary["runs"]
     assert len(runs) == 1  # the killed runs never reported; the last run did
     assert runs[0]["rows_skipped"] + runs[0]["rows_computed"] == ROWS
-    assert runs[0]["rows_skipped"] >= round(units * 0.75) * UNIT
+    assert runs[0]["rows_skipped"] >= round(units * 2 / 3) * UNIT
     print(f"\nkills at units {[h['units_at_kill'] for h in history]} of {units}; rows committed at each start "
           f"{skipped}; final run skipped "
           f"{runs[0]['rows_skipped']} and computed {runs[0]['rows_computed']} rows; lingering Ray process groups "

@@ -5,8 +5,9 @@ the tasks its weights can run, the model stages a job of those tasks needs (in o
 generation defaults of its diffusers pipelines, and its tiny offline model. The job builder
 (pipelines/generate.py) appends the family's stages; no stage asks which family it is in.
 
-Adding a family: a module (or package) here with a `FAMILY`, one line in `FAMILIES` below, its
-stage classes in `kandinsky_engine/stages/` (or reused from there) and its tiny builder beside it.
+Adding a family: a package here with a `FAMILY` in its `__init__.py` and its tiny builder in
+`tiny.py`, one line in `_registry()` below, and its stage classes in `kandinsky_engine/stages/`
+(or reused from there).
 """
 
 from __future__ import annotations
