@@ -72,8 +72,6 @@ class DecoderStage:
                                                "cond": cond}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         missing = [c for c in REQUIRED if c not in batch]
         if missing:
             raise ValueError(f"DecoderStage: batch lacks columns {missing}")
@@ -88,15 +86,7 @@ class DecoderStage:
                 mark_failed(batch, i, "DecoderStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.movq_scale_factor), int(steps[i]),
                          bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
-        latents = np.full(len(batch["id"]), None, dtype=object)
-        with torch.inference_mode():
-            # Every group is queued on the device before any result is read back: the CPU prepares
-            # the next group (its noise above all) while the device runs the previous one.
-            done = [(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, task, t_start))
-                    for (lh, lw, num_steps, cfg, task, t_start), idx in group_rows(batch, key).items() if t_start >= 0]
-            for idx, group in done:
-                for i, lat in zip(idx, group.float().cpu().numpy()):
-                    latents[i] = pack(lat)
+        latents = denoise_groups(batch, key, lambda idx, *group: self._denoise(batch, idx, *group))
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels")
         out = {k: v for k, v in batch.items() if k not in internal or k in self.keep}
         out["latents"] = latents
@@ -162,6 +152,23 @@ class DecoderStage:
         if task == "inpaint":
             latents = keep * init + (1 - keep) * latents
         return latents
+
+
+def denoise_groups(batch: dict[str, np.ndarray], key, denoise) -> np.ndarray:
+    """The packed latents column of a batch: rows with equal `key(i)` (whose last item is the start
+    step, -1 for failed rows, which get None) run as one group, `denoise(idx, *key)` -> (n, C, h, w).
+
+    Every group is queued on the device before any result is read back: the CPU prepares the next
+    group (its noise above all) while the device runs the previous one."""
+    import torch
+
+    latents = np.full(len(batch["id"]), None, dtype=object)
+    with torch.inference_mode():
+        done = [(idx, denoise(idx, *group)) for group, idx in group_rows(batch, key).items() if group[-1] >= 0]
+        for idx, group in done:
+            for i, lat in zip(idx, group.float().cpu().numpy()):
+                latents[i] = pack(lat)
+    return latents
 
 
 def unet_forward(x, unet, timestep, cond):

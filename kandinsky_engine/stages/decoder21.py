@@ -14,10 +14,11 @@ import numpy as np
 
 from ..config import JobConfig
 from ..device import stage_device
-from ..inputs import pack, unpack
+from ..inputs import unpack
 from ..models import load_asset, load_module, resolve_source
-from ..rows import failed, generators, group_rows, is_null, latent_size, mark_failed, strength_start
+from ..rows import failed, generators, is_null, latent_size, mark_failed, strength_start
 from ..sampling import Schedule, draw_noise, guide, make_scheduler, row_scales
+from .decoder import denoise_groups
 
 REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps",
             "guidance_scale", "strength", "image_embeds", "negative_image_embeds")
@@ -87,8 +88,6 @@ class Decoder21Stage:
         return tuple(torch.cat(column) for column in zip(*parts))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         missing = [c for c in REQUIRED if c not in batch]
         if missing:
             raise ValueError(f"Decoder21Stage: batch lacks columns {missing}")
@@ -102,13 +101,7 @@ class Decoder21Stage:
                 mark_failed(batch, i, "Decoder21Stage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.movq_scale_factor), int(steps[i]),
                          bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
-        latents = np.full(len(batch["id"]), None, dtype=object)
-        with torch.inference_mode():
-            done = [(idx, self._denoise(batch, idx, lh, lw, num_steps, cfg, task, t_start))
-                    for (lh, lw, num_steps, cfg, task, t_start), idx in group_rows(batch, key).items() if t_start >= 0]
-            for idx, group in done:
-                for i, lat in zip(idx, group.float().cpu().numpy()):
-                    latents[i] = pack(lat)
+        latents = denoise_groups(batch, key, lambda idx, *group: self._denoise(batch, idx, *group))
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask")
         out = {k: v for k, v in batch.items() if k not in internal}
         out["latents"] = latents
