@@ -3,6 +3,8 @@
 An output path is one typo away from something precious: a bucket's root, a folder that holds
 the manifest and the config, a bucket that does not exist. The job refuses those, naming the path:
 
+- a path with a glob character (* ? [ ]): storage tools expand them, so a delete could reach
+  other folders (kandinsky_engine.storage.refuse_glob);
 - an object store's bucket root (s3://bucket): a job writes under a prefix, never a whole bucket;
 - a missing bucket: never created (s3fs's makedirs would make one, see storage.ensure_dir);
 - an output at or below the manifest's location: a rerun would read the job's own shards as
@@ -26,7 +28,7 @@ from itertools import takewhile
 from fsspec.implementations.local import LocalFileSystem
 
 from kandinsky_engine.config import JobConfig
-from kandinsky_engine.storage import is_object_store, redact_url, url_to_fs
+from kandinsky_engine.storage import is_object_store, redact_url, refuse_glob, remove_tree, url_to_fs
 from pipelines.output import LEASE, OWNED_ENTRIES, RUN_FILE
 
 log = logging.getLogger("kandinsky_engine")
@@ -47,6 +49,10 @@ def check_output(config: JobConfig, *, overwrite: bool = False, unowned: bool = 
     manifest."""
     path = config.output.path.rstrip("/")
     name = redact_url(path)
+    try:
+        refuse_glob(path)
+    except ValueError as exc:
+        raise OutputRefused(str(exc)) from None
     fs, root = url_to_fs(path, config.storage_options)
     fs.invalidate_cache(root)  # filesystems are shared: judge the store as it is now
     if is_object_store(fs):
@@ -148,10 +154,7 @@ def remove_owned(fs, root: str) -> list[str]:
     """Remove this tool's entries under `root`, in OWNED_ENTRIES order, and nothing else."""
     removed = []
     for entry in OWNED_ENTRIES:
-        try:
-            fs.rm(f"{root}/{entry}", recursive=True)
-        except FileNotFoundError:
-            continue
-        removed.append(entry)
+        if remove_tree(fs, f"{root}/{entry}"):
+            removed.append(entry)
     log.info("--overwrite: removed %s from %s", ", ".join(removed) or "nothing", redact_url(root))
     return removed

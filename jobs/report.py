@@ -15,7 +15,7 @@ import io
 import time
 from html import escape
 
-from kandinsky_engine.storage import is_object_store, url_to_fs
+from kandinsky_engine.storage import is_object_store, move_file, url_to_fs
 from pipelines.output import REPORT
 
 from .samples import sample_rows
@@ -182,5 +182,5 @@ def write_report(path: str, storage_options: dict | None = None, gpu_hour_price:
         fs.pipe_file(f"{root}/{REPORT}", page.encode())
     else:
         fs.pipe_file(f"{root}/{REPORT}.tmp", page.encode())
-        fs.mv(f"{root}/{REPORT}.tmp", f"{root}/{REPORT}")
+        move_file(fs, f"{root}/{REPORT}.tmp", f"{root}/{REPORT}")
     return f"{path.rstrip('/')}/{REPORT}", status

@@ -17,7 +17,7 @@ from kandinsky_engine.identity import model_identity, weights_digests
 from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema, validate_manifest
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
-from kandinsky_engine.storage import access_checked, ensure_dir, redact, url_to_fs
+from kandinsky_engine.storage import access_checked, ensure_dir, redact, remove_file, remove_tree, url_to_fs
 from pipelines.output import INDEX, RUNS, SUMMARY, TMP
 
 from .output_guard import check_output as check_target
@@ -143,8 +143,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
     job_log = JobLog(fs, root, tag) if console.log_file else None
     if job_log:
         cleanup.callback(job_log.close)
-    if fs.exists(f"{root}/{SUMMARY}"):
-        fs.rm(f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends
+    remove_file(fs, f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends
 
     state = reconcile(fs, root, files, stops, rows_per_block, found, tag)
     log.info("manifest: %d rows in %d file(s); units of %d rows%s; already committed: %d rows; to run: %d rows "
@@ -213,8 +212,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         raise RuntimeError(f"the output failed its check, so no {SUMMARY} was written: {verify_report(check, path)}")
     put_records(fs, root, INDEX, records, tag)
     summary = write_summary(config, fs, root, path, [*earlier, report], records, check, manifest, tag)
-    if fs.exists(f"{root}/{TMP}"):  # written through by the shards and the metadata files; empty by now
-        fs.rm(f"{root}/{TMP}", recursive=True)
+    remove_tree(fs, f"{root}/{TMP}")  # written through by the shards and the metadata files; empty by now
     return {**summary, "shards": [r for r in records if r["file"].startswith("data/")],
             "error_shards": [r for r in records if r["file"].startswith("errors/")], "ray_data_stats": ray_data_stats,
             "log": job_log and job_log.target, "worker_logs": job_log and job_log.worker_logs}
@@ -292,7 +290,11 @@ def read_reports(fs, root: str) -> tuple[list[dict], list[str]]:
 
     reports, damaged = [], []
     fs.invalidate_cache(f"{root}/{RUNS}")
-    for name in sorted(fs.glob(f"{root}/{RUNS}/*.json")):
+    try:  # listed, not globbed: the root is taken literally
+        names = sorted(n for n in fs.ls(f"{root}/{RUNS}", detail=False) if n.endswith(".json"))
+    except FileNotFoundError:
+        names = []
+    for name in names:
         try:
             with fs.open(name, "r") as f:
                 report = json.load(f)

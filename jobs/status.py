@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from kandinsky_engine.storage import access_checked, redact_url, url_to_fs
+from kandinsky_engine.storage import access_checked, redact_url, refuse_glob, url_to_fs
 from pipelines.output import ERRORS, INDEX, LEASE, RUN_FILE, RUNS, SUMMARY
 
 from .lease import owner_died_here
@@ -40,6 +40,7 @@ def _json(fs, path: str) -> dict | None:
 def read_status(path: str, storage_options: dict | None = None, max_error_shards: int = MAX_ERROR_SHARDS) -> dict:
     """Everything `status` and `report` show, as one JSON-able dict."""
     path = path.rstrip("/")
+    refuse_glob(path, "output")
     fs, root = url_to_fs(path, storage_options)
     with access_checked(path, storage_options, "reading output"):
         return _read(fs, root, path, max_error_shards)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kandinsky_engine.storage import url_to_fs
+from kandinsky_engine.storage import refuse_glob, url_to_fs
 from kandinsky_engine.units import file_key
 from pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
 from pipelines.shards import format_of
@@ -169,6 +169,7 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     from .run import limit_stops
 
     options = config.storage_options if config is not None else {}
+    refuse_glob(path.rstrip("/"), "output")
     fs, root = url_to_fs(path.rstrip("/"), options)
     run = read_run(fs, root)
     if run is None:

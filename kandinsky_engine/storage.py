@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from contextlib import contextmanager
 
 import fsspec
@@ -79,8 +80,85 @@ def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
 
 
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return not set(protocols).isdisjoint(OBJECT_STORES)
+    return not fs_protocols(fs).isdisjoint(OBJECT_STORES)
+
+
+# fsspec backends expand these in the paths given to rm, mv, copy and glob (s3fs does in every
+# rm and mv): `s3://b/jobs/*` names every job. Output paths may not hold them (`refuse_glob`), and
+# the engine's own deletes and moves below never expand anything.
+GLOB_CHARS = re.compile(r"[*?\[\]]")
+
+
+def refuse_glob(url: str, what: str = "output.path") -> None:
+    """Raise ValueError if `url` has a glob character: a delete or move under it would touch
+    other folders too (s3fs expands them)."""
+    if (found := GLOB_CHARS.search(url)) is not None:
+        raise ValueError(f"{what} {redact_url(url)} has the glob character {found[0]!r}: refused, because storage "
+                         "tools (s3fs, gsutil, shells) expand * ? [ ] in paths, so a delete or move under it could "
+                         "reach other folders; choose a path without them")
+
+
+def remove_file(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete the one file `path`, exactly as named (no glob expansion); nothing if it is not there."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache(path)
+
+
+def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """Delete the folder (or key prefix) `path` and everything below it, exactly as named: the
+    files are listed with `find`, which never expands globs, and deleted by their names (S3: up
+    to 1000 per DeleteObjects call). A file at `path` itself is deleted too. Returns the count."""
+    path = path.rstrip("/")
+    if is_local(fs):
+        local = fs._strip_protocol(path)
+        if os.path.isdir(local) and not os.path.islink(local):
+            count = sum(len(files) for _, _, files in os.walk(local))
+            shutil.rmtree(local)
+            return count
+        if not os.path.isfile(local):
+            return 0
+        remove_file(fs, path)
+        return 1
+    fs.invalidate_cache(path)
+    try:
+        names = sorted(fs.find(path))
+    except FileNotFoundError:
+        names = []
+    if is_object_store(fs) and "s3" in fs_protocols(fs):
+        for i in range(0, len(names), 1000):
+            bucket = names[i].split("/", 1)[0]
+            keys = [{"Key": name.split("/", 1)[1]} for name in names[i:i + 1000]]
+            result = fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            if result.get("Errors"):
+                error = result["Errors"][0]
+                raise OSError(f"could not delete {bucket}/{error.get('Key')}: {error.get('Code')} {error.get('Message')}")
+    else:
+        for name in names:
+            remove_file(fs, name)
+    fs.invalidate_cache()
+    return len(names)
+
+
+def move_file(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move one file, exactly as named: a rename on local disk (atomic, replaces `dst`); on object
+    stores a server-side copy, whose new object appears whole, then a delete of `src`."""
+    if is_local(fs):
+        os.replace(fs._strip_protocol(src), fs._strip_protocol(dst))
+        return
+    fs.cp_file(src, dst)
+    fs.rm_file(src)
+    fs.invalidate_cache()
+
+
+def fs_protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool({"file", "local"} & fs_protocols(fs))
 
 
 def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:

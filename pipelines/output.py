@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kandinsky_engine.storage import ensure_dir
+from kandinsky_engine.storage import ensure_dir, move_file, remove_file, remove_tree
 
 from .shards import FORMATS, format_of
 from kandinsky_engine.units import file_key, unit_digest
@@ -92,7 +92,7 @@ def put_bytes(fs, root: str, relpath: str, payload: bytes, tmp_tag: str) -> None
         ensure_dir(fs, f"{root}/{folder}")
     with fs.open(tmp, "wb") as f:
         f.write(payload)
-    fs.mv(tmp, f"{root}/{relpath}")
+    move_file(fs, tmp, f"{root}/{relpath}")
 
 
 def put(fs, root: str, folder: str, name: str, table: pa.Table, tmp_tag: str) -> dict:
@@ -260,8 +260,7 @@ def _remove_unit(fs, found: Inspection, unit: str) -> list[str]:
     crash half way leaves the unit either still marked (and still detected) or uncommitted."""
     shards = found.errors.pop(unit, []) + sorted(found.data.pop(unit, []), key=lambda s: -s.attempt)
     for shard in shards:
-        if fs.exists(shard.path):
-            fs.rm(shard.path)
+        remove_file(fs, shard.path)
     return [s.file for s in shards]
 
 
@@ -273,7 +272,7 @@ def reconcile(fs, root: str, files: list, stops: list[int], rows_per_block: int,
     state = State()
     if found.has_tmp:  # pieces of writes that never finished
         state.cleaned.append(f"{TMP}/")
-        fs.rm(f"{root}/{TMP}", recursive=True)
+        remove_tree(fs, f"{root}/{TMP}")
     for units in found.changed.values():
         for unit in units:
             _remove_unit(fs, found, unit)
@@ -284,7 +283,7 @@ def reconcile(fs, root: str, files: list, stops: list[int], rows_per_block: int,
         if fs.exists(shard.path):
             target = f"{root}/{DAMAGED}/{tag}/{shard.file}"
             ensure_dir(fs, target.rsplit("/", 1)[0])
-            fs.mv(shard.path, target)
+            move_file(fs, shard.path, target)
         state.damaged.append(shard.file)
         _remove_unit(fs, found, shard.unit)
     for file, stop in zip(files, stops):
@@ -314,7 +313,7 @@ def reconcile(fs, root: str, files: list, stops: list[int], rows_per_block: int,
             state.rows_done += len(done)
             if not pending:  # the last attempt committed its rows but stopped before removing the errors
                 for shard in errors:
-                    fs.rm(shard.path)
+                    remove_file(fs, shard.path)
                 plan.done.add(start)
                 continue
             state.rows_retried += pending

@@ -19,7 +19,7 @@ from ray.data.block import Block, BlockAccessor
 from kandinsky_engine.columns import IMAGE_TYPE, OUTPUT_TYPES, PASSTHROUGH_BLOB, SIGNAL_TYPES, unpack_passthrough
 from kandinsky_engine.stages.hint import CONTROLNET_TASKS
 from kandinsky_engine.rows import is_null
-from kandinsky_engine.storage import redact_url, url_to_fs
+from kandinsky_engine.storage import redact_url, remove_file, url_to_fs
 
 from .output import DATA, ERRORS, data_name, errors_name, put
 from .prepare import ATTEMPT, DIGEST, SPLITS, UNIT, UNIT_ROWS
@@ -177,8 +177,8 @@ class ShardSink(Datasink):
             records.append(put(fs, root, DATA, data_file, data, self.tmp_tag))
         if errors.num_rows:
             records.append(put(fs, root, ERRORS, errors_file, errors, self.tmp_tag))
-        elif fs.exists(f"{root}/{ERRORS}/{errors_file}"):
-            fs.rm(f"{root}/{ERRORS}/{errors_file}")
+        else:
+            remove_file(fs, f"{root}/{ERRORS}/{errors_file}")
         return records
 
     def on_write_complete(self, write_result) -> None:
