@@ -313,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
-        from jobs.lease import LeaseHeld
+        from jobs.lease import LeaseHeld, LeaseLost
 
-        if isinstance(exc, LeaseHeld):  # not a failure of this job: another run is writing the output
+        if isinstance(exc, (LeaseHeld, LeaseLost)):  # not a failure of this job: another run is writing the output
             print(f"busy: {exc}", file=sys.stderr)
             return 3
         # Exit code 1 means "finished, some rows are in errors/": any failure to run is 2, with one

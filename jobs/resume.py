@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import datetime, timezone
 
 from kandinsky_engine.config import JobConfig
@@ -19,6 +20,8 @@ from kandinsky_engine.storage import redact, redact_url, url_to_fs
 from pipelines.output import RUN_FILE
 
 from .output_guard import OWNED_TEXT, is_empty
+
+log = logging.getLogger("kandinsky_engine")
 
 
 class FingerprintMismatch(RuntimeError):
@@ -57,9 +60,18 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         "rows_per_block": config.rows_per_block(),
         "batch_size": {s: getattr(config, s).batch_size for s in family.sections},
         "torch_threads": {s: getattr(config, s).threads() for s in family.sections},
-        "manifest": {"location": redact_url(config.input.manifest),
+        "manifest": {"location": manifest_location_id(config.input.manifest),
                      "schema": [[f.name, str(f.type)] for f in schema]},
     }
+
+
+def manifest_location_id(location: str) -> str:
+    """The manifest location as the fingerprint records it: without a trailing slash (`s3://b/m/`
+    and `s3://b/m` list the same files), and for a URL without its query (a signed URL's
+    signature and expiry change each time it is signed)."""
+    if location.startswith(("http://", "https://")):
+        return redact_url(location.split("?", 1)[0].split("#", 1)[0])
+    return redact_url(location.rstrip("/") or location)
 
 
 def defaults_of(config: JobConfig) -> dict:
@@ -143,3 +155,47 @@ def write_run(fs, root: str, inputs: dict, config: JobConfig, tmp_tag: str) -> N
     record = {"fingerprint": fingerprint(inputs), "inputs": inputs, "config": settings,
               "created_at": datetime.now(timezone.utc).isoformat()}
     put_json(fs, root, RUN_FILE, record, tmp_tag)
+
+
+class ManifestChanged(RuntimeError):
+    """Committed units were computed from other manifest rows than the manifest now has, or a folder
+    of a file no longer in the manifest holds ids that the manifest has again."""
+
+
+class ForeignFiles(ValueError):
+    """data/ or errors/ hold files that are not shards of the layout: the run does not guess."""
+
+
+def foreign_message(path: str, foreign: list[str]) -> str:
+    shown = ", ".join(f"{path}/{name}" for name in foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+    return (f"output {path}: {len(foreign)} file(s) in data/ or errors/ are not shards of this tool: {shown}. "
+            "Nothing was changed. data/ is what readers load: move them out of data/ and errors/ (hidden files such "
+            "as .DS_Store are ignored) and rerun")
+
+
+def conflict_message(path: str, conflicts: dict[str, list[str]]) -> str:
+    shown = "; ".join(f"data/{key}/ holds ids of {', '.join(files[:3])}" for key, files in list(conflicts.items())[:5])
+    return (f"output {path}: {len(conflicts)} folder(s) of shards belong to manifest files no longer in the manifest, "
+            f"and hold ids that the manifest has again (a file renamed and changed, or rows moved to another file): "
+            f"{shown}. Computing them again would put those rows in data/ twice. Nothing was changed. Rerun with "
+            "--recompute-changed to move those folders to _retired/ and compute the rows under their new files, or "
+            "restore the files' old names to resume")
+
+
+def log_gone(path: str, gone, tag: str) -> None:
+    for old, new in gone.renamed.items():
+        log.warning("manifest file %s is now %s (same content): its committed shards were moved under its new name, "
+                    "not recomputed", old, new)
+    if gone.retire or gone.conflicts:
+        log.warning("set aside in %s/_retired/%s: %d shard(s) of manifest files no longer in the manifest (%s)", path,
+                    tag, len(gone.retire) + sum(len(gone.leftover[k]) for k in gone.conflicts),
+                    ", ".join(sorted({s.key for s in gone.retire} | set(gone.conflicts))[:5]))
+
+
+def changed_message(path: str, changed: dict[str, list[str]]) -> str:
+    shown = "; ".join(f"{file} ({len(units)} committed unit(s))" for file, units in list(changed.items())[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return (f"output {path}: {len(changed)} manifest file(s) changed since their units were committed (other rows, "
+            f"another order or other values under the same name): {shown}{more}. Nothing was changed. Restore "
+            "the files to resume, rerun with --recompute-changed to recompute their units, --new-run to write "
+            "this manifest beside it, or --overwrite to start over")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -15,20 +14,29 @@ from kandinsky_engine.config import JobConfig
 from kandinsky_engine.families import resolve_family
 from kandinsky_engine.identity import model_identity, weights_digests
 from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema, validate_manifest
+from kandinsky_engine.units import limit_stops
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
-from kandinsky_engine.storage import access_checked, ensure_dir, redact, remove_file, remove_tree, url_to_fs
-from pipelines.output import INDEX, RUNS, SUMMARY, TMP
+from kandinsky_engine.storage import access_checked, ensure_dir, remove_file, remove_tree, url_to_fs
+from pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
 
 from .output_guard import check_output as check_target
 from .lease import Lease
 from .progress import Console, JobLog, RunProgress
 from .output_guard import remove_owned
-from .resume import choose_output, fingerprint_inputs, write_run
+from .history import read_known, read_reports
+from .resume import (ForeignFiles, ManifestChanged, changed_message, choose_output, conflict_message,  # noqa: F401
+                     fingerprint_inputs, foreign_message, log_gone, write_run)
+from .summary import dry_run_report, gpus_reserved, timeline, write_summary
 from .verify import check_output
 from .verify import report as verify_report
 
 log = logging.getLogger("kandinsky_engine")
+
+
+def _lost(path: str) -> str:
+    return (f"output {path}: another run took over this run's lease while it ran: this run stopped committing, and "
+            f"its report and {SUMMARY} are not written (the other run resumes the output)")
 
 
 def connect(address: str | None, verbose: bool = False) -> float:
@@ -42,10 +50,6 @@ def connect(address: str | None, verbose: bool = False) -> float:
         # was started last on this machine (`ray start`, another test), which is not what was asked.
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose)
     return time.perf_counter() - start
-
-
-class ManifestChanged(RuntimeError):
-    """Committed units were computed from other manifest rows than the manifest now has."""
 
 
 def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None,
@@ -117,25 +121,31 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
     import ray
 
     from pipelines.generate import IO_CPUS, build_generation, check_resources
-    from pipelines.output import Inspection, inspect, put_json, put_records, reconcile, shard_records
+    from pipelines.output import put_json, put_records
     from pipelines.progress import CommitCounter
+    from pipelines.reconcile import Inspection, inspect, reconcile, shard_records
     from pipelines.sink import ShardSink
+    from pipelines.sources import Gone, apply_gone, plan_gone, read_registry, write_registry
 
     rows_per_block = config.rows_per_block()
     tag = uuid.uuid4().hex[:12]  # this run: its report, temporary files, quarantine folder
     files = manifest.files
     stops = limit_stops(files, limit, rows_per_block)
     earlier, damaged_reports = read_reports(fs, root) if mode == "resume" else ([], [])
-    known = {r["file"]: r for rep in earlier for r in rep.get("records", []) if r.get("sha256")}
+    known = read_known(fs, root, earlier, damaged_reports)
     found = inspect(fs, root, files, rows_per_block, known, deep=check_shards) if mode == "resume" else Inspection()
+    # Every refusal comes before anything in the output changes.
+    if found.foreign:
+        raise ForeignFiles(foreign_message(path, found.foreign))
     if found.changed and not recompute_changed:
-        raise ManifestChanged(_changed_message(path, found.changed))
-    if found.gone:
-        log.warning("%d folder(s) of shards in %s/data belong to files no longer in the manifest (%s): left as they "
-                    "are", len(found.gone), path, ", ".join(list(found.gone)[:5]))
+        raise ManifestChanged(changed_message(path, found.changed))
+    registry = read_registry(fs, root) if mode == "resume" else {}
+    gone = plan_gone(fs, found, files, registry, rows_per_block, config.storage_options) if found.gone else Gone()
+    if gone.conflicts and not recompute_changed:
+        raise ManifestChanged(conflict_message(path, gone.conflicts))
     check_resources(config, manifest, ray.cluster_resources())
     if dry_run:
-        return _dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s)
+        return dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s)
     if mode == "overwrite":
         remove_owned(fs, root)
     if mode != "resume":
@@ -145,6 +155,15 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         cleanup.callback(job_log.close)
     remove_file(fs, f"{root}/{SUMMARY}")  # the output is incomplete again until this run ends
 
+    adopted = {}
+    if gone.changes:
+        adopted = apply_gone(fs, root, gone, tag, known)
+        log_gone(path, gone, tag)
+        found = inspect(fs, root, files, rows_per_block, {**known, **adopted}, deep=check_shards)
+    if found.gone:
+        log.warning("%d folder(s) of shards in %s/data belong to files no longer in the manifest (%s): left as they "
+                    "are (none of their ids is in the manifest)", len(found.gone), path, ", ".join(list(found.gone)[:5]))
+    write_registry(fs, root, files, registry, set(found.gone), tag)  # before any unit of these files commits
     state = reconcile(fs, root, files, stops, rows_per_block, found, tag)
     log.info("manifest: %d rows in %d file(s); units of %d rows%s; already committed: %d rows; to run: %d rows "
              "(%d retried)%s", manifest.num_rows, len(files), rows_per_block,
@@ -167,7 +186,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
                                CommitCounter.remote(), job_log and job_log.target, alive=lambda: not lease.lost)
         progress.start()
     sink = ShardSink(path, config.storage_options, schema, model_identity(config.model, weights), tag,
-                     config.output, progress=progress and progress.counter)
+                     config.output, progress=progress and progress.counter, lease_owner=lease.owner)
     ray_data_stats = None
     if state.rows_todo:
         ds = build_generation(config, manifest, state.plans)
@@ -175,17 +194,19 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
             ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
         except BaseException:
             progress.stop("failed")
+            if lease_owner(fs, root) != lease.owner:  # the writer stopped because the lease was taken
+                raise LeaseLost(_lost(path)) from None
             raise
         progress.stop("written")  # every unit is written; the run checks the output and writes its summary
         # Ray Data (2.60) keeps the executed write plan as `_write_ds`; its stats are the per-operator
         # breakdown that `bench` prints. Not part of the report: long text, and only diagnostics.
         ray_data_stats = ds._write_ds.stats() if getattr(ds, "_write_ds", None) is not None else None
     wall = time.perf_counter() - started
-    if lease.lost:
-        raise RuntimeError(f"output {path}: another run took over this run's lease while it ran; its report and "
-                           f"{SUMMARY} are not written (rerun to resume)")
-    this_run = {**found.records, **{r["file"]: r for r in sink.records}}
-    records = shard_records(fs, root, {**known, **this_run})
+    if lease.lost or lease_owner(fs, root) != lease.owner:
+        raise LeaseLost(_lost(path))
+    # This run's record file holds what it committed, adopted or read back (never every shard again).
+    this_run = {**{f: found.records[f] for f in found.read}, **adopted, **{r["file"]: r for r in sink.records}}
+    records = shard_records(fs, root, {**known, **found.records, **this_run})
     report = {
         "run": tag,
         "limit": limit,
@@ -197,6 +218,8 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         "recomputed_units": state.recomputed,
         "damaged": state.damaged + damaged_reports,
         "files_gone": sorted(found.gone),
+        "files_renamed": gone.renamed,
+        "retired": sorted({s.file for s in gone.retire} | {s.file for k in gone.conflicts for s in gone.leftover[k]}),
         "wall_time_s": round(wall, 3),
         "timeline_s": timeline(sink.committed_at, started_at, wall),
         "images_per_s": round(state.rows_todo / wall, 4) if wall and state.rows_todo else None,
@@ -204,7 +227,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         "gpus_reserved": gpus_reserved(config, manifest),  # x wall time: the run's GPU-hours (`report`)
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
-    put_records(fs, root, f"{RUNS}/{tag}.parquet", records, tag)
+    put_records(fs, root, f"{RUNS}/{tag}.parquet", list(this_run.values()), tag)
     put_json(fs, root, f"{RUNS}/{tag}.json", report, tag)
     # The invariants hold before _SUCCESS.json says so (sizes here; `verify` also checks sha256).
     check = check_output(fs, root, config, files, stops, schema, {r["file"]: r for r in records}, deep=False)
@@ -218,132 +241,3 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
             "log": job_log and job_log.target, "worker_logs": job_log and job_log.worker_logs}
 
 
-def gpus_reserved(config: JobConfig, manifest) -> float:
-    """GPUs the run's actor pools held: what a cluster bills for, busy or not."""
-    from pipelines.generate import model_stages
-
-    stages = [config.decoder] if config.fuse_stages else [stage for _, _, stage, _ in model_stages(config, manifest)]
-    return round(sum(stage.num_gpus * stage.actors for stage in stages), 4)
-
-
-def timeline(committed_at: list[float], started_at: float, wall: float) -> dict | None:
-    """When units were committed, in seconds from the start of the plan's execution: `fill` until the
-    first unit was written (actor start-up and the first unit's way through every stage), `steady`
-    until the last one, `drain` from it to the end of the write."""
-    if not committed_at:
-        return None
-    first, last = min(committed_at) - started_at, max(committed_at) - started_at
-    return {"fill": round(first, 3), "steady": round(last - first, 3), "drain": round(max(wall - last, 0.0), 3),
-            "units": len(committed_at)}
-
-
-def limit_stops(files: list, limit: int | None, rows_per_block: int) -> list[int]:
-    """Rows of each file that the run covers: all, or with --limit N the first N rows in manifest
-    order rounded up to whole units (so that a full run resumes a smoke run's units)."""
-    stops, left = [], limit
-    for file in files:
-        if left is None:
-            stops.append(file.num_rows)
-            continue
-        stop = min(file.num_rows, -(-left // rows_per_block) * rows_per_block) if left > 0 else 0
-        stops.append(stop)
-        left -= stop
-    return stops
-
-
-def _dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s) -> dict:
-    """What a run would do. The read tasks are built as a run builds them (they are most of the
-    driver's plan at scale), so the peak RSS reported is the run's."""
-    import resource
-
-    from pipelines.output import FilePlan
-    from pipelines.read import ManifestUnits
-    from kandinsky_engine.units import file_key
-
-    committed = sum(len(v) for k, v in found.data.items())
-    done = {}
-    for unit in found.data:
-        key, start = unit.rsplit("/", 1)
-        done.setdefault(key, set()).add(int(start))
-    plans = [FilePlan(f, stop, done.get(file_key(f.relpath), set())) for f, stop in zip(manifest.files, stops)]
-    read_tasks = len(ManifestUnits(plans, rows_per_block, config.storage_options).get_read_tasks(-1))
-    return {"dry_run": True, "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "manifest_rows": manifest.num_rows, "files": len(manifest.files), "read_tasks": read_tasks,
-            "rows_in_scope": sum(stops), "units_in_scope": sum(-(-s // rows_per_block) for s in stops),
-            "committed_shards": committed, "failing_validation": len(manifest.row_errors),
-            "changed_files": sorted(found.changed), "ray_startup_s": round(ray_startup_s, 3)}
-
-
-def _changed_message(path: str, changed: dict[str, list[str]]) -> str:
-    shown = "; ".join(f"{file} ({len(units)} committed unit(s))" for file, units in list(changed.items())[:5])
-    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-    return (f"output {path}: {len(changed)} manifest file(s) changed since their units were committed (other rows, "
-            f"another order or other values under the same name): {shown}{more}. Nothing was changed. Restore "
-            "the files to resume, rerun with --recompute-changed to recompute their units, --new-run to write "
-            "this manifest beside it, or --overwrite to start over")
-
-
-def read_reports(fs, root: str) -> tuple[list[dict], list[str]]:
-    """Reports of earlier runs that reached their end, oldest first (a killed run wrote none), and
-    the names of damaged reports, which are skipped: their shards are read back instead."""
-    from pipelines.output import read_records
-
-    reports, damaged = [], []
-    fs.invalidate_cache(f"{root}/{RUNS}")
-    try:  # listed, not globbed: the root is taken literally
-        names = sorted(n for n in fs.ls(f"{root}/{RUNS}", detail=False) if n.endswith(".json"))
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        try:
-            with fs.open(name, "r") as f:
-                report = json.load(f)
-            report["finished_at"]  # noqa: B018 (a report without it is not one of ours)
-        except (ValueError, KeyError, TypeError):
-            damaged.append(f"{RUNS}/{name.rsplit('/', 1)[-1]}")
-            continue
-        try:  # its shard records, beside it
-            report["records"] = read_records(fs, name[: -len(".json")] + ".parquet")
-        except Exception:  # missing or torn: the shards are read back instead
-            damaged.append(f"{RUNS}/{name.rsplit('/', 1)[-1][: -len('.json')]}.parquet")
-            report["records"] = []
-        reports.append(report)
-    return sorted(reports, key=lambda r: r["finished_at"]), damaged
-
-
-def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dict], records: list[dict], check,
-                  manifest, tag: str) -> dict:
-    """`_SUCCESS.json`, written last: its presence means the output passed its check, every row of
-    the units the run covered is in data/ or errors/, and every shard in `_index.parquet` is
-    complete. Small at any scale: counts, one line per manifest file, the runs' reports.
-    `reports`: every run's, this one last."""
-    from pipelines.output import put_json
-
-    report = reports[-1]
-    runs = [{k: v for k, v in r.items() if k != "records"} for r in reports]
-    complete = all(f["complete"] for f in check.files)
-    summary = {
-        "output": path,
-        "complete": complete,
-        "limit": None if complete else report["limit"],
-        "manifest_rows": manifest.num_rows,
-        "rows": check.rows,
-        "failed_rows": check.failed_rows,
-        "rows_skipped": report["rows_skipped"],
-        "rows_computed": report["rows_computed"],
-        "rows_retried": report["rows_retried"],
-        "oom_splits": sum(r["oom_splits"] for r in runs),
-        "shards": sum(1 for r in records if r["file"].startswith("data/")),
-        "error_shards": sum(1 for r in records if r["file"].startswith("errors/")),
-        "index": INDEX,
-        "files": check.files,
-        "wall_time_s": report["wall_time_s"],
-        "images_per_s": report["images_per_s"],
-        "ray_startup_s": report["ray_startup_s"],
-        "runs": runs,
-        "finished_at": report["finished_at"],
-        # storage_options are excluded from dumps; URLs may still carry user:password@
-        "config": json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options)),
-    }
-    put_json(fs, root, SUMMARY, summary, tag)
-    return summary

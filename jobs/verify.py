@@ -12,7 +12,9 @@ An output is sound when
    shard's json members hold its columns but the image, and every sample has its image);
 5. every id of a committed unit is in data/ or errors/ exactly once, every unit the run covered
    (all, or a --limit's) is committed, and `_SUCCESS.json`'s counts agree.
-Shards of manifest files that are gone from the manifest are reported, not judged.
+Shards of manifest files that are gone from the manifest are reported; an id that is in data/ in
+two places (such a folder and the manifest's own shards, or two such folders) is a problem that
+names both.
 
 The job runs the same checks (`check_output`) before it writes `_SUCCESS.json`. Both read the
 id column of every manifest file and every shard, one file at a time.
@@ -28,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kandinsky_engine.storage import refuse_glob, url_to_fs
-from kandinsky_engine.units import file_key
+from kandinsky_engine.units import file_key, limit_stops
 from pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
 from pipelines.shards import format_of
 
@@ -81,6 +83,7 @@ def check_output(fs, root: str, config, files: list, stops: list[int], schema: p
     check = Check()
     by_key = {file_key(f.relpath): f for f in files}
     shards_by_key: dict[str, list] = defaultdict(list)
+    gone: list = []
     for folder in (DATA, ERRORS):
         for entry in entries(fs, f"{root}/{folder}"):
             shard = parse_shard(entry["name"], root, int(entry.get("size") or 0))
@@ -89,8 +92,11 @@ def check_output(fs, root: str, config, files: list, stops: list[int], schema: p
                 check.problems.append(f"{name}: not a file of the output layout")
             elif shard.key not in by_key:
                 check.gone[shard.key] = check.gone.get(shard.key, 0) + 1
+                gone.append(shard)
             else:
                 shards_by_key[shard.key].append(shard)
+    elsewhere = _gone_ids(fs, gone, check)
+    twice: dict[tuple[str, str], list] = defaultdict(list)  # (shard, gone shard) -> ids in both
     for file, stop in zip(files, stops):
         key = file_key(file.relpath)
         by_unit: dict[int, list] = defaultdict(list)
@@ -99,6 +105,10 @@ def check_output(fs, root: str, config, files: list, stops: list[int], schema: p
             problem = _check_shard(fs, shard, by_key, rows_per_block, records.get(shard.file), schema, deep, by_unit)
             if problem:
                 check.problems.append(problem)
+        for shard, ids in (pair for pairs in by_unit.values() for pair in pairs if pair[0].attempt is not None):
+            for i in ids:
+                if i in elsewhere:
+                    twice[(shard.file, elsewhere[i])].append(i)
         ids = _manifest_ids(file, config.storage_options) if by_unit else []
         committed = 0
         for start in range(0, file.num_rows, rows_per_block):
@@ -119,7 +129,36 @@ def check_output(fs, root: str, config, files: list, stops: list[int], schema: p
         units = -(-file.num_rows // rows_per_block)
         check.files.append({"file": file.relpath, "rows": file.num_rows, "units": units, "committed_units": committed,
                             "complete": committed == units})
+    check.problems += [_twice(ids, a, b) for (a, b), ids in twice.items()]
     return check
+
+
+def _gone_ids(fs, gone: list, check: Check) -> dict:
+    """{id: data shard} of the data shards of folders whose file left the manifest; an id in two of
+    them is a problem. Memory grows with those folders' rows only."""
+    place: dict = {}
+    twice: dict[tuple[str, str], list] = defaultdict(list)
+    for shard in gone:
+        if shard.attempt is None:
+            continue
+        try:
+            with fs.open(shard.path, "rb") as f:
+                ids = format_of(shard.file).ids(f)
+        except Exception as exc:
+            check.problems.append(f"{shard.file}: unreadable ({type(exc).__name__}: {exc})")
+            continue
+        for i in ids:
+            if i in place:
+                twice[(shard.file, place[i])].append(i)
+            else:
+                place[i] = shard.file
+    check.problems += [_twice(ids, a, b) for (a, b), ids in twice.items()]
+    return place
+
+
+def _twice(ids: list, a: str, b: str) -> str:
+    return (f"{len(ids)} id(s) in data/ twice, in {a} and in {b} (a folder of a file no longer in the manifest): "
+            f"{', '.join(repr(i) for i in ids[:5])}")
 
 
 def _check_shard(fs, shard, by_key, rows_per_block, record, schema, deep, by_unit) -> str | None:
@@ -166,7 +205,6 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     from kandinsky_engine.manifest import validate_manifest
 
     from .resume import differences, fingerprint, fingerprint_inputs, read_run
-    from .run import limit_stops
 
     options = config.storage_options if config is not None else {}
     refuse_glob(path.rstrip("/"), "output")
@@ -180,8 +218,8 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
         config = JobConfig.model_validate({**run["config"], "storage_options": {}})
     config = config.model_copy(update={"output": config.output.model_copy(update={"path": path})})
     config, family = resolve_family(config)
-    manifest = validate_manifest(config)
-    weights = weights_digests(config.model, config.storage_options, family.parts)
+    manifest = validate_manifest(config, rehash=True)  # the bytes, never the digest cache
+    weights = weights_digests(config.model, config.storage_options, family.parts, rehash=True)
     inputs = fingerprint_inputs(config, manifest.schema, weights)
     problems = []
     if fingerprint(inputs) != run["fingerprint"]:

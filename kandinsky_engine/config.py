@@ -80,6 +80,11 @@ class ModelConfig(_Strict):
         description="Local cache for built or downloaded models (env KANDINSKY_CACHE); remote model "
         "directories are mirrored under cache_dir/remote/.",
     )
+    digest_max_age_s: float = Field(
+        86400.0, gt=0, description="Local manifest files and model directories are identified by the sha256 of "
+        "their bytes, cached in cache_dir/digests/ while a file's size, mtime, ctime, inode and device are "
+        "unchanged; a cached digest older than this is computed again. `verify` always reads the bytes.",
+    )
 
     @model_validator(mode="after")
     def _half_needs_gpu(self):

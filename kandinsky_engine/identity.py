@@ -4,11 +4,22 @@ that changed weights at the same path, or an upgraded torch, never resume into a
 models; the weights digest also goes into every output row (`prior_model` etc.).
 
 - A local directory (and the tiny model): sha256 over every file `from_pretrained` reads
-  (safetensors, configs, vocabularies). File digests are cached by (size, mtime) in
-  `cache_dir/digests/`, so a 5 GB decoder is hashed once, not on every run.
+  (safetensors, configs, vocabularies), through the digest cache below, so a 5 GB decoder is
+  hashed once a day, not on every run.
 - A remote directory: its listing with ETags / checksums (model_cache.remote_listing), which is
   what the per-node mirror is verified against; nothing is downloaded.
 - A hub id: the snapshot in the local Hugging Face cache if there is one, else the id alone.
+
+Manifest files are identified here too (`file_identity`): the ETag on object stores (no read),
+ETag / Content-MD5 / Last-Modified with Content-Length over http(s), the sha256 of the bytes on
+disk.
+
+The digest cache (`DigestCache`, in `cache_dir/digests/`) is what the fast path trusts: a local
+file's cached sha256 is used while its size, mtime, ctime, inode and device are all unchanged and
+the digest is younger than `model.digest_max_age_s`. A rewrite in place changes ctime even when
+the mtime is set back (`touch -d`, `os.utime`), and `cp -p`, `rsync -a` and `tar -x` make a new
+inode; only a change that restores every one of these (editing a block device, a clock set back)
+passes until the digest ages out. `verify` never uses the cache.
 """
 
 from __future__ import annotations
@@ -16,12 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from importlib import metadata
 from pathlib import Path
 
 from .config import ModelConfig
-from .model_cache import COPIED, is_remote, remote_listing
-from .storage import redact_url
+from .model_cache import COPIED, VERSION_FIELDS, is_remote, remote_listing
+from .storage import is_http, is_local, is_object_store, redact_url
+
+# What identifies a file's version over http(s), strongest first; Last-Modified (one-second
+# resolution) only with the Content-Length beside it.
+HTTP_VERSION_FIELDS = ("ETag", "Content-MD5", "Digest", "Last-Modified")
 
 # Libraries whose version can change pixels: the maths (torch), the pipelines' semantics
 # (diffusers, transformers) and the encoders (Pillow: PNG/JPEG/WebP bytes, resizing).
@@ -41,34 +57,89 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def directory_digest(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+def stat_key(st: os.stat_result) -> str:
+    """What the digest cache compares: size, mtime, ctime, inode and device."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+class DigestCache:
+    """sha256 of local files under one name (a model directory, a manifest file), kept in
+    `cache_dir/digests/` (see the module docstring). `rehash`: ignore what is cached (verify)."""
+
+    def __init__(self, cache_dir: str | os.PathLike, name: str, max_age_s: float, rehash: bool = False):
+        self.path = Path(cache_dir).expanduser() / "digests" / (hashlib.sha256(name.encode()).hexdigest()[:16] + ".json")
+        self.max_age_s = max_age_s
+        try:
+            self.cached = {} if rehash else json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.cached = {}
+        self.fresh: dict[str, dict] = {}
+
+    def sha256(self, file: Path, rel: str = "") -> str:
+        before = stat_key(file.stat())
+        entry = self.cached.get(rel)
+        if (isinstance(entry, dict) and entry.get("stat") == before
+                and time.time() - entry.get("at", 0) < self.max_age_s):
+            self.fresh[rel] = entry
+            return entry["sha256"]
+        sha = _file_sha256(file)
+        if stat_key(file.stat()) == before:  # not cached if it changed while it was read
+            self.fresh[rel] = {"stat": before, "sha256": sha, "at": time.time()}
+        return sha
+
+    def save(self) -> None:
+        if self.fresh == self.cached:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(self.fresh))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache only costs the hashing next time
+
+
+def directory_digest(path: str | os.PathLike, cache_dir: str | os.PathLike, max_age_s: float = 86400.0,
+                     rehash: bool = False) -> str:
     """sha256 over (relative path, sha256) of every model file below `path`, hidden files skipped."""
     root = Path(path).resolve()
-    cache_file = Path(cache_dir).expanduser() / "digests" / (hashlib.sha256(str(root).encode()).hexdigest()[:16] + ".json")
-    try:
-        cached = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    files, fresh = {}, {}
+    cache = DigestCache(cache_dir, str(root), max_age_s, rehash)
+    files = {}
     for file in sorted(root.rglob("*")):
         rel = file.relative_to(root)
         if not file.is_file() or file.suffix.lower() not in COPIED or any(p.startswith(".") for p in rel.parts):
             continue
-        stat = file.stat()
-        key = f"{stat.st_size}:{stat.st_mtime_ns}"
-        entry = cached.get(str(rel))
-        sha = entry["sha256"] if entry and entry.get("stat") == key else _file_sha256(file)
-        fresh[str(rel)] = {"stat": key, "sha256": sha}
-        files[str(rel)] = sha
-    if fresh != cached:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(fresh))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass  # a read-only cache only costs the hashing next time
+        files[str(rel)] = cache.sha256(file, str(rel))
+    cache.save()
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def file_identity(fs, name: str, info: dict, cache_dir: str, max_age_s: float = 86400.0, rehash: bool = False) -> str:
+    """What changes when a manifest file's content does (see the module docstring)."""
+    if is_object_store(fs) or is_http(fs):
+        fields = VERSION_FIELDS if is_object_store(fs) else HTTP_VERSION_FIELDS
+        version = next((str(info[k]).strip('"') for k in fields if info.get(k) not in (None, "")), None)
+        if version:
+            return f"{version}:{info.get('size')}"
+    if is_local(fs):
+        return DigestCache(cache_dir, name, max_age_s, rehash).sha256(Path(fs._strip_protocol(name)))
+    digest = hashlib.sha256()  # a store that names no version: the bytes, on every run
+    with fs.open(name, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_stamp(fs, name: str, info: dict | None = None) -> tuple:
+    """Cheap evidence that a manifest file did not change: its size and version (ETag...) on
+    object stores and http, its size and mtime on disk. A read task compares it with the plan's
+    before it reads."""
+    if is_local(fs):
+        st = os.stat(fs._strip_protocol(name))
+        return st.st_size, st.st_mtime_ns
+    info = info or fs.info(name)
+    fields = VERSION_FIELDS if is_object_store(fs) else HTTP_VERSION_FIELDS
+    return info.get("size"), next((str(info[k]) for k in fields if info.get(k) not in (None, "")), "")
 
 
 def _hub_snapshot(repo_id: str) -> str | None:
@@ -80,7 +151,8 @@ def _hub_snapshot(repo_id: str) -> str | None:
         return None
 
 
-def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict | None = None) -> str:
+def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict | None = None,
+                   max_age_s: float = 86400.0, rehash: bool = False) -> str:
     """The identity of the weights behind a model source: hex sha256, or 'unresolved' for a hub id
     that is not in the local Hugging Face cache."""
     from .models import resolve_source
@@ -93,13 +165,15 @@ def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict
         local = _hub_snapshot(local)
         if local is None:
             return "unresolved"
-    return directory_digest(local, cache_dir)
+    return directory_digest(local, cache_dir, max_age_s, rehash)
 
 
 def weights_digests(model: ModelConfig, storage_options: dict | None = None,
-                    parts: tuple[str, ...] = PARTS) -> dict[str, str]:
-    """{part: digest} of the model parts a job's family reads (families.Family.parts)."""
-    return {part: weights_digest(getattr(model, part), part, model.cache_dir, storage_options) for part in parts}
+                    parts: tuple[str, ...] = PARTS, rehash: bool = False) -> dict[str, str]:
+    """{part: digest} of the model parts a job's family reads (families.Family.parts). `rehash`:
+    read every local file again (verify)."""
+    return {part: weights_digest(getattr(model, part), part, model.cache_dir, storage_options,
+                                 model.digest_max_age_s, rehash) for part in parts}
 
 
 def model_identity(model: ModelConfig, digests: dict[str, str]) -> dict[str, str]:

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
@@ -35,10 +34,10 @@ import pyarrow.parquet as pq
 
 from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401 (MIX_ITEM: re-exported)
 from .config import JobConfig
-from .model_cache import VERSION_FIELDS
 from .families import supported_tasks
+from .identity import file_identity, file_stamp  # noqa: F401 (file_stamp: re-exported for read tasks)
 from .row_checks import check_rows, tasks_of
-from .storage import access_checked, is_object_store, redact, url_to_fs
+from .storage import access_checked, is_http, redact, redact_url, url_to_fs
 from .units import Unit, file_units
 
 MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
@@ -106,6 +105,7 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
 def find_files(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """A file, a directory (every *.parquet below it) or a glob -> sorted list of files.
 
+    An http(s) URL is one file (a signed URL's query is part of it, never shown: redact_url).
     A path that exists is taken as given, even with glob characters in it (`run[1]/m.parquet`).
     In a directory, names below it that start with '_' or '.' are skipped, as Spark and pyarrow
     do: `_tmp/`, `_SUCCESS`, `.DS_Store`, a job output's `_damaged/`.
@@ -113,6 +113,10 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
     fs, path = url_to_fs(location, storage_options)
     fs.invalidate_cache()  # filesystem instances are shared: a prefix may have grown since the last listing
     with access_checked(location, storage_options, "listing manifest"):
+        if is_http(fs):
+            if not fs.exists(path):
+                raise ManifestError(f"manifest {redact_url(location)}: no such file (HTTP HEAD found nothing)")
+            return fs, [location]
         if fs.isdir(path):
             files = [f for f in fs.find(path) if f.endswith(".parquet")
                      and not any(part.startswith(("_", ".")) for part in PurePosixPath(f).relative_to(path).parts)]
@@ -121,9 +125,9 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
         elif glob.has_magic(path):
             files = fs.glob(path)
         else:
-            raise ManifestError(f"manifest {location}: no such file or directory")
+            raise ManifestError(f"manifest {redact_url(location)}: no such file or directory")
     if not files:
-        raise ManifestError(f"manifest {location}: no Parquet files found")
+        raise ManifestError(f"manifest {redact_url(location)}: no Parquet files found")
     return fs, sorted(fs.unstrip_protocol(f) if "://" in location else f for f in files)
 
 
@@ -151,69 +155,36 @@ def unified_schema(schemas: dict[str, pa.Schema]) -> pa.Schema:
     return schema
 
 
-def plan_files(config: JobConfig) -> tuple[fsspec.AbstractFileSystem, list[ManifestFile], dict[str, pa.Schema], list[str]]:
+def plan_files(config: JobConfig, rehash: bool = False
+               ) -> tuple[fsspec.AbstractFileSystem, list[ManifestFile], dict[str, pa.Schema], list[str]]:
     """Every manifest file with its footer's row count and schema and its identity; the rows are
-    not read. Returns (filesystem, files, schema by file, problems)."""
+    not read. Returns (filesystem, files, schema by file, problems). `rehash`: identify local
+    files by their bytes, not the digest cache (verify)."""
     fs, files = find_files(config.input.manifest, config.storage_options)
     _, path = url_to_fs(config.input.manifest, config.storage_options)
-    root = manifest_root(config.input.manifest, fs, path)
+    root = None if is_http(fs) else manifest_root(config.input.manifest, fs, path)
     planned, schemas, problems = [], {}, []
     for name in files:
-        stripped = fs._strip_protocol(name)
-        relpath = stripped[len(root) + 1:] if root and stripped.startswith(root + "/") else stripped.rsplit("/", 1)[-1]
+        if root is None:  # a URL: its file name, never its query (a signed URL's changes with each signing)
+            relpath = urlsplit(name).path.rsplit("/", 1)[-1] or "manifest"
+        else:
+            stripped = fs._strip_protocol(name)
+            relpath = stripped[len(root) + 1:] if root and stripped.startswith(root + "/") else stripped.rsplit("/", 1)[-1]
         try:
             with access_checked(name, config.storage_options, "reading manifest"):
                 info = fs.info(name)
                 with fs.open(name, "rb") as f:
                     meta = pq.ParquetFile(f)  # the footer only
                     schemas[name], rows = meta.schema_arrow, meta.metadata.num_rows
-                identity = file_identity(fs, name, info, config.model.cache_dir)
+                identity = file_identity(fs, name, info, config.model.cache_dir, config.model.digest_max_age_s, rehash)
         except PermissionError:  # a storage (credentials) problem, not a manifest one: stop here
             raise
         except Exception as exc:  # unreadable / not Parquet (e.g. a local file still being written)
-            problems.append(f"{name}: cannot read as Parquet ({type(exc).__name__}: "
+            problems.append(f"{redact_url(name)}: cannot read as Parquet ({type(exc).__name__}: "
                             f"{redact(str(exc), config.storage_options)})")
             continue
         planned.append(ManifestFile(name, relpath, identity, int(info.get("size") or 0), rows, file_stamp(fs, name, info)))
     return fs, planned, schemas, problems
-
-
-def file_identity(fs, name: str, info: dict, cache_dir: str) -> str:
-    """What changes when a file's content does: the object store's ETag or checksum (no read), or
-    on disk the sha256 of the bytes, cached by (size, mtime) so that a file is read once."""
-    if is_object_store(fs):
-        version = next((str(info[k]).strip('"') for k in VERSION_FIELDS if info.get(k) not in (None, "")), None)
-        if version:
-            return f"{version}:{info.get('size')}"
-    stat = os.stat(fs._strip_protocol(name)) if not is_object_store(fs) else None
-    key = f"{info.get('size')}:{stat.st_mtime_ns if stat else info.get('mtime')}"
-    cache = Path(cache_dir).expanduser() / "digests" / (hashlib.sha256(name.encode()).hexdigest()[:16] + ".json")
-    try:
-        cached = json.loads(cache.read_text())
-        if cached["stat"] == key:
-            return cached["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
-    digest = hashlib.sha256()
-    with fs.open(name, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"stat": key, "sha256": digest.hexdigest()}))
-    except OSError:
-        pass  # a read-only cache only costs the hashing next time
-    return digest.hexdigest()
-
-
-def file_stamp(fs, name: str, info: dict | None = None) -> tuple:
-    """Cheap evidence that a file did not change: its size and ETag on object stores, its size and
-    mtime on disk. A read task compares it with the plan's before it reads."""
-    if is_object_store(fs):
-        info = info or fs.info(name)
-        return info.get("size"), next((str(info[k]) for k in VERSION_FIELDS if info.get(k) not in (None, "")), "")
-    st = os.stat(fs._strip_protocol(name))
-    return st.st_size, st.st_mtime_ns
 
 
 def id_hashes(ids: list) -> np.ndarray:
@@ -225,8 +196,8 @@ def id_hashes(ids: list) -> np.ndarray:
 def check_file(file: ManifestFile, config: JobConfig, allowed: tuple[str, ...]) -> FileCheck:
     """Every check of one file, streaming by record batch; returns only what failed."""
     fs, _ = url_to_fs(file.path, config.storage_options)
-    name, check = file.path, FileCheck()
-    with access_checked(name, config.storage_options, "reading manifest"), fs.open(name, "rb") as f:
+    name, check = redact_url(file.path), FileCheck()
+    with access_checked(file.path, config.storage_options, "reading manifest"), fs.open(file.path, "rb") as f:
         parquet = pq.ParquetFile(f)
         check.problems = _check_schema(name, parquet.schema_arrow) + _check_names(name, parquet.schema_arrow)
         if check.problems:
@@ -283,17 +254,17 @@ def duplicate_problems(files: list[ManifestFile], collisions: np.ndarray, config
                     if int(h) not in wanted:
                         continue
                     if row_id in first_seen:
-                        problems.append(f"{file.path}: duplicate id {row_id!r} (first in {first_seen[row_id]})")
+                        problems.append(f"{redact_url(file.path)}: duplicate id {row_id!r} (first in {first_seen[row_id]})")
                     else:
-                        first_seen[row_id] = file.path
+                        first_seen[row_id] = redact_url(file.path)
     return problems
 
 
-def validate_manifest(config: JobConfig, checker=None, planned=None) -> Manifest:
+def validate_manifest(config: JobConfig, checker=None, planned=None, rehash: bool = False) -> Manifest:
     """Plan the manifest and check every row. `checker(files, config, allowed)` runs `check_file`
     on every file and finds colliding id hashes: in this process by default, as Ray tasks in a job
     (pipelines/validate.py). `planned`: plan_files' result, if the caller has it already."""
-    fs, files, schemas, problems = planned or plan_files(config)
+    fs, files, schemas, problems = planned or plan_files(config, rehash)
     problems = list(problems)
     allowed = supported_tasks(config.model, config.storage_options)  # reads the decoder's U-Net config only
     checks, collisions = (checker or check_locally)(files, config, allowed)
@@ -327,7 +298,7 @@ def _unified(schemas: dict[str, pa.Schema], problems: list[str]) -> pa.Schema:
         return pa.unify_schemas(list(schemas.values()), promote_options="permissive") if schemas else pa.schema([])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         problems.append(f"the manifest files disagree on a column's type ({exc}); files: "
-                        + ", ".join(schemas))
+                        + ", ".join(map(redact_url, schemas)))
         return pa.schema([])
 
 

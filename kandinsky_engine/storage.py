@@ -143,13 +143,30 @@ def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> int:
 
 
 def move_file(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move one file, exactly as named: a rename on local disk (atomic, replaces `dst`); on object
-    stores a server-side copy, whose new object appears whole, then a delete of `src`."""
+    """Move one file, exactly as named: a rename on local disk (atomic, replaces `dst`; missing
+    folders are made); on object stores a server-side copy, whose new object appears whole, then a
+    delete of `src`."""
     if is_local(fs):
-        os.replace(fs._strip_protocol(src), fs._strip_protocol(dst))
+        dst = fs._strip_protocol(dst)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(fs._strip_protocol(src), dst)
         return
     fs.cp_file(src, dst)
     fs.rm_file(src)
+    fs.invalidate_cache()
+
+
+def copy_file(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Copy one file, exactly as named, so that `dst` appears whole or not at all: on local disk
+    through a temporary name beside it and a rename; on object stores a server-side copy."""
+    if is_local(fs):
+        dst = fs._strip_protocol(dst)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.copy-{os.getpid()}"
+        shutil.copyfile(fs._strip_protocol(src), tmp)
+        os.replace(tmp, dst)
+        return
+    fs.cp_file(src, dst)
     fs.invalidate_cache()
 
 
@@ -159,6 +176,31 @@ def fs_protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return bool({"file", "local"} & fs_protocols(fs))
+
+
+def is_http(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool({"http", "https"} & fs_protocols(fs))
+
+
+def read_if_match(fs: fsspec.AbstractFileSystem, path: str, etag: str | None = None) -> bytes:
+    """The bytes of the file at `path`, freshly read. On S3 with `etag`: only if the object still
+    has that ETag (a conditional GetObject; a changed object raises an error whose cause is
+    botocore's 412), so that what was described and what is read are one version."""
+    if not ("s3" in fs_protocols(fs) and etag):
+        fs.invalidate_cache(path)
+        return fs.cat_file(path)
+    from fsspec.asyn import sync
+
+    bucket, _, key = fs._strip_protocol(path).partition("/")
+
+    async def get() -> bytes:  # s3fs's own _cat_file has no If-Match
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, IfMatch=etag)
+        try:
+            return await response["Body"].read()
+        finally:
+            response["Body"].close()
+
+    return sync(fs.loop, get)
 
 
 def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:

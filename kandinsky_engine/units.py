@@ -53,3 +53,17 @@ def file_units(relpath: str, identity: str, num_rows: int, rows_per_block: int) 
     return [Unit(relpath, key, start, min(start + rows_per_block, num_rows),
                  unit_digest(relpath, identity, start, min(start + rows_per_block, num_rows)))
             for start in range(0, num_rows, rows_per_block)]
+
+
+def limit_stops(files: list, limit: int | None, rows_per_block: int) -> list[int]:
+    """Rows of each file that the run covers: all, or with --limit N the first N rows in manifest
+    order rounded up to whole units (so that a full run resumes a smoke run's units)."""
+    stops, left = [], limit
+    for file in files:
+        if left is None:
+            stops.append(file.num_rows)
+            continue
+        stop = min(file.num_rows, -(-left // rows_per_block) * rows_per_block) if left > 0 else 0
+        stops.append(stop)
+        left -= stop
+    return stops

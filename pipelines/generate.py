@@ -25,7 +25,7 @@ from kandinsky_engine.stages.movq import MovqStage, encode_images
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
 from kandinsky_engine.stages.score import ClipScoreStage
 
-from .output import FilePlan
+from .reconcile import FilePlan
 from .prepare import SPLITS, UNIT, prepare_units
 from .read import ManifestUnits
 

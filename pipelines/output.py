@@ -10,6 +10,10 @@
     PATH/_runs/{run}.json, {run}.parquet            one report per run that reached its end, and the
                                                     records (rows, bytes, sha256) of its shards
     PATH/_damaged/{run}/...                         shards found damaged, moved aside (never read)
+    PATH/_retired/{run}/...                         shards of a manifest file that is gone, moved aside
+                                                    because its ids are in the manifest again (never read)
+    PATH/_files.parquet                             the manifest files whose units the output holds: folder
+                                                    key, relative path, identity, rows (pipelines/sources.py)
     PATH/_index.parquet                             every shard's record, written before the summary
     PATH/_SUCCESS.json                              written last, after the output passed its check
 
@@ -25,13 +29,7 @@ included) is written under _tmp/ and moved into place, so readers never see a to
 depend on the unit, its digest and the attempt only, so a retried write task rewrites the same
 file with the same bytes instead of adding a duplicate.
 
-Before a run, `inspect` compares the output with the manifest, read-only:
-- a shard whose digest is not its unit's was computed from other rows (the file was rewritten):
-  the run is refused, or with --recompute-changed the file's units are run again;
-- a shard whose size differs from its record, or that is not readable Parquet, is damaged: it is
-  moved to _damaged/ and its whole unit is run again (whole, so that its rows batch as before and
-  no row of another attempt is duplicated);
-- shards of a file no longer in the manifest are left alone and reported.
+How a run resumes from what it finds is in pipelines/reconcile.py.
 
 Why not Ray Data's checkpointing (`DataContext.checkpoint_config`, Ray 2.60): it filters done
 rows right after the read, by id, before our units are formed, so a resumed run would batch the
@@ -45,19 +43,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kandinsky_engine.storage import ensure_dir, move_file, remove_file, remove_tree
+from kandinsky_engine.storage import ensure_dir, move_file
 
 from .shards import FORMATS, format_of
-from kandinsky_engine.units import file_key, unit_digest
+from kandinsky_engine.units import unit_digest
 
 DATA, ERRORS, TMP = "data", "errors", "_tmp"
 DAMAGED = "_damaged"  # shards set aside as unreadable
+RETIRED = "_retired"  # shards of gone manifest files set aside (pipelines/sources.py)
+FILES = "_files.parquet"  # the registry of manifest files (pipelines/sources.py)
 RUN_FILE, SUMMARY = "_RUN.json", "_SUCCESS.json"  # the fingerprint (jobs/resume.py), the summary (jobs/run.py)
 RUNS = "_runs"  # one report per run (also those that ended with failed rows)
 INDEX, LEASE = "_index.parquet", "_LEASE.json"
@@ -67,10 +66,24 @@ INDEX, LEASE = "_index.parquet", "_LEASE.json"
 # removal cut short still holds _RUN.json, so --overwrite can take it up again).
 # report.html and _logs/ (`kandinsky-batch report`, the CLI's log of each run) describe the output.
 REPORT, LOGS = "report.html", "_logs"
-OWNED_ENTRIES = (SUMMARY, INDEX, REPORT, DATA, ERRORS, TMP, DAMAGED, RUNS, LOGS, RUN_FILE)
+OWNED_ENTRIES = (SUMMARY, INDEX, REPORT, DATA, ERRORS, TMP, DAMAGED, RETIRED, RUNS, LOGS, FILES, RUN_FILE)
 DATA_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})-a(\d+)\.(parquet|tar)")
 ERRORS_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})\.parquet")
 RECORD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+
+
+class LeaseLost(RuntimeError):
+    """Another run took this run's lease while it ran: it stopped committing (the CLI exits 3)."""
+
+
+def lease_owner(fs, root: str) -> str | None:
+    """The owner id in the output's lease now (None if there is none or it is unreadable)."""
+    fs.invalidate_cache(root)
+    try:
+        record = json.loads(fs.cat_file(f"{root}/{LEASE}"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record.get("owner") if isinstance(record, dict) else None
 
 
 def data_name(key: str, start: int, digest: str, attempt: int, output_format: str = "parquet") -> str:
@@ -85,11 +98,8 @@ def put_bytes(fs, root: str, relpath: str, payload: bytes, tmp_tag: str) -> None
     """Write root/relpath through a temporary file under _tmp/ and a move.
 
     On local disk the move is a rename; on S3 a server-side copy, whose new object appears whole."""
-    folder = relpath.rsplit("/", 1)[0] if "/" in relpath else ""
     tmp = f"{root}/{TMP}/{tmp_tag}-{relpath.replace('/', '-')}"
     ensure_dir(fs, f"{root}/{TMP}")  # never s3fs's makedirs: it creates a missing bucket
-    if folder:
-        ensure_dir(fs, f"{root}/{folder}")
     with fs.open(tmp, "wb") as f:
         f.write(payload)
     move_file(fs, tmp, f"{root}/{relpath}")
@@ -125,16 +135,20 @@ def read_records(fs, path: str) -> list[dict]:
 
 
 def entries(fs, folder: str) -> list[dict]:
-    """Every file below `folder`, freshly listed: s3fs caches listings (and with them ETags) per
-    filesystem instance, and the driver's instance would otherwise still show data/ as it was
-    before the run wrote. Its invalidate_cache(path) drops the path and its parents only, not the
-    per-file folders below it, so the whole cache goes."""
+    """Every file below `folder` but hidden ones, freshly listed: s3fs caches listings (and with
+    them ETags) per filesystem instance, and the driver's instance would otherwise still show data/
+    as it was before the run wrote. Its invalidate_cache(path) drops the path and its parents only,
+    not the per-file folders below it, so the whole cache goes. Hidden files (a name or folder
+    below `folder` that starts with '.': `.DS_Store`, `._x` of macOS, editors' swap files) are
+    skipped, as pyarrow and `datasets` skip them when they read data/."""
     fs.invalidate_cache()
     try:
         found = fs.find(folder, detail=True)
     except FileNotFoundError:
         return []
-    return [e for e in found.values() if e.get("type") != "directory"]
+    base = fs._strip_protocol(folder).rstrip("/") + "/"
+    return [e for e in found.values() if e.get("type") != "directory"
+            and not any(part.startswith(".") for part in e["name"].removeprefix(base).split("/"))]
 
 
 @dataclass
@@ -150,20 +164,6 @@ class Shard:
     @property
     def unit(self) -> str:
         return f"{self.key}/{self.start}"
-
-
-@dataclass
-class Inspection:
-    """What a previous run left, read-only: shards by unit name, and what cannot be trusted."""
-
-    data: dict[str, list[Shard]] = field(default_factory=lambda: defaultdict(list))
-    errors: dict[str, list[Shard]] = field(default_factory=lambda: defaultdict(list))
-    foreign: list[str] = field(default_factory=list)  # files in data/ or errors/ not in the layout
-    changed: dict[str, list[str]] = field(default_factory=dict)  # manifest file -> its units whose shards name other rows
-    gone: dict[str, int] = field(default_factory=dict)  # folder key of a file no longer in the manifest -> shards
-    damaged: list[Shard] = field(default_factory=list)
-    records: dict[str, dict] = field(default_factory=dict)  # file -> record, for every healthy shard
-    has_tmp: bool = False
 
 
 def parse_shard(fs_path: str, root: str, size: int) -> Shard | None:
@@ -188,157 +188,3 @@ def expected_digest(files: dict, key: str, start: int, rows_per_block: int) -> s
     return unit_digest(file.relpath, file.identity, start, min(start + rows_per_block, file.num_rows))
 
 
-def read_back(fs, shard: Shard, deep: bool, known: dict | None) -> dict | None:
-    """The shard's record if it is healthy, else None. Trusted without reading when its record is
-    known and the size matches (unless `deep`); otherwise read whole, parsed and hashed."""
-    if known is not None and known["bytes"] == shard.size and not deep:
-        return known
-    try:
-        payload = fs.cat_file(shard.path)
-        rows = format_of(shard.file).decode(payload)[0]  # every page (member) decodes, not just the footer
-    except Exception:  # truncated, garbage, vanished: not a shard any reader can use
-        return None
-    record = record_of(shard.file, payload, rows)
-    if deep and known is not None and known["sha256"] != record["sha256"] and known["bytes"] == record["bytes"]:
-        return None  # same size, other bytes: bit rot
-    return record
-
-
-def inspect(fs, root: str, files: list, rows_per_block: int, known: dict[str, dict], deep: bool = False) -> Inspection:
-    """Compare the output with the manifest (`files`: ManifestFile). Changes nothing."""
-    found = Inspection(has_tmp=fs.exists(f"{root}/{TMP}"))
-    by_key = {file_key(f.relpath): f for f in files}
-    for folder in (DATA, ERRORS):
-        for entry in entries(fs, f"{root}/{folder}"):
-            shard = parse_shard(entry["name"], root, int(entry.get("size") or 0))
-            if shard is None:
-                found.foreign.append(entry["name"][len(root) + 1:])
-                continue
-            if shard.key not in by_key:
-                found.gone[shard.key] = found.gone.get(shard.key, 0) + 1
-                continue
-            (found.data if shard.attempt is not None else found.errors)[shard.unit].append(shard)
-            if expected_digest(by_key, shard.key, shard.start, rows_per_block) != shard.digest:
-                units = found.changed.setdefault(by_key[shard.key].relpath, [])
-                if shard.unit not in units:
-                    units.append(shard.unit)
-                continue
-            record = read_back(fs, shard, deep, known.get(shard.file))
-            if record is None:
-                found.damaged.append(shard)
-            else:
-                found.records[shard.file] = record
-    return found
-
-
-@dataclass
-class FilePlan:
-    """One manifest file's work in a run: its units below `stop` (the --limit), except those in
-    `done`; units in `retry` run only their rows not in data/ yet."""
-
-    file: object  # ManifestFile
-    stop: int  # rows of the file the run covers
-    done: set[int] = field(default_factory=set)  # committed units' starts, nothing left to do
-    retry: dict[int, tuple[int, frozenset]] = field(default_factory=dict)  # start -> (attempt, ids already in data/)
-
-
-@dataclass
-class State:
-    """The work still to do, and what the report needs to know."""
-
-    plans: list[FilePlan] = field(default_factory=list)
-    rows_done: int = 0  # rows already committed in data/ (skipped)
-    rows_retried: int = 0  # rows committed as failed, run again
-    rows_todo: int = 0  # rows this run computes (retried ones included)
-    cleaned: list[str] = field(default_factory=list)  # stale files removed
-    recomputed: list[str] = field(default_factory=list)  # units whose manifest rows changed, run again
-    damaged: list[str] = field(default_factory=list)  # damaged shards moved to _damaged/
-
-
-def _remove_unit(fs, found: Inspection, unit: str) -> list[str]:
-    """Remove every shard of a unit: errors first and attempt 1 (the commit mark) last, so that a
-    crash half way leaves the unit either still marked (and still detected) or uncommitted."""
-    shards = found.errors.pop(unit, []) + sorted(found.data.pop(unit, []), key=lambda s: -s.attempt)
-    for shard in shards:
-        remove_file(fs, shard.path)
-    return [s.file for s in shards]
-
-
-def reconcile(fs, root: str, files: list, stops: list[int], rows_per_block: int, found: Inspection,
-              tag: str) -> State:
-    """Make the output consistent with the run's scope (`stops[i]`: the rows of `files[i]` it
-    covers) and list the work left. Call only once the run is known to go ahead: it removes stale
-    and damaged shards."""
-    state = State()
-    if found.has_tmp:  # pieces of writes that never finished
-        state.cleaned.append(f"{TMP}/")
-        remove_tree(fs, f"{root}/{TMP}")
-    for units in found.changed.values():
-        for unit in units:
-            _remove_unit(fs, found, unit)
-            state.recomputed.append(unit)
-    for shard in found.damaged:
-        if shard.unit not in found.data and shard.unit not in found.errors:
-            continue  # removed with a changed unit
-        if fs.exists(shard.path):
-            target = f"{root}/{DAMAGED}/{tag}/{shard.file}"
-            ensure_dir(fs, target.rsplit("/", 1)[0])
-            move_file(fs, shard.path, target)
-        state.damaged.append(shard.file)
-        _remove_unit(fs, found, shard.unit)
-    for file, stop in zip(files, stops):
-        plan = FilePlan(file, stop)
-        key = file_key(file.relpath)
-        for start in range(0, stop, rows_per_block):
-            rows = min(start + rows_per_block, file.num_rows) - start
-            unit = f"{key}/{start}"
-            shards, errors = found.data.get(unit, []), found.errors.get(unit, [])
-            if not any(s.attempt == 1 for s in shards):
-                # Not committed: anything else of it was written before a crash stopped the commit.
-                state.cleaned += _remove_unit(fs, found, unit)
-                state.rows_todo += rows
-                continue
-            counted = sum(found.records[s.file]["rows"] for s in shards + errors)
-            if not errors and counted == rows:
-                plan.done.add(start)
-                state.rows_done += rows
-                continue
-            # Failed rows to retry, or rows in no shard at all (a shard or errors shard deleted by
-            # hand): the rows of the unit that no data shard holds run again.
-            done = set()
-            for shard in shards:
-                with fs.open(shard.path, "rb") as f:
-                    done.update(format_of(shard.file).ids(f))
-            pending = rows - len(done)
-            state.rows_done += len(done)
-            if not pending:  # the last attempt committed its rows but stopped before removing the errors
-                for shard in errors:
-                    remove_file(fs, shard.path)
-                plan.done.add(start)
-                continue
-            state.rows_retried += pending
-            state.rows_todo += pending
-            # A retry in which every row failed again writes no data shard, only the errors shard
-            # (with its attempt): without it the next run would number its attempt as that one's again.
-            failed_at = []
-            for shard in errors:
-                with fs.open(shard.path, "rb") as f:
-                    failed_at += pq.read_table(f, columns=["attempt"]).column("attempt").to_pylist()
-            plan.retry[start] = (max([s.attempt for s in shards] + failed_at) + 1, frozenset(done))
-        state.plans.append(plan)
-    return state
-
-
-def shard_records(fs, root: str, known: dict[str, dict]) -> list[dict]:
-    """Every data and errors shard with rows, bytes and sha256, from a fresh listing. Records
-    written or read by this or an earlier run (`known`, by file) are trusted when the size still
-    matches; the rest are read back once."""
-    records = []
-    for folder in (DATA, ERRORS):
-        for entry in sorted(entries(fs, f"{root}/{folder}"), key=lambda e: e["name"]):
-            shard = parse_shard(entry["name"], root, int(entry.get("size") or 0))
-            if shard is None:
-                continue
-            record = read_back(fs, shard, False, known.get(shard.file))
-            records.append(record or {"file": shard.file, "rows": None, "bytes": shard.size, "sha256": None})
-    return records

@@ -18,10 +18,10 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from kandinsky_engine.manifest import file_stamp
-from kandinsky_engine.storage import url_to_fs
+from kandinsky_engine.storage import redact_url, url_to_fs
 from kandinsky_engine.units import file_key, unit_digest
 
-from .output import FilePlan
+from .reconcile import FilePlan
 from .prepare import ATTEMPT, DIGEST, UNIT, UNIT_ROWS
 
 # Read tasks, at most (so that the driver's plan stays small at any manifest size). Up to this many
@@ -88,7 +88,7 @@ def read_units(file, starts: list[int], retry: dict, rows_per_block: int, storag
     """Yield one table per unit starting at `starts` (sorted) of `file`."""
     fs, _ = url_to_fs(file.path, storage_options)
     if file_stamp(fs, file.path) != file.stamp:
-        raise RuntimeError(f"manifest file {file.path} changed while the job ran; run the job again")
+        raise RuntimeError(f"manifest file {redact_url(file.path)} changed while the job ran; run the job again")
     key = file_key(file.relpath)
     with fs.open(file.path, "rb") as f:
         parquet = pq.ParquetFile(f)

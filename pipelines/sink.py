@@ -21,7 +21,7 @@ from kandinsky_engine.stages.hint import CONTROLNET_TASKS
 from kandinsky_engine.rows import is_null
 from kandinsky_engine.storage import redact_url, remove_file, url_to_fs
 
-from .output import DATA, ERRORS, data_name, errors_name, put
+from .output import DATA, ERRORS, LeaseLost, data_name, errors_name, lease_owner, put
 from .prepare import ATTEMPT, DIGEST, SPLITS, UNIT, UNIT_ROWS
 from .shards import image_path
 
@@ -115,7 +115,7 @@ class ShardSink(Datasink):
     columns (models.model_identity); `output`: the job's OutputConfig (shard format, image format)."""
 
     def __init__(self, path: str, storage_options: dict | None, schema: pa.Schema, identity: dict[str, str],
-                 tmp_tag: str | None = None, output=None, progress=None):
+                 tmp_tag: str | None = None, output=None, progress=None, lease_owner: str | None = None):
         self.path = path
         self.format = output.format if output is not None else "parquet"
         self.image_format = output.image_format if output is not None else "png"
@@ -128,6 +128,9 @@ class ShardSink(Datasink):
         self.oom_splits = 0
         self.committed_at: list[float] = []  # epoch seconds of each write task's last commit: the run's timeline
         self.progress = progress  # a CommitCounter actor (pipelines/progress.py) told of each commit, or None
+        # The run's lease owner id (jobs/lease.py): checked before each commit, so that a run whose
+        # lease another run took stops committing at once instead of at its end.
+        self.lease_owner = lease_owner
 
     def get_name(self) -> str:
         return "ShardSink"
@@ -148,6 +151,9 @@ class ShardSink(Datasink):
                 raise RuntimeError(f"unit {unit} reached the writer with {rows.num_rows} of "
                                    f"{rows[UNIT_ROWS][0].as_py()} rows; lower input.rows_per_block")
             key, start = unit.rsplit("/", 1)
+            if self.lease_owner is not None and lease_owner(fs, root) != self.lease_owner:
+                raise LeaseLost(f"output {redact_url(self.path)}: another run took this run's lease; unit {unit} and "
+                                "every later one were not committed (rerun to resume)")
             committed = self._commit(fs, root, key, int(start), str(rows[DIGEST][0].as_py()),
                                      int(rows[ATTEMPT][0].as_py()), rows)
             records += committed

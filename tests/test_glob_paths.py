@@ -13,7 +13,8 @@ from jobs.run import read_reports, run_job
 from jobs.status import read_status
 from jobs.verify import verify
 from kandinsky_engine.storage import move_file, remove_file, remove_tree
-from pipelines.output import Inspection, Shard, _remove_unit, put_bytes, put_json, reconcile
+from pipelines.output import Shard, put_bytes, put_json
+from pipelines.reconcile import Inspection, _remove_unit, reconcile
 from tests.conftest import make_config, put_manifest
 
 ENTRIES = ("data/k/part-a1.parquet", "_RUN.json", "_SUCCESS.json", "_tmp/t-x", "_runs/r1.json", "errors/k/e.parquet")

@@ -93,7 +93,8 @@ def test_remove_owned_removes_exactly_the_layout_entries(s3, tmp_path):
     fs, _ = s3
     keep = ["data_old/part-00000000-a1.parquet", "datafile", "_RUN.json.bak", "notes.txt", "_other/x"]
     owned = ["data/part-00000000-a1.parquet", "errors/part-00000000.parquet", "_tmp/x", "_damaged/y",
-             "_runs/abc.json", "_RUN.json", "_SUCCESS.json", "_index.parquet", "report.html", "_logs/abc.log"]
+             "_runs/abc.json", "_RUN.json", "_SUCCESS.json", "_index.parquet", "report.html", "_logs/abc.log",
+             "_retired/z", "_files.parquet"]
     assert {name.split("/")[0] for name in owned} == set(OWNED_ENTRIES)
     fs.pipe({f"kandinsky/owned/{name}": b"x" for name in keep + owned})
     assert sorted(remove_owned(fs, "kandinsky/owned")) == sorted(OWNED_ENTRIES)
@@ -159,7 +160,7 @@ def test_overwrite_unowned_keeps_every_file_but_the_layout(ray_cluster, model_ca
     assert {k: after[k] for k in before} == before  # config, manifest and notes untouched
     assert pq.read_table(work / "data").num_rows == 2
     assert {Path(k).parts[0] for k in after} - {Path(k).parts[0] for k in before} == {
-        "data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_logs"}  # _logs: the CLI's log of the run
+        "data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_files.parquet", "_logs"}  # _logs: the CLI's log of the run
     # Written by this tool now, but it still holds the config and the manifest: --overwrite refuses.
     assert main(["run", str(job), "--overwrite"]) == 2
     assert f"output {work} holds the manifest" in capsys.readouterr().err

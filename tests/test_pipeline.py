@@ -83,7 +83,7 @@ def test_each_read_task_is_one_unit_up_to_the_cap(tmp_path, monkeypatch):
     per block (stages overlap, blocks stay small); above MAX_READ_TASKS units, a task reads a few
     consecutive units of one row group, so the plan stays small."""
     import pipelines.read as read_module
-    from pipelines.output import FilePlan
+    from pipelines.reconcile import FilePlan
 
     ids = [f"r{i}" for i in range(20)]
     read(tmp_path, ids, [0], rows_per_block=3, row_group_size=8)  # writes m.parquet: row groups of 8

@@ -1,0 +1,90 @@
+"""What a run writes and returns at its end: `_SUCCESS.json`, the timeline of its commits, the GPUs
+it reserved, and the plan of a dry run."""
+
+from __future__ import annotations
+
+import json
+
+from kandinsky_engine.config import JobConfig
+from kandinsky_engine.storage import redact
+from pipelines.output import INDEX, SUMMARY
+
+
+def gpus_reserved(config: JobConfig, manifest) -> float:
+    """GPUs the run's actor pools held: what a cluster bills for, busy or not."""
+    from pipelines.generate import model_stages
+
+    stages = [config.decoder] if config.fuse_stages else [stage for _, _, stage, _ in model_stages(config, manifest)]
+    return round(sum(stage.num_gpus * stage.actors for stage in stages), 4)
+
+
+def timeline(committed_at: list[float], started_at: float, wall: float) -> dict | None:
+    """When units were committed, in seconds from the start of the plan's execution: `fill` until the
+    first unit was written (actor start-up and the first unit's way through every stage), `steady`
+    until the last one, `drain` from it to the end of the write."""
+    if not committed_at:
+        return None
+    first, last = min(committed_at) - started_at, max(committed_at) - started_at
+    return {"fill": round(first, 3), "steady": round(last - first, 3), "drain": round(max(wall - last, 0.0), 3),
+            "units": len(committed_at)}
+
+
+def dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s) -> dict:
+    """What a run would do. The read tasks are built as a run builds them (they are most of the
+    driver's plan at scale), so the peak RSS reported is the run's."""
+    import resource
+
+    from pipelines.reconcile import FilePlan
+    from pipelines.read import ManifestUnits
+    from kandinsky_engine.units import file_key
+
+    committed = sum(len(v) for k, v in found.data.items())
+    done = {}
+    for unit in found.data:
+        key, start = unit.rsplit("/", 1)
+        done.setdefault(key, set()).add(int(start))
+    plans = [FilePlan(f, stop, done.get(file_key(f.relpath), set())) for f, stop in zip(manifest.files, stops)]
+    read_tasks = len(ManifestUnits(plans, rows_per_block, config.storage_options).get_read_tasks(-1))
+    return {"dry_run": True, "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "manifest_rows": manifest.num_rows, "files": len(manifest.files), "read_tasks": read_tasks,
+            "rows_in_scope": sum(stops), "units_in_scope": sum(-(-s // rows_per_block) for s in stops),
+            "committed_shards": committed, "failing_validation": len(manifest.row_errors),
+            "changed_files": sorted(found.changed), "ray_startup_s": round(ray_startup_s, 3)}
+
+
+def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dict], records: list[dict], check,
+                  manifest, tag: str) -> dict:
+    """`_SUCCESS.json`, written last: its presence means the output passed its check, every row of
+    the units the run covered is in data/ or errors/, and every shard in `_index.parquet` is
+    complete. Small at any scale: counts, one line per manifest file, the runs' reports.
+    `reports`: every run's, this one last."""
+    from pipelines.output import put_json
+
+    report = reports[-1]
+    runs = [{k: v for k, v in r.items() if k != "records"} for r in reports]
+    complete = all(f["complete"] for f in check.files)
+    summary = {
+        "output": path,
+        "complete": complete,
+        "limit": None if complete else report["limit"],
+        "manifest_rows": manifest.num_rows,
+        "rows": check.rows,
+        "failed_rows": check.failed_rows,
+        "rows_skipped": report["rows_skipped"],
+        "rows_computed": report["rows_computed"],
+        "rows_retried": report["rows_retried"],
+        "oom_splits": sum(r["oom_splits"] for r in runs),
+        "shards": sum(1 for r in records if r["file"].startswith("data/")),
+        "error_shards": sum(1 for r in records if r["file"].startswith("errors/")),
+        "index": INDEX,
+        "files": check.files,
+        "wall_time_s": report["wall_time_s"],
+        "images_per_s": report["images_per_s"],
+        "ray_startup_s": report["ray_startup_s"],
+        "runs": runs,
+        "finished_at": report["finished_at"],
+        # storage_options are excluded from dumps; URLs may still carry user:password@
+        "config": json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options)),
+    }
+    put_json(fs, root, SUMMARY, summary, tag)
+    return summary

@@ -1,0 +1,141 @@
+"""Exactly-once against what real users do to manifests and outputs: renamed and copied files,
+contents changed under a restored mtime, shards edited in place, stray files in data/.
+
+One finished 12-row job (a folder manifest `md/a.parquet`, 3 units) is computed once per module;
+each test gets it restored to that state, at the same paths (they are part of the fingerprint)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.run import ManifestChanged, run_job
+from jobs.verify import verify
+from tests.conftest import write_manifest
+from tests.test_integrity import config_for, data_ids, images, listing, rows
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def original(ray_cluster, model_cache, tmp_path_factory):
+    """The finished job's manifest folder and output, kept pristine under original/."""
+    base = tmp_path_factory.mktemp("trust")
+    write_manifest(base / "md" / "a.parquet", rows(12))
+    run_job(config_for(model_cache, base / "md", base / "out"))
+    shutil.copytree(base / "md", base / "original" / "md", copy_function=shutil.copy2)
+    shutil.copytree(base / "out", base / "original" / "out")
+    return base
+
+
+@pytest.fixture
+def job(original, model_cache):
+    """(config, manifest folder, output) of the finished job, restored."""
+    for name in ("md", "out"):
+        shutil.rmtree(original / name, ignore_errors=True)
+        shutil.copytree(original / "original" / name, original / name, copy_function=shutil.copy2)
+    return config_for(model_cache, original / "md", original / "out"), original / "md", original / "out"
+
+
+def folders(out) -> list[str]:
+    return sorted(p.name for p in (out / "data").iterdir())
+
+
+def test_a_renamed_manifest_file_keeps_its_rows_once(job, original):
+    config, md, out = job
+    (md / "a.parquet").rename(md / "b.parquet")
+    summary = run_job(config)
+    assert (summary["rows"], summary["rows_computed"], summary["rows_skipped"]) == (12, 0, 12)
+    assert summary["runs"][-1]["files_renamed"] == {"a.parquet": "b.parquet"}
+    assert data_ids(out) == sorted(r["id"] for r in rows(12))  # each once
+    assert [f.split("-")[0] for f in folders(out)] == ["b"]
+    assert images(out) == images(original / "original" / "out")  # the same images, moved, not recomputed
+    assert verify(str(out)).ok
+
+
+def test_a_renamed_and_changed_file_is_refused_then_retired(job):
+    config, md, out = job
+    changed = rows(12)
+    changed[0]["prompt"] = "another prompt"
+    write_manifest(md / "b.parquet", changed)
+    (md / "a.parquet").unlink()
+    before = listing(out)
+    with pytest.raises(ManifestChanged, match=r"data/a-[0-9a-f]{12}/ holds ids of b.parquet"):
+        run_job(config)
+    assert listing(out) == before  # refused before anything changed
+    summary = run_job(config, recompute_changed=True)
+    assert (summary["rows"], summary["rows_computed"]) == (12, 12)
+    assert data_ids(out) == sorted(r["id"] for r in changed)
+    assert len(list((out / "_retired").rglob("*.parquet"))) == 3 and folders(out)[0].startswith("b-")
+    assert verify(str(out)).ok
+
+
+def test_a_copied_data_folder_fails_verify_and_the_run_naming_both(job):
+    config, _, out = job
+    (source,) = folders(out)
+    shutil.copytree(out / "data" / source, out / "data" / "copy")
+    check = verify(str(out))
+    assert not check.ok
+    assert any(f"in data/copy/part-000000000000-" in p and f"data/{source}/part-000000000000-" in p
+               and "in data/ twice" in p for p in check.problems), check.problems
+    with pytest.raises(ManifestChanged, match="data/copy/ holds ids of a.parquet"):
+        run_job(config)
+
+
+def test_a_manifest_rewritten_under_a_restored_mtime_is_detected(job):
+    """cp -p, rsync -a and tar -x restore mtimes: size and mtime alone do not identify a file."""
+    config, md, out = job
+    path = md / "a.parquet"
+    stat = path.stat()
+    swapped = rows(12)
+    swapped[4]["prompt"], swapped[5]["prompt"] = swapped[5]["prompt"], swapped[4]["prompt"]
+    write_manifest(path, swapped)
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not verify(str(out)).ok  # verify always hashes
+    with pytest.raises(ManifestChanged, match=r"a.parquet \(3 committed unit"):
+        run_job(config)
+
+
+def test_a_shard_edited_in_place_is_set_aside_and_recomputed(job, original):
+    config, _, out = job
+    shard = sorted((out / "data").rglob("part-000000000004-*.parquet"))[0]
+    table = pq.read_table(shard)
+    image = table["image"].to_pylist()
+    image[0] = {**image[0], "bytes": image[1]["bytes"]}  # another row's picture under r04's id
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
+                                    __import__("pyarrow").array(image, table.schema.field("image").type)), shard)
+    assert not verify(str(out)).ok
+    summary = run_job(config)
+    assert summary["runs"][-1]["damaged"] == [f"data/{shard.parent.name}/{shard.name}"]
+    assert summary["rows_computed"] == 4 and (out / "_damaged").exists()
+    assert images(out) == images(original / "original" / "out")
+    assert verify(str(out)).ok
+
+
+def test_hidden_files_are_ignored_and_foreign_ones_refused_before_any_change(job, capsys):
+    config, _, out = job
+    for place in ("data", f"data/{folders(out)[0]}", "errors"):
+        (out / place).mkdir(exist_ok=True)
+        (out / place / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    summary = run_job(config)  # a complete output stays complete
+    assert summary["complete"] and summary["rows_computed"] == 0 and (out / "_SUCCESS.json").exists()
+    assert verify(str(out)).ok
+    (out / "data" / "notes.txt").write_text("mine")
+    before = listing(out)
+    with pytest.raises(ValueError, match=rf"{out}/data/notes.txt.*move them out of data/"):
+        run_job(config)
+    assert listing(out) == before and not (out / "_tmp").exists()
+
+
+def test_a_run_records_only_the_shards_it_wrote(job):
+    config, md, out = job
+    write_manifest(md / "c.parquet", [{"id": "c0", "prompt": "a new file"}])
+    summary = run_job(config)
+    records = pq.read_table(out / "_runs" / f"{summary['runs'][-1]['run']}.parquet").to_pylist()
+    assert [r["file"].split("/")[1].split("-")[0] for r in records] == ["c"]  # not the 3 shards of a.parquet
+    assert len(pq.read_table(out / "_index.parquet")) == 4
+    assert verify(str(out)).ok
