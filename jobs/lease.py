@@ -2,7 +2,8 @@
 
 A run takes the lease before it writes anything and renews it from a background thread every
 third of its time to live (`output.lease_ttl_s`). A second run of the same output finds the lease
-held and exits at once (exit code 3), or with --wait polls until it is free. A lease whose owner
+held and exits at once (exit code 3), or with --wait polls until it is free (--wait-timeout S: for
+at most S seconds, then exit 3). A lease whose owner
 stopped renewing (killed, or its machine lost) expires and is taken over by the next run, which
 then resumes the output like any rerun; an owner that ran on the same machine and whose process is
 gone is taken over at once (a driver killed and rerun in place).
@@ -84,14 +85,21 @@ class Lease:
 
     # -- taking, renewing, giving back --------------------------------------------------------
 
-    def acquire(self, wait: bool = False, poll_s: float = 2.0) -> None:
+    def acquire(self, wait: bool | float = False, poll_s: float = 2.0) -> None:
+        """Take the lease. `wait`: False, fail at once (LeaseHeld) while a live run holds it; True, wait
+        for it as long as it takes; a number, wait at most that many seconds (a crashed run's lease
+        expires within lease_ttl_s, so a bound above that covers a retry right after a crash)."""
         announced = False
+        deadline = None if isinstance(wait, bool) else time.monotonic() + wait
         while True:
             if self._try_take():
                 self._start_heartbeat()
                 return
             record, _ = self._read()
             holder = _describe(record)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LeaseHeld(f"output {redact_url(self.name)} is being written by another run ({holder}); waited "
+                                f"{wait:g} s for it (--wait-timeout)")
             if not wait:
                 raise LeaseHeld(f"output {redact_url(self.name)} is being written by another run ({holder}); "
                                 "wait for it to finish, pass --wait to start when it does, or use another "
