@@ -111,6 +111,8 @@ def job_specs(config, family: str) -> dict:
 
     specs = {}
     for part, spec in reference_specs(family).items():
+        if part not in SOURCES[family]:  # the schedulers: no memory
+            continue
         field, subfolder = SOURCES[family][part]
         source = getattr(config.model, field)
         try:

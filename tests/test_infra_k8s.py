@@ -450,3 +450,13 @@ def test_job_config_validates_with_staged_models(s3, tiny_root, tmp_path):
                            str(K8S / "settings" / "job.yaml")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "ok: 3 rows in 1 file(s)" in done.stdout
+
+
+@needs_kubectl
+def test_kueue_component_renders_a_valid_suspended_rayjob(k8s_copy):
+    kustomization = k8s_copy / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("components:\n- settings",
+                                                               "components:\n- settings\n- components/kueue"))
+    rayjob = next(d for d in render(k8s_copy) if d["kind"] == "RayJob")
+    assert rayjob["spec"]["suspend"] is True and rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert manifest_problems(rayjob) == []
