@@ -1,10 +1,13 @@
 # The two set-up commands of the README: `make demo` and `make test` (each installs first).
 PY ?= python3
 VENV := .venv
-# Pinned torch, installed before the package: on CPU-only machines of this project that resolves
-# to a local CPU wheel; from PyPI on a Linux GPU box it is the CUDA build. Override for another
-# CUDA flavour, e.g. make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-TORCH ?= torch==2.13.0
+# Pinned torch, installed before the package. The one supported CUDA build (infra/README.md, "CUDA
+# and drivers"): cu128, driver >= 570, as in the image. Where nvidia-smi is found it comes from
+# PyTorch's cu128 index (PyPI's default build would be CUDA 13, needing driver >= 580); elsewhere
+# plain torch==2.13.0, which on this project's CPU machines resolves to a local CPU wheel.
+CUDA := cu128
+GPU := $(shell command -v nvidia-smi 2>/dev/null)
+TORCH ?= torch==2.13.0$(if $(GPU), --index-url https://download.pytorch.org/whl/$(CUDA))
 # The engine's image (infra/docker/Dockerfile; needs Docker with BuildKit, the default since 23.0).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= kandinsky-engine:$(VERSION)

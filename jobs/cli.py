@@ -8,6 +8,8 @@ import logging
 import sys
 import traceback
 
+from jobs.outcome import add_arguments as outcome_arguments  # argparse only: light to import
+
 
 def _config(args):
     from kandinsky_engine.config import load_config
@@ -22,9 +24,11 @@ def cmd_run(args) -> int:
     config = _config(args)
     quiet_ray(args.verbose)
     console = Console(interval_s=args.progress_interval, echo=True, log_file=True, verbose=args.verbose)
+    from jobs.outcome import run_exit_code, wait_of
+
     summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
                       new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
-                      recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=args.wait,
+                      recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=wait_of(args),
                       dry_run=args.dry_run, console=console)
     if summary.get("dry_run"):
         print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
@@ -45,11 +49,10 @@ def cmd_run(args) -> int:
 
         url, _ = write_report(summary["output"], config.storage_options, args.gpu_hour_price)
         print(f"report: {url}")
-    if summary["failed_rows"]:
-        print(f"{summary['failed_rows']} row(s) failed: see {summary['output']}/errors/ "
-              "(rerun the same command to retry them)", file=sys.stderr)
-        return 1
-    return 0
+    code, message = run_exit_code(summary, config.output.max_failed_fraction, args.fail_on_row_errors)
+    if message:
+        print(message, file=sys.stderr)
+    return code
 
 
 def _options(args) -> dict:
@@ -197,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: refuse and change nothing)")
     run.add_argument("--wait", action="store_true",
                      help="if another run is writing the output (holds its lease), wait for it instead of exiting 3")
+    outcome_arguments(run)  # --wait-timeout, --if-busy, --fail-on-row-errors (jobs/outcome.py)
     run.add_argument("--dry-run", action="store_true",
                      help="plan, validate and compare with the output, print what a run would do; write nothing")
     run.add_argument("--check-shards", action="store_true",
@@ -315,10 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from jobs.lease import LeaseHeld, LeaseLost
 
-        if isinstance(exc, (LeaseHeld, LeaseLost)):  # not a failure of this job: another run is writing the output
+        if isinstance(exc, LeaseLost):  # another run took over, and resumes the output
             print(f"busy: {exc}", file=sys.stderr)
             return 3
-        # Exit code 1 means "finished, some rows are in errors/": any failure to run is 2, with one
+        if isinstance(exc, LeaseHeld):  # not a failure of this job: another run is writing the output
+            if getattr(args, "if_busy", "fail") == "skip":  # a scheduled tick that the running job covers
+                print(f"skipped: {exc} (--if-busy skip)")
+                return 0
+            print(f"busy: {exc}", file=sys.stderr)
+            return 3
+        # Exit code 1 means "finished, too many rows failed" (jobs/outcome.py): any failure to run is 2, with one
         # clear message (config, manifest, storage access, output: our own messages name the file
         # or URL) and the traceback only when asked for.
         if args.verbose:

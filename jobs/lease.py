@@ -2,7 +2,8 @@
 
 A run takes the lease before it writes anything and renews it from a background thread every
 third of its time to live (`output.lease_ttl_s`). A second run of the same output finds the lease
-held and exits at once (exit code 3), or with --wait polls until it is free. A lease whose owner
+held and exits at once (exit code 3), or with --wait polls until it is free (--wait-timeout S: for
+at most S seconds, then exit 3). A lease whose owner
 stopped renewing (killed, or its machine lost) expires and is taken over by the next run, which
 then resumes the output like any rerun. A run also checks, in the writer, that it still holds the
 lease before it commits each unit (pipelines/sink.py), so a run that lost it stops committing at once.
@@ -136,18 +137,23 @@ class Lease:
 
     # -- taking, renewing, giving back --------------------------------------------------------
 
-    def acquire(self, wait: bool = False, poll_s: float = 2.0, wait_s: float | None = None) -> None:
-        """Take the lease, or raise LeaseHeld; with `wait`, poll until it is free (at most `wait_s`)."""
-        announced, deadline = False, None if wait_s is None else time.monotonic() + wait_s
+    def acquire(self, wait: bool | float = False, poll_s: float = 2.0) -> None:
+        """Take the lease. `wait`: False, fail at once (LeaseHeld) while a live run holds it; True, wait
+        for it as long as it takes; a number, wait at most that many seconds (a crashed run's lease
+        expires within lease_ttl_s, so a bound above that covers a retry right after a crash)."""
+        announced = False
+        deadline = None if isinstance(wait, bool) else time.monotonic() + wait
         while True:
             if self._try_take():
                 self._start_heartbeat()
                 return
             record, _, _ = self._read()
             holder = _describe(record)
-            if not wait or (deadline is not None and time.monotonic() > deadline):
-                waited = f" (waited {wait_s:g} s)" if wait else ""
-                raise LeaseHeld(f"output {redact_url(self.name)} is being written by another run ({holder}){waited}; "
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LeaseHeld(f"output {redact_url(self.name)} is being written by another run ({holder}); waited "
+                                f"{wait:g} s for it (--wait-timeout)")
+            if not wait:
+                raise LeaseHeld(f"output {redact_url(self.name)} is being written by another run ({holder}); "
                                 "wait for it to finish, pass --wait to start when it does, or use another "
                                 "output.path")
             if not announced:

@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
                         "FLOPs of the full-size models instead of measuring (GPUs only)")
     parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="with --from-flops: effective TFLOP/s "
                         f"of one GPU on these models (default {DEFAULT_TFLOPS:g}: the issue's 1.8 images/s target)")
+    parser.add_argument("--gpu-type", metavar="TYPE", help="with --gpus: the GPUs' type as Ray names it (L40S, A10G, "
+                        "L4, H100...): each stage's memory need comes from the stage memory model for that GPU, "
+                        "and its share holds it (see pipelines/memory_fit.py, GPU_MEMORY)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed calls per stage, after one warm-up; the best counts")
     parser.add_argument("--write", metavar="FILE", help="write the prior, decoder and movq sections (YAML) to FILE")
@@ -85,6 +88,7 @@ def measured_costs(config: JobConfig, repeats: int) -> dict[str, StageCost]:
 
     from jobs.bench_gpu import copy, sync
     from kandinsky_engine import DecoderStage, MovqStage, PriorStage
+    from kandinsky_engine.memory import CUDA_CONTEXT
 
     cuda = config.model.device.startswith("cuda")
     whole = {"num_gpus": 1.0, "gpu_memory_fraction": None} if cuda else {}
@@ -112,7 +116,8 @@ def measured_costs(config: JobConfig, repeats: int) -> dict[str, StageCost]:
         memory = None
         if cuda:
             total = torch.cuda.get_device_properties(device).total_memory
-            memory = (torch.cuda.max_memory_reserved(device) - base) / total
+            # + the CUDA context, outside torch's allocator but in the GPU's memory (kandinsky_engine/memory.py)
+            memory = (torch.cuda.max_memory_reserved(device) - base + CUDA_CONTEXT) / total
         costs[name] = StageCost(seconds_per_row=best / sizes[name], batch_size=sizes[name],
                                 threads=getattr(config, name).threads(), memory=memory)
         for later in STAGES[k + 1:]:
@@ -124,7 +129,7 @@ def measured_costs(config: JobConfig, repeats: int) -> dict[str, StageCost]:
 
 
 def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, from_flops: bool = False,
-         tflops: float = DEFAULT_TFLOPS, repeats: int = 3) -> tuple[dict[str, StageCost], Layout, str]:
+         tflops: float = DEFAULT_TFLOPS, repeats: int = 3, gpu_type: str | None = None) -> tuple[dict[str, StageCost], Layout, str]:
     """(stage costs, layout, where the costs come from) for `gpus` GPUs or `cpus` cores."""
     from kandinsky_engine.families import family_for
 
@@ -150,8 +155,27 @@ def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, fr
         if repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {repeats}")
         costs, source = measured_costs(config, repeats), f"measured on this machine ({config.model.device})"
+    if gpu_type is not None:
+        if gpus is None:
+            raise ValueError("--gpu-type sizes GPU memory: use it with --gpus")
+        costs, source = with_memory_model(config, costs, gpu_type), f"{source}; memory: the stage memory model on {gpu_type}"
     layout = gpu_layout(costs, gpus) if gpus is not None else cpu_layout(costs, cpus)
     return costs, layout, source
+
+
+def with_memory_model(config: JobConfig, costs: dict[str, StageCost], gpu_type: str) -> dict[str, StageCost]:
+    """`costs` with each stage's memory need estimated by the stage memory model on a `gpu_type` GPU
+    (kandinsky_engine/memory.py), as a share of its memory."""
+    from dataclasses import replace
+
+    from kandinsky_engine.families import family_for
+    from kandinsky_engine.memory import GIB, estimate_job
+    from pipelines.memory_fit import GPU_MEMORY
+
+    if gpu_type not in GPU_MEMORY:
+        raise ValueError(f"--gpu-type {gpu_type!r}: not one of {sorted(GPU_MEMORY)}")
+    needs = estimate_job(config, family_for(config).name, list(costs))
+    return {name: replace(cost, memory=needs[name].peak / (GPU_MEMORY[gpu_type] * GIB)) for name, cost in costs.items()}
 
 
 def set_arguments(layout: Layout) -> list[str]:
@@ -202,7 +226,7 @@ def run(args, config: JobConfig) -> int:
     import yaml
 
     costs, layout, source = plan(config, gpus=args.gpus, cpus=args.cpus, from_flops=args.from_flops,
-                                 tflops=args.tflops, repeats=args.repeats)
+                                 tflops=args.tflops, repeats=args.repeats, gpu_type=args.gpu_type)
     print(json.dumps(report(costs, layout, source), indent=2) if args.json else table(costs, layout, source))
     if args.write:
         data = merged_config(args.config, args.set or [], layout)

@@ -265,6 +265,14 @@ class OutputConfig(_Strict):
             raise ValueError(f"output.columns names {twice} more than once")
         # Written (and fingerprinted) in one order, whatever order the YAML lists them in.
         return [c for c in SIGNAL_COLUMNS if c in columns]
+    max_failed_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="A run that finishes with some rows in errors/ exits 0 (its job is done; rerunning retries "
+        "those rows) unless more than this share of the rows in its scope failed, then it exits 1 (so a scheduler "
+        "marks it failed). None: any share exits 0; 0: any failed row exits 1 (as `run --fail-on-row-errors`).",
+    )
     lease_ttl_s: float = Field(
         120.0,
         gt=0,

@@ -25,6 +25,7 @@ from kandinsky_engine.stages.movq import MovqStage, encode_images
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
 from kandinsky_engine.stages.score import ClipScoreStage
 
+from .memory_fit import check_memory
 from .reconcile import FilePlan
 from .prepare import SPLITS, UNIT, prepare_units
 from .read import ManifestUnits
@@ -232,12 +233,15 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
     Actor pools hold their CPUs for the whole run, and Ray Data's file listing and read tasks
     need one whole CPU besides (measured on Ray 2.60: three actor pools reserving 1.5 of 2 CPUs
     stall silently). So the actors may reserve at most (cluster CPUs - 1). A CUDA device must suit
-    every stage's num_gpus (device.check_devices).
+    every stage's num_gpus (device.check_devices), and each actor's estimated GPU memory its cap
+    (memory_fit.check_memory).
     """
     stages = {name: stage for name, _, stage, _ in model_stages(config, manifest)}
+    used = list(stages)
     if config.fuse_stages:  # one pool, scheduled by the decoder section
         stages = {"decoder": config.decoder}
     check_devices(config, list(stages))
+    check_memory(config, used, cluster)  # each actor's estimated GPU memory against its cap
     cpus = sum(s.num_cpus * s.actors for s in stages.values())
     gpus = sum(s.num_gpus * s.actors for s in stages.values())
     have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)

@@ -7,9 +7,12 @@ and actors that share a device share its time. So a pool of `a` actors reserving
 of a GPU each serves a·f/t rows/s, a pipeline runs at its slowest pool, and N GPUs can never do
 better than N / (t_prior + t_decoder + t_movq) images/s (the ceiling). Ray's fractional GPUs are
 reservations, not partitions: the fractions here make Ray pack the actors so that each GPU holds
-the work it can do, and each actor's CUDA memory cap is set on its own (`gpu_memory_fraction`),
-from measured peaks where there are some, since a compute share says nothing about memory (the
-prior's 4% of the FLOPs is not 4% of the memory it needs).
+the work it can do. A compute share says nothing about memory (the prior's 4% of the FLOPs is not
+4% of the memory it needs): where each stage's memory need is known (estimated by the stage memory
+model for a GPU type, `plan --gpu-type`), a stage's share is at least its need over
+MEMORY_BUDGET, and its CUDA memory cap is its share, so Ray's packing by num_gpus keeps the caps
+of the actors on one GPU within it; where only measured peaks are known, the caps are set on their
+own (`gpu_memory_fraction`), scaled from those peaks.
 
 Only the text2img stages are placed (prior, decoder, MoVQ): jobs with image inputs or ControlNet
 rows also run `encode` or `hint`, which need a share taken from these (README, Real weights).
@@ -103,6 +106,25 @@ def gpu_shares(times: dict[str, float], fill: bool = False) -> dict[str, float]:
     return {**shares, keep: hundredths(left)}
 
 
+def memory_shares(costs: dict[str, StageCost], times: dict[str, float], fill: str | None = None) -> dict[str, float]:
+    """num_gpus of stages that share one GPU and whose memory needs are known (`StageCost.memory`):
+    each at least its time share and its need / MEMORY_BUDGET (rounded up), so that each actor's
+    cap (its num_gpus) holds its peak with headroom; `fill` gets what the others leave, which must
+    hold its own need."""
+    total = sum(times.values())
+    floor = {name: hundredths(c.memory / MEMORY_BUDGET, up=True) for name, c in costs.items()}
+    floor.update({name: max(floor[name], hundredths(times[name] / total, up=True)) for name in costs if name != fill})
+    shares = dict(floor)
+    if fill is not None:
+        shares[fill] = hundredths(1 - sum(v for name, v in floor.items() if name != fill))
+    if sum(shares.values()) > 1 + 1e-9 or shares.get(fill, 1) < floor.get(fill, 0) - 1e-9:
+        detail = ", ".join(f"{name} {c.memory:.0%}" for name, c in costs.items())
+        raise ValueError(f"{', '.join(costs)} cannot share one GPU: their memory needs ({detail} of it, estimated) "
+                         f"over the {MEMORY_BUDGET:.0%} budget take more than the whole GPU; lower their batch sizes, "
+                         "or give them GPUs of their own")
+    return shares
+
+
 def memory_caps(costs: dict[str, StageCost]) -> dict[str, float]:
     """CUDA memory caps of stages sharing one GPU: each measured peak scaled up by the same factor so
     that they fill the GPU (each keeps headroom in proportion to its need); equal shares when a peak
@@ -122,9 +144,14 @@ def shared_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
     """Every GPU runs one actor of each stage, with GPU shares proportional to the stage times:
     the one-GPU layout, repeated. With the U-Net's share above 1/2, Ray puts one U-Net on each GPU."""
     times = {name: c.seconds_per_row for name, c in costs.items()}
-    shares, caps = gpu_shares(times, fill=True), memory_caps(costs)
+    # Time shares give the rows/s; with known memory needs, Ray reserves the memory shares (see memory_shares).
+    time_shares = shares = gpu_shares(times, fill=True)
+    if all(c.memory is not None for c in costs.values()):
+        shares, caps = memory_shares(costs, times, fill=max(times, key=times.get)), dict.fromkeys(costs)
+    else:
+        caps = memory_caps(costs)
     stages = {name: StagePlacement(actors=gpus, batch_size=c.batch_size, num_gpus=shares[name],
-                                   rows_per_s=gpus * shares[name] / c.seconds_per_row, gpu_memory_fraction=caps[name],
+                                   rows_per_s=gpus * time_shares[name] / c.seconds_per_row, gpu_memory_fraction=caps[name],
                                    max_tasks_in_flight=UNET_IN_FLIGHT if name == "decoder" else None)
               for name, c in costs.items()}
     rule = "one GPU shared by all stages" if gpus == 1 else "every GPU shared by one actor of each stage"
@@ -139,13 +166,18 @@ def dedicated_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
     if gpus < 2:
         raise ValueError(f"a dedicated layout needs at least 2 GPUs, got {gpus}")
     prior, decoder, movq = (costs[name] for name in STAGES)
-    shares = gpu_shares({"prior": prior.seconds_per_row, "movq": movq.seconds_per_row})
-    caps = memory_caps({"prior": prior, "movq": movq})
+    feeders = {"prior": prior, "movq": movq}
+    times = {name: c.seconds_per_row for name, c in feeders.items()}
+    time_shares = shares = gpu_shares(times)
+    if prior.memory is not None and movq.memory is not None:
+        shares, caps = memory_shares(feeders, times), dict.fromkeys(feeders)
+    else:
+        caps = memory_caps(feeders)
 
     def layout(unets: int) -> Layout:
         feeders = gpus - unets
         stages = {name: StagePlacement(actors=feeders, batch_size=c.batch_size, num_gpus=shares[name],
-                                       rows_per_s=feeders * shares[name] / c.seconds_per_row,
+                                       rows_per_s=feeders * time_shares[name] / c.seconds_per_row,
                                        gpu_memory_fraction=caps[name])
                   for name, c in (("prior", prior), ("movq", movq))}
         stages["decoder"] = StagePlacement(actors=unets, batch_size=decoder.batch_size, num_gpus=1.0,
@@ -180,7 +212,10 @@ def gpu_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
     shared = shared_layout(costs, gpus)
     if gpus == 1:
         return shared
-    dedicated = dedicated_layout(costs, gpus)
+    try:
+        dedicated = dedicated_layout(costs, gpus)
+    except ValueError:  # prior and MoVQ do not fit one GPU together: every GPU is shared
+        return shared
     return dedicated if dedicated.images_per_s >= DEDICATED_MIN_EFFICIENCY * dedicated.ceiling else shared
 
 

@@ -392,9 +392,29 @@ def ray_container(pod: dict) -> dict:
     return (pod.get("containers") or [{}])[0]  # KubeRay's Ray container is the first one
 
 
+def restricted_problems(where: str, pod: dict) -> list[str]:
+    """Pod Security Standards, "restricted" profile: the fields it requires of a pod template."""
+    problems = []
+    security = pod.get("securityContext") or {}
+    if not security.get("runAsNonRoot"):
+        problems.append(f"{where}: Pod Security restricted: securityContext.runAsNonRoot must be true")
+    if (security.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        problems.append(f"{where}: Pod Security restricted: seccompProfile RuntimeDefault")
+    if any("hostPath" in v for v in pod.get("volumes", [])):
+        problems.append(f"{where}: Pod Security restricted: no hostPath volumes")
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        context = container.get("securityContext") or {}
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: container {container.get('name')}: allowPrivilegeEscalation must be false")
+        if "ALL" not in ((context.get("capabilities") or {}).get("drop") or []):
+            problems.append(f"{where}: container {container.get('name')}: capabilities must drop ALL")
+    return problems
+
+
 def policy_problems(obj: dict) -> list[str]:
     problems = []
     for where, pod in pod_specs(obj):
+        problems += restricted_problems(where, pod)
         for container in pod.get("containers", []) + pod.get("initContainers", []):
             for env in container.get("env", []):
                 if SECRET_NAME.search(env["name"]) and "value" in env:
@@ -402,8 +422,16 @@ def policy_problems(obj: dict) -> list[str]:
                 ref = env.get("valueFrom", {})
                 if SECRET_NAME.search(env["name"]) and "valueFrom" in env and "secretKeyRef" not in ref:
                     problems.append(f"{where}: env {env['name']} must come from a Secret (secretKeyRef)")
+                if "secretKeyRef" in ref and not ref["secretKeyRef"].get("optional"):
+                    # A missing Secret would leave the pod pending: keys are optional (cloud identity instead).
+                    problems.append(f"{where}: env {env['name']}: secretKeyRef must be optional")
     if obj.get("apiVersion") != "ray.io/v1":
         return problems
+    for where, pod in pod_specs(obj):
+        if not pod.get("serviceAccountName"):
+            problems.append(f"{where}: no serviceAccountName (the hook for IRSA / workload identity)")
+        if where == "head" and "/dev/shm" not in {m.get("mountPath") for m in ray_container(pod).get("volumeMounts", [])}:
+            problems.append("head: no /dev/shm volume (Ray's object store would be the container's 64 MiB)")
     for cluster in cluster_specs(obj):
         head = cluster.get("headGroupSpec", {})
         if (head.get("rayStartParams") or {}).get("num-cpus") != "0":
@@ -425,6 +453,10 @@ def policy_problems(obj: dict) -> list[str]:
         rules = (job.get("deletionStrategy") or {}).get("deletionRules") or []
         if not rules and not (job.get("shutdownAfterJobFinishes") and "ttlSecondsAfterFinished" in job):
             problems.append("RayJob spec: no cleanup (deletionRules, or shutdownAfterJobFinishes with a TTL)")
+        for condition in ({"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}):
+            if rules and not any(r.get("policy") == "DeleteWorkers" and r["condition"].get("ttlSeconds", 0) == 0
+                                 and all(r["condition"].get(k) == v for k, v in condition.items()) for r in rules):
+                problems.append(f"RayJob spec: no DeleteWorkers rule at 0 s for {condition}: failed runs keep GPUs")
         problems += entrypoint_problems(job, cluster_specs(obj)[0])
     if obj["kind"] == "RayCronJob":
         problems += schedule_problems(obj["spec"]["schedule"], job)
@@ -451,7 +483,17 @@ def entrypoint_problems(job: dict, cluster: dict) -> list[str]:
     maps = {v["name"]: v["configMap"]["name"] for v in head.get("volumes", []) if "configMap" in v}
     if not any(config == f"{mounts.get(volume)}/job.yaml" for volume in maps):
         return [f"entrypoint names {config}, but the head mounts no ConfigMap's job.yaml there"]
+    if args.command == "run" and (args.wait_timeout or 0) < 2 * lease_ttl_s():
+        # A retry right after a crashed attempt would exit 3 while that attempt's lease lives on.
+        return [f"entrypoint {job['entrypoint']!r}: run needs --wait-timeout of at least 2 x output.lease_ttl_s "
+                f"({2 * lease_ttl_s():g} s)"]
     return []
+
+
+def lease_ttl_s() -> float:
+    from kandinsky_engine.config import OutputConfig
+
+    return OutputConfig.model_fields["lease_ttl_s"].default
 
 
 def worst_case(job: dict) -> timedelta:
@@ -461,11 +503,13 @@ def worst_case(job: dict) -> timedelta:
 
 
 def schedule_problems(schedule: str, job: dict) -> list[str]:
-    """Scheduled RayJobs: no overlap until the output lease is built, and no pile-up of old RayJobs."""
+    """Scheduled RayJobs: a tick that meets a run still writing the output (the lease makes that safe)
+    skips it with exit 0 instead of failing and being retried on new GPU clusters; no pile-up of old
+    RayJobs."""
     problems = []
-    if "activeDeadlineSeconds" in job and worst_case(job) >= min_interval(schedule):
-        problems.append(f"a run may last {worst_case(job)} ((backoffLimit + 1) x activeDeadlineSeconds), not less "
-                        f"than the {min_interval(schedule)} between two ticks of {schedule!r}: runs could overlap")
+    if "--if-busy skip" not in " ".join(shlex.split(job.get("entrypoint", ""))):
+        problems.append("a scheduled run must pass --if-busy skip: a tick that overlaps a running job would fail "
+                        "(exit 3) and be retried on new GPU clusters")
     if not any(r.get("policy") == "DeleteSelf" for r in (job.get("deletionStrategy") or {}).get("deletionRules", [])):
         problems.append("scheduled RayJobs need a DeleteSelf rule, or they pile up")
     return problems

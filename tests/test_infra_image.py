@@ -151,3 +151,21 @@ def test_make_image_builds_this_dockerfile_from_the_root():
 def test_no_weights_are_baked_in(name):
     text = (ROOT / name).read_text()
     assert not re.search(r"from_pretrained|huggingface-cli|hf download|snapshot_download", text)
+
+
+def test_one_cuda_matrix_for_make_the_image_and_the_launchers():
+    """cu128 / driver >= 570 everywhere: the Makefile's GPU torch, the image's base and torch index,
+    the launcher VMs' images (AWS: an NVIDIA-driver AMI, never Ray's CUDA 11.2-era default)."""
+    import yaml
+
+    cuda = re.search(r"^CUDA := (cu\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    text = DOCKERFILE.read_text()
+    assert f"-py{sys.version_info.major}{sys.version_info.minor}-{cuda}" in text and f"whl/{cuda}" in text
+    gcp = yaml.safe_load((ROOT / "infra" / "ray-cluster" / "gcp.yaml").read_text())
+    aws = yaml.safe_load((ROOT / "infra" / "ray-cluster" / "aws.yaml").read_text())
+    for node in gcp["available_node_types"].values():
+        image = node["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+        assert f"-{cuda}-" in image and int(re.search(r"nvidia-(\d+)", image).group(1)) >= 570
+    for node in aws["available_node_types"].values():
+        image = node["node_config"]["ImageId"]
+        assert image.startswith("ami-") or "nvidia-driver" in image

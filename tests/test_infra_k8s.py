@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import os
 import shutil
 import stat
@@ -22,6 +23,7 @@ from tests.infra_rules import (ROOT, core_problems, crd_problems, load_docs, man
 
 K8S = ROOT / "infra" / "k8s"
 FORMS = ("rayjob.yaml", "raycluster.yaml", "raycronjob.yaml", "cronjob.yaml")
+SHARED = ("identity.yaml",)  # every form's ServiceAccount and PriorityClass
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) not installed")
 
@@ -51,7 +53,7 @@ def k8s_copy(tmp_path) -> Path:
 # --- the shipped files --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FORMS)
+@pytest.mark.parametrize("name", FORMS + SHARED)
 def test_manifest_is_valid(name):
     docs = load_docs(K8S / name)
     assert docs
@@ -71,18 +73,30 @@ def test_settings_name_the_image_make_builds():
 
 
 def test_raycronjob_template_is_the_rayjob_spec():
-    """One job, two schedules: the RayCronJob's template must not drift from rayjob.yaml."""
-    assert doc("raycronjob.yaml", "RayCronJob")["spec"]["jobTemplate"] == doc("rayjob.yaml", "RayJob")["spec"]
+    """One job, two schedules: the RayCronJob's template must not drift from rayjob.yaml, but for the
+    scheduled run's --if-busy skip."""
+    template = dict(doc("raycronjob.yaml", "RayCronJob")["spec"]["jobTemplate"])
+    job = dict(doc("rayjob.yaml", "RayJob")["spec"])
+    assert template.pop("entrypoint") == job.pop("entrypoint") + " --if-busy skip"
+    assert template == job
 
 
-def test_schedules_leave_no_overlap():
-    """Until the output lease is built, a scheduled run must end (deadlines included, every retry
-    counted) before the next tick, and the portable CronJob's pod must outlive its RayJob."""
+def test_schedules_may_overlap_and_retries_do_not_burn_clusters():
+    """The lease makes overlapping runs safe: a retry waits (bounded) for a crashed attempt's lease,
+    a scheduled tick that meets a live run skips with exit 0, a failed run frees its GPU workers at
+    once, and the portable CronJob's pod outlives its RayJob."""
+    from jobs.cli import build_parser
+    from tests.infra_rules import lease_ttl_s
+
     job = doc("rayjob.yaml", "RayJob")["spec"]
     cron = doc("cronjob.yaml", "CronJob")["spec"]
     ray_cron = doc("raycronjob.yaml", "RayCronJob")["spec"]
-    assert worst_case(job) < min_interval(cron["schedule"])
-    assert worst_case(ray_cron["jobTemplate"]) < min_interval(ray_cron["schedule"])
+    for entrypoint, skip in ((job["entrypoint"], "fail"), (ray_cron["jobTemplate"]["entrypoint"], "skip")):
+        args = build_parser().parse_args(entrypoint.split()[1:])
+        assert 2 * lease_ttl_s() <= args.wait_timeout < job["activeDeadlineSeconds"] and args.if_busy == skip
+    rules = {(r["policy"], tuple(sorted(r["condition"].items()))) for r in job["deletionStrategy"]["deletionRules"]}
+    assert ("DeleteWorkers", (("jobStatus", "FAILED"), ("ttlSeconds", 0))) in rules
+    assert ("DeleteWorkers", (("jobDeploymentStatus", "Failed"), ("ttlSeconds", 0))) in rules
     assert cron["concurrencyPolicy"] == "Forbid"
     assert cron["jobTemplate"]["spec"]["backoffLimit"] == 0
     waiter = cron["jobTemplate"]["spec"]["activeDeadlineSeconds"]
@@ -102,8 +116,7 @@ def test_job_config_fits_the_gpu_group(tmp_path):
     from pipelines.generate import check_resources
 
     config = load_config(K8S / "settings" / "job.yaml")
-    # run_job resolves the family (from the decoder's model_index.json on S3) before this check.
-    config = config.model_copy(update={"model": config.model.model_copy(update={"family": "kandinsky22"})})
+    assert config.model.family == "kandinsky22"  # named: the driver's checks need no model_index.json
     settings = yaml.safe_load((K8S / "settings" / "settings.yaml").read_text())
     worker = doc("rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -130,7 +143,8 @@ def test_kustomization_renders_each_form(k8s_copy, form):
         assert manifest_problems(obj) == [], obj["kind"]
     # With the shipped settings, the kustomized objects are the standalone files.
     for original in load_docs(K8S / form):
-        rendered = next(d for d in docs if d["kind"] == original["kind"])
+        rendered = next(d for d in docs if (d["kind"], d["metadata"]["name"]) ==
+                        (original["kind"], original["metadata"]["name"]))
         assert rendered == original
     job_config = next(d for d in docs if d["metadata"]["name"] == "kandinsky-job")
     assert job_config["data"]["job.yaml"] == (K8S / "settings" / "job.yaml").read_text()
@@ -218,7 +232,7 @@ def cron_run(k8s_copy, tmp_path):
         assert {e["name"] for e in container["env"]} >= {"TEMPLATE", "POLL_SECONDS"}
         done = subprocess.run(container["command"] + container["args"], env=env, capture_output=True, text=True,
                               timeout=60)
-        return done.returncode, done.stderr, json.loads(state_file.read_text())
+        return done.returncode, done.stderr + done.stdout, json.loads(state_file.read_text())
 
     return run
 
@@ -232,7 +246,7 @@ def test_cronjob_creates_a_valid_rayjob_and_waits_for_success(cron_run):
     assert state["statuses"] == []  # it waited through the retry's FAILED until Complete
     rayjob = yaml.safe_load(state["created"])
     assert rayjob["kind"] == "RayJob"
-    assert rayjob["metadata"]["name"].startswith("kandinsky-batch-2")  # kandinsky-batch-YYYYMMDD-HHMM
+    assert re.fullmatch(r"kandinsky-batch-2\d{7}-\d{6}", rayjob["metadata"]["name"])  # a new name per run
     assert manifest_problems(rayjob) == []
     expected = copy.deepcopy(doc("rayjob.yaml", "RayJob"))
     expected["metadata"]["name"] = rayjob["metadata"]["name"]
@@ -248,10 +262,11 @@ def test_cronjob_fails_when_the_rayjob_fails(cron_run, final):
 
 
 @needs_kubectl
-def test_cronjob_starts_nothing_while_a_run_is_active(cron_run):
-    code, err, state = cron_run(active=["kandinsky-batch Running"], statuses=[])
-    assert code == 1
-    assert "still active" in err and "kandinsky-batch Running" in err
+def test_cronjob_skips_while_a_run_is_active(cron_run):
+    """No GPU cluster is started only to wait for the output's lease: the tick is skipped, exit 0."""
+    code, out, state = cron_run(active=["kandinsky-batch Running"], statuses=[])
+    assert code == 0
+    assert "skipped" in out and "kandinsky-batch Running" in out
     assert [call[0] for call in state["calls"]] == ["get"]  # never created a RayJob
 
 
@@ -307,7 +322,7 @@ def test_cel_rules_are_evaluated():
 
 @pytest.mark.parametrize("change, message", [
     (lambda o: o["spec"].update(shutdownAfterJobFinishes=True), "mutually exclusive"),
-    (lambda o: o["spec"]["deletionStrategy"]["deletionRules"][3]["condition"].update(ttlSeconds=0),
+    (lambda o: o["spec"]["deletionStrategy"]["deletionRules"][4]["condition"].update(ttlSeconds=0),
      "DeleteSelf TTL (0) must be >= DeleteCluster TTL (3600)"),
     (lambda o: o["spec"]["deletionStrategy"]["deletionRules"].append(
         {"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED"}}), "duplicate rule"),
@@ -360,6 +375,17 @@ def test_policy_refuses_a_gpu_group_without_a_gpu_limit(name):
     (lambda o: o["spec"].update(entrypoint="kandinsky-batch run /etc/job.yaml"), "mounts no ConfigMap"),
     (lambda o: o["spec"].pop("preRunningDeadlineSeconds"), "preRunningDeadlineSeconds is not set"),
     (lambda o: o["spec"].pop("deletionStrategy"), "no cleanup"),
+    (lambda o: o["spec"]["deletionStrategy"]["deletionRules"].pop(2), "no DeleteWorkers rule"),
+    (lambda o: o["spec"].update(entrypoint="kandinsky-batch run /home/ray/kandinsky/job.yaml"), "--wait-timeout"),
+    (lambda o: gpu_worker(o)["template"]["spec"].pop("serviceAccountName"), "serviceAccountName"),
+    (lambda o: gpu_worker(o)["template"]["spec"]["securityContext"].pop("seccompProfile"), "seccompProfile"),
+    (lambda o: gpu_worker(o)["template"]["spec"]["containers"][0].pop("securityContext"), "allowPrivilegeEscalation"),
+    (lambda o: gpu_worker(o)["template"]["spec"]["volumes"].append({"name": "c", "hostPath": {"path": "/x"}}),
+     "hostPath"),
+    (lambda o: gpu_worker(o)["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"].pop(
+        "optional"), "must be optional"),
+    (lambda o: o["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"].pop(2),
+     "/dev/shm"),
 ])
 def test_policy_rules(change, message):
     bad = rayjob()
@@ -367,10 +393,12 @@ def test_policy_rules(change, message):
     assert any(message in p for p in policy_problems(bad)), policy_problems(bad)
 
 
-def test_policy_refuses_schedules_that_overlap():
+def test_policy_refuses_schedules_that_fail_when_busy():
     cron = copy.deepcopy(doc("raycronjob.yaml", "RayCronJob"))
-    cron["spec"]["schedule"] = "0 */6 * * *"  # every 6 h, while a run may last 18 h
-    assert any("runs could overlap" in p for p in policy_problems(cron))
+    cron["spec"]["schedule"] = "0 */6 * * *"  # every 6 h, while a run may last 18 h: safe, the lease
+    assert policy_problems(cron) == []
+    cron["spec"]["jobTemplate"]["entrypoint"] = cron["spec"]["jobTemplate"]["entrypoint"].replace(" --if-busy skip", "")
+    assert any("--if-busy skip" in p for p in policy_problems(cron))
     cron = copy.deepcopy(doc("raycronjob.yaml", "RayCronJob"))
     cron["spec"]["jobTemplate"]["deletionStrategy"]["deletionRules"] = [
         r for r in cron["spec"]["jobTemplate"]["deletionStrategy"]["deletionRules"] if r["policy"] != "DeleteSelf"]
@@ -422,3 +450,13 @@ def test_job_config_validates_with_staged_models(s3, tiny_root, tmp_path):
                            str(K8S / "settings" / "job.yaml")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "ok: 3 rows in 1 file(s)" in done.stdout
+
+
+@needs_kubectl
+def test_kueue_component_renders_a_valid_suspended_rayjob(k8s_copy):
+    kustomization = k8s_copy / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("components:\n- settings",
+                                                               "components:\n- settings\n- components/kueue"))
+    rayjob = next(d for d in render(k8s_copy) if d["kind"] == "RayJob")
+    assert rayjob["spec"]["suspend"] is True and rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert manifest_problems(rayjob) == []

@@ -80,7 +80,7 @@ def test_progress_lines_and_quiet_console(job):
     out, runs = job
     code, text, seconds = runs["final"]
     lines = text.strip().splitlines()
-    assert code == 1, text  # one row failed validation
+    assert code == 0, text  # one row failed validation: the job finished all the same (jobs/outcome.py)
     # One line per interval, and a few others (Ray's start, the plan, the summary): none of Ray's dumps.
     progress = [line for line in lines if line.startswith("progress: ")]
     assert 1 <= len(progress) <= seconds / INTERVAL + 2 and len(lines) - len(progress) < 10, text

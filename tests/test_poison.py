@@ -198,13 +198,15 @@ def test_rerun_retries_only_the_poison_rows(job):
     assert not (out / "_tmp").exists() and len(list((out / "_runs").glob("*.json"))) == 2
 
 
-def test_cli_exits_1_while_rows_fail(job, tmp_path, capsys):
-    """The CLI, on the same output with the same config: a third attempt, exit code 1."""
+def test_cli_exits_1_while_rows_fail_with_fail_on_row_errors(job, tmp_path, capsys):
+    """The CLI, on the same output with the same config and --fail-on-row-errors: a third attempt,
+    exit code 1 (without the flag a finished job with failed rows exits 0: tests/test_operator.py)."""
     out = job["out"]
     config_file = tmp_path / "job.json"  # JSON is YAML
     config_file.write_text(json.dumps(job["config"].model_dump(mode="json")))
-    assert main(["run", str(config_file)]) == 1
+    assert main(["run", str(config_file), "--fail-on-row-errors"]) == 1
     captured = capsys.readouterr()
+    assert "exit code 1:" in captured.err and "--fail-on-row-errors" in captured.err
     assert f"{len(job['bad'])} row(s) failed: see {out}/errors/" in captured.err
     assert f"{len(job['bad'])} rows computed, {ROWS - len(job['bad'])} already committed" in captured.out
     errors = errors_by_id(out)
