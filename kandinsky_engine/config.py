@@ -28,6 +28,10 @@ TASKS = ("text2img", "img2img", "mix", "variation", "inpaint", "controlnet", "co
 SIGNAL_COLUMNS = ("image_embeds", "clip_score", "sha256", "phash")
 
 
+# Default torch threads of an actor with a GPU share (StageConfig.threads): num_cpus 0.2 would give it one.
+GPU_THREADS = 4
+
+
 class _Strict(BaseModel):
     # A typo in a YAML key must be an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid")
@@ -70,10 +74,18 @@ class ModelConfig(_Strict):
         "tensor-core GPUs). Changes float results within the batch-shape tolerance; see README, Performance.",
     )
     compile: bool = Field(
-        False, description="torch.compile the U-Net and the MoVQ decode, one static graph per batch-size bucket "
-        "(powers of two up to the stage's U-Net or decode batch), compiled and warmed up when an actor starts; "
-        "batches are padded up to their bucket and shapes that were not warmed up run eagerly, so nothing "
-        "recompiles during the job. Changes float results within the batch-shape tolerance; see README, Performance.",
+        False, description="torch.compile (inductor) the decoder U-Net of every family, the Kandinsky 2.x prior "
+        "(with CUDA graphs on a GPU) and the MoVQ decode: one static graph per batch-size bucket (the stage's full "
+        "call and half of it; guidance makes U-Net and prior calls even), compiled when an actor starts, cached "
+        "per node under cache_dir/inductor. Calls are padded up to their bucket; a call no graph fits runs eagerly, "
+        "logged and counted, so nothing recompiles during the job. Changes float results within the batch-shape "
+        "tolerance; see docs/performance.md.",
+    )
+    fp8: bool = Field(
+        False, description="Run the decoder U-Net's linear and convolution layers in float8 with dynamic scales "
+        "(torchao; NVIDIA GPUs of compute capability 8.9 or newer: Ada, Hopper, Blackwell); off by default. Needs "
+        "model.device cuda and the torchao package; refused elsewhere. Changes float results beyond the bfloat16 "
+        "bound (its measured distance from bfloat16 is in docs/performance.md); part of the run fingerprint.",
     )
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("KANDINSKY_CACHE", str(Path.home() / ".cache" / "kandinsky-engine")),
@@ -90,6 +102,11 @@ class ModelConfig(_Strict):
     def _half_needs_gpu(self):
         if self.dtype != "float32" and not self.device.startswith("cuda"):
             raise ValueError(f"model.dtype={self.dtype} needs a cuda device, got model.device={self.device!r}")
+        if self.fp8 and not self.device.startswith("cuda"):
+            raise ValueError(f"model.fp8 needs a cuda device (an NVIDIA GPU of compute capability 8.9 or newer), got "
+                             f"model.device={self.device!r}")
+        if self.fp8 and self.dtype != "bfloat16":
+            raise ValueError(f"model.fp8 quantizes bfloat16 weights: set model.dtype: bfloat16 (got {self.dtype})")
         return self
 
 
@@ -108,8 +125,10 @@ class StageConfig(_Strict):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch intra-op threads per actor; default max(1, round(num_cpus)). Ray sets "
-        "OMP_NUM_THREADS from num_cpus, so the engine sets this explicitly.",
+        description="torch intra-op threads per actor; default round(num_cpus), at least 1, and at least "
+        f"{GPU_THREADS} for an actor with a GPU share (its CPU work: tokenizing, stacking inputs, drawing the next "
+        "group's noise beside the thread that launches the GPU's kernels). Ray sets OMP_NUM_THREADS from num_cpus, "
+        "so the engine sets this explicitly.",
     )
 
     gpu_memory_fraction: float | None = Field(
@@ -131,7 +150,7 @@ class StageConfig(_Strict):
     )
 
     def threads(self) -> int:
-        return self.torch_threads or max(1, round(self.num_cpus))
+        return self.torch_threads or max(GPU_THREADS if self.num_gpus > 0 else 1, round(self.num_cpus))
 
 
 class GenerationDefaults(_Strict):

@@ -5,8 +5,9 @@ own scale and generator; on a GPU that meant one host->device copy and several h
 and step. Here a group of rows (same size, steps, task, start step) steps at once:
 
 - each row's noise for the whole trajectory is drawn up front on the CPU from the row's own
-  generator, draw by draw in the order the per-row loop made them (`draw_noise`), and copied to
-  the device once (pinned memory on CUDA);
+  generator, draw by draw in the order the per-row loop made them (`draw_noise`; the decoders
+  draw the next group's on a background thread, transfer.NoisePrefetch), and copied to the device
+  once (pinned memory, non-blocking on CUDA);
 - guidance uses a tensor of per-row scales (`guide`);
 - the schedule lives on the CPU: the scheduler sees Python-int timesteps, the model a device tensor
   of them made once, and the coefficients of DDPM's and UnCLIP's steps are computed once per step
@@ -44,22 +45,35 @@ def make_scheduler(kind: str, config):
 def draw_noise(generators, shapes, draws: int, dtype, device):
     """Row r's first `draws` standard-normal tensors of shape shapes[r] from generators[r], each
     drawn alone as `randn_tensor` draws it, so each row's stream is the per-row loop's
-    -> (draws, sum of shapes' first dims, ...) on `device`, in one copy."""
+    -> (draws, sum of shapes' first dims, ...) on `device`, in one copy (pinned, non-blocking on CUDA).
+    The decoders draw through transfer.NoisePrefetch instead, which does the same on a background thread."""
     import torch
+
+    from .transfer import upload
 
     rows = [torch.stack([torch.randn(shape, generator=g, dtype=dtype) for _ in range(draws)])
             for g, shape in zip(generators, shapes)]
-    noise = torch.cat(rows, dim=1)  # (draws, M, ...)
-    if device.type == "cuda":
-        noise = noise.pin_memory()
-    return noise.to(device, non_blocking=True)
+    return upload(torch.cat(rows, dim=1), device)  # (draws, M, ...)
+
+
+def count_draws(scheduler, num_steps: int, t_start: int) -> int:
+    """How many noise draws a row makes with this (fresh) scheduler: its initial noise, then one per
+    step that draws (`Schedule.noise_steps`), computed on the CPU without building the schedule."""
+    from diffusers import DDPMScheduler, UnCLIPScheduler
+
+    scheduler.set_timesteps(num_steps, device="cpu")
+    if not isinstance(scheduler, (DDPMScheduler, UnCLIPScheduler)):
+        return 1
+    return 1 + sum(int(t) > 0 for t in scheduler.timesteps[t_start:].tolist())
 
 
 def row_scales(scales, ndim: int, device):
     """Per-row guidance scales as a float32 (n, 1, ...) tensor that broadcasts over an ndim-dim output."""
     import torch
 
-    return torch.tensor(scales, dtype=torch.float32).view(-1, *[1] * (ndim - 1)).to(device)
+    from .transfer import upload
+
+    return upload(torch.tensor(scales, dtype=torch.float32).view(-1, *[1] * (ndim - 1)), device)
 
 
 def guide(uncond, text, scales, dtype):
@@ -190,10 +204,12 @@ class Schedule:
         import torch
         from diffusers import DDPMScheduler, UnCLIPScheduler
 
+        from .transfer import upload
+
         scheduler.set_timesteps(num_steps, device="cpu")
         self.scheduler = scheduler
         self.timesteps = scheduler.timesteps[t_start:].tolist()
-        self.model_timesteps = torch.tensor(self.timesteps, device=device)
+        self.model_timesteps = upload(torch.tensor(self.timesteps), device)  # pinned, non-blocking on CUDA
         self.ancestral = None
         if isinstance(scheduler, (DDPMScheduler, UnCLIPScheduler)):
             self.ancestral = AncestralSteps(scheduler, self.timesteps, unclip=isinstance(scheduler, UnCLIPScheduler))

@@ -6,9 +6,7 @@ The builder only describes the lazy Ray Data plan; nothing runs until the caller
 
 from __future__ import annotations
 
-import logging
-import os
-import time
+import uuid
 
 import numpy as np
 import ray
@@ -22,12 +20,13 @@ from kandinsky_engine.families import family_for
 from kandinsky_engine.inputs import FETCH_TASKS, fetch_inputs
 from kandinsky_engine.manifest import Manifest
 from kandinsky_engine.stages.movq import MovqStage, encode_images
-from kandinsky_engine.rows import ERROR_COLUMNS, object_column
+from kandinsky_engine.rows import ERROR_COLUMNS
 from kandinsky_engine.stages.score import ClipScoreStage
 
+from .chunked import Chunked, Fused, concat, is_fatal_device_error, is_oom, merge  # noqa: F401 (re-exported)
 from .memory_fit import check_memory
 from .reconcile import FilePlan
-from .prepare import SPLITS, UNIT, prepare_units
+from .prepare import prepare_units
 from .read import ManifestUnits
 
 # Reading, resolving and writing are light; giving them a fraction of a CPU keeps them
@@ -57,136 +56,11 @@ def light_step(fn):
     return step
 
 
-def is_oom(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the allocator's RuntimeError on CPU."""
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
-
-
-class Chunked:
-    """Runs a stage on each unit of work in a block, in chunks of the stage's batch size.
-
-    A unit (rows_per_block rows of one manifest file) is always split the same way, so a row
-    shares its sub-batches with the same rows whatever Ray bundles together, and reruns give
-    byte-identical images even though the batch shape changes float results on CPU.
-
-    A chunk that raises (out of memory, or a row that makes the model fail) is split in halves and
-    each half retried, down to single rows; a single row that still raises becomes a row error.
-    OOM splits are counted in the `_oom_splits` column (on the first row of the split chunk).
-    """
-
-    def __init__(self, stage_class, batch_size: int, **kwargs):
-        started = time.perf_counter()
-        self.stage = stage_class(**kwargs)
-        self.name = stage_class.__name__
-        self.batch_size = batch_size
-        # Once per actor, in the worker's log (Ray's session logs; the console with --verbose).
-        _actor_log().info("%s loaded in %.1f s (pid %d)", self.name, time.perf_counter() - started, os.getpid())
-
-    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if UNIT not in block:  # an empty block (its unit was committed)
-            return block
-        units = block[UNIT]
-        starts = [i for i in range(len(units)) if i == 0 or units[i] != units[i - 1]] + [len(units)]
-        chunks = [(i, min(i + self.batch_size, end)) for start, end in zip(starts, starts[1:])
-                  for i in range(start, end, self.batch_size)]
-        parts = [self.run({k: v[a:b] for k, v in block.items()}) for a, b in chunks]
-        return merge(parts) if parts else block
-
-    def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Stages mark failed rows in place: a chunk retried after an exception starts clean.
-        chunk = {k: v.copy() if k in ERROR_COLUMNS or k == SPLITS else v for k, v in chunk.items()}
-        try:
-            return self.stage(chunk)
-        except Exception as exc:
-            # Only text leaves this block: the exception's traceback holds the failed call's frames
-            # and so its tensors, which must be gone before the retries (else empty_cache frees nothing).
-            failure, oom = (type(exc).__name__, str(exc)), is_oom(exc)
-        if oom:
-            _release_memory()
-        n = len(chunk["id"])
-        if n == 1:
-            message = f"{'out of memory at batch size 1: ' if oom else ''}{failure[1]}"
-            for name, value in zip(ERROR_COLUMNS, (self.name, failure[0], message[:2000])):
-                chunk[name][0] = value
-            # Stages pass failed rows through with empty outputs: run it again so that the row
-            # carries the same columns as its batch-mates.
-            try:
-                return self.stage(chunk)
-            except Exception:
-                return chunk
-        half = n // 2
-        out = merge([self.run({k: v[a:b] for k, v in chunk.items()}) for a, b in ((0, half), (half, n))])
-        if oom:
-            out[SPLITS] = out[SPLITS].copy()
-            out[SPLITS][0] += 1
-        return out
-
-
-class Fused:
-    """Every model stage of the job in one actor: each stage wrapped in its own Chunked (its batch
-    size, its OOM splitting), applied in order to the block. `stages`: [(stage class, batch size,
-    constructor kwargs)]. torch's thread count is per process: the last stage's setting would win,
-    so it is set once more from `threads`."""
-
-    def __init__(self, stages: list, threads: int, **kwargs):
-        import torch
-
-        self.stages = [Chunked(cls, batch_size, **kwargs, **extra) for cls, batch_size, extra in stages]
-        torch.set_num_threads(threads)
-
-    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for stage in self.stages:
-            block = stage(block)
-        return block
-
-
 def fused_config(config: JobConfig, stages: list) -> JobConfig:
     """The config the stages of a fused actor see: every used stage scheduled as the decoder section
     (threads, GPU share, memory cap), each keeping its batch size."""
     scheduling = config.decoder.model_dump(exclude={"batch_size"})
     return config.model_copy(update={name: stage.model_copy(update=scheduling) for name, _, stage, _ in stages})
-
-
-def _actor_log() -> logging.Logger:
-    """The engine's logger in an actor process, which has no logging set up: INFO to stderr."""
-    logger = logging.getLogger("kandinsky_engine")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    return logger
-
-
-def _release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()  # tensors held by reference cycles of the failed call
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate stage outputs (numpy batches with the same columns) in order."""
-    return {k: arrow_friendly(concat([p[k] for p in parts])) for k in parts[0]}
-
-
-def arrow_friendly(column: np.ndarray) -> np.ndarray:
-    """Ray hands a list<struct> cell (the `mix` column) over as a numpy array of dicts, which it
-    cannot turn back into Arrow (it would pickle the column); plain lists of dicts convert."""
-    if column.dtype == object and any(isinstance(v, np.ndarray) and v.dtype == object for v in column):
-        return object_column(list(v) if isinstance(v, np.ndarray) else v for v in column)
-    return column
-
-
-def concat(columns: list[np.ndarray]) -> np.ndarray:
-    if any(c.dtype == object for c in columns):  # keep per-row objects (bytes, lists) as they are
-        return object_column(v for c in columns for v in c)
-    return np.concatenate(columns)
 
 
 def pool_class(stage_class) -> type:
@@ -196,15 +70,17 @@ def pool_class(stage_class) -> type:
     return type(f"{stage_class.__name__}Pool", (Chunked,), {"__doc__": Chunked.__doc__})
 
 
-def stage_args(stage_class, stage: StageConfig, config: JobConfig, **stage_kwargs) -> dict:
+def stage_args(stage_class, stage: StageConfig, config: JobConfig, fatal_scope: str | None = None,
+               **stage_kwargs) -> dict:
     """`map_batches` arguments of one model stage: its own pool of resident actors, one block per call.
     Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a killed actor is
-    restarted and the blocks it was working on are resubmitted (tests/test_faults.py)."""
+    restarted and the blocks it was working on are resubmitted (tests/test_faults.py); an actor whose
+    CUDA context broke exits to be restarted so (`fatal_scope`: the plan's crash ledger, pipelines/chunked.py)."""
     # Ray's own default unless the config pins it (`kandinsky-batch plan` pins the U-Net's at 2).
     in_flight = {"max_tasks_in_flight_per_actor": stage.max_tasks_in_flight} if stage.max_tasks_in_flight else {}
     return dict(
         fn_constructor_kwargs={"stage_class": stage_class, "batch_size": stage.batch_size, "config": config,
-                               **stage_kwargs},
+                               "fatal_scope": fatal_scope, **stage_kwargs},
         batch_size=None,  # the whole block: see Chunked
         batch_format="numpy",
         compute=ActorPoolStrategy(size=stage.actors, **in_flight),
@@ -270,19 +146,20 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
         ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0].path},
                             batch_format="numpy", num_cpus=IO_CPUS)
     stages = model_stages(config, manifest)
+    scope = uuid.uuid4().hex  # this plan's crash ledger: chunks that broke an actor's CUDA context
     # The MoVQ hands raw pixels on: they are encoded below, off the model actors.
     extra = lambda cls, kwargs: {**kwargs, "encode": False} if cls is MovqStage else kwargs  # noqa: E731
     if config.fuse_stages:
         fused = fused_config(config, stages)
         args = stage_args(None, config.decoder, fused)
         args["fn_constructor_kwargs"] = {
-            "config": fused, "threads": config.decoder.threads(),
+            "config": fused, "threads": config.decoder.threads(), "fatal_scope": scope,
             "stages": [(cls, stage.batch_size, extra(cls, kwargs)) for _, cls, stage, kwargs in stages]}
         ds = ds.map_batches(Fused, **args)
     else:
         for _, stage_class, stage, kwargs in stages:
-            ds = ds.map_batches(pool_class(stage_class),
-                                **stage_args(stage_class, stage, config, **extra(stage_class, kwargs)))
+            ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, fatal_scope=scope,
+                                                                      **extra(stage_class, kwargs)))
     # Plain CPU tasks: an actor that holds a GPU never waits on zlib, and encoding scales with the
     # cluster's CPUs instead of the MoVQ pool's size.
     return ds.map_batches(encode_images, fn_kwargs={"output": config.output}, batch_size=None,

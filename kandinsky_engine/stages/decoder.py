@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compiled import Bucketed
+from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import pack, unpack
 from ..models import load_asset, load_module, resolve_source
-from ..rows import failed, generators, group_rows, latent_size, mark_failed, strength_start, working_size
-from ..sampling import Schedule, draw_noise, guide, make_scheduler, row_scales
+from ..rows import failed, group_rows, latent_size, mark_failed, strength_start, working_size
+from ..sampling import Schedule, count_draws, guide, make_scheduler, row_scales
+from ..transfer import NoisePrefetch, download, noise_spec, upload
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
             "image_embeds", "negative_image_embeds")
@@ -26,7 +27,8 @@ class DecoderStage:
     keep mask as extra U-Net channels and the known region blended back after every step. Rows
     that share (size, steps, guidance on/off, task, start step) run as one group: one U-Net call,
     one guidance and one scheduler step per step for all of them (see sampling.py). Rows failed
-    upstream pass through.
+    upstream pass through. `prefetch(batch)` draws a batch's noise on a background thread ahead of
+    its call (pipelines/chunked.py calls it for the next chunk; transfer.py).
     """
 
     def __init__(self, config: JobConfig, components: dict | None = None):
@@ -38,6 +40,7 @@ class DecoderStage:
         torch.set_num_threads(config.decoder.threads())
         model, options = config.model, config.storage_options
         self.device = stage_device(model, config.decoder)
+        self.noise = NoisePrefetch(self.device)
         if components is None:
             self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options, self.device)
             self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
@@ -53,8 +56,14 @@ class DecoderStage:
         self.hinted = self.unet.config.addition_embed_type == "image_hint"  # ControlNet: hint in added_cond_kwargs
         self.run_unet = unet_forward
         self.keep = {"image_embeds"} & set(config.output.columns)  # asked for as an output column: passed on
+        if model.fp8:
+            from ..fp8 import to_float8
+
+            to_float8(self.unet, self.device)
         if model.compile:
-            self.run_unet = Bucketed(unet_forward, 2 * config.decoder.batch_size)
+            step = 2 if config.defaults.guidance_scale > 1 else 1  # guidance doubles every U-Net call
+            self.run_unet = Bucketed(unet_forward, buckets(step * config.decoder.batch_size, step), "U-Net (2.2)",
+                                     cache_dir=model.cache_dir)
             self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
 
     def _example(self, n: int, defaults):
@@ -71,10 +80,9 @@ class DecoderStage:
         return sample.to(self.device, dtype), {"unet": self.unet, "timestep": torch.tensor(999, device=self.device),
                                                "cond": cond}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"DecoderStage: batch lacks columns {missing}")
+    def groups(self, batch, mark: bool = True) -> dict[tuple, np.ndarray]:
+        """The batch's rows by (latent h, w, steps, guidance on/off, task, start step); failed rows
+        have start -1. `mark`: mark rows whose strength leaves no step as failed (else skip them)."""
         h, w = batch["height"], batch["width"]
         steps, guidance = batch["num_inference_steps"], batch["guidance_scale"]
         start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
@@ -83,10 +91,25 @@ class DecoderStage:
                 start[i] = (strength_start(int(steps[i]), float(batch["strength"][i]))
                             if batch["task"][i] in STRENGTH_TASKS else 0)
             except ValueError as exc:
-                mark_failed(batch, i, "DecoderStage", exc)
+                if mark:
+                    mark_failed(batch, i, "DecoderStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.movq_scale_factor), int(steps[i]),
                          bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
-        latents = denoise_groups(batch, key, lambda idx, *group: self._denoise(batch, idx, *group))
+        return group_rows(batch, key)
+
+    def noise_spec(self, batch, idx, lh: int, lw: int, num_steps: int, t_start: int):
+        """What a group's noise is: each row's initial noise, then one draw per noisy step."""
+        draws = count_draws(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start)
+        return noise_spec(batch["seed"][idx], (1, self.channels, lh, lw), draws, self.unet.dtype)
+
+    def prefetch(self, batch) -> None:
+        prefetch_noise(self, batch)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [c for c in REQUIRED if c not in batch]
+        if missing:
+            raise ValueError(f"DecoderStage: batch lacks columns {missing}")
+        latents = denoise_groups(batch, self.groups(batch), lambda idx, *group: self._denoise(batch, idx, *group))
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels")
         out = {k: v for k, v in batch.items() if k not in internal or k in self.keep}
         out["latents"] = latents
@@ -97,32 +120,33 @@ class DecoderStage:
         import torch
 
         dtype, n, channels = self.unet.dtype, len(idx), self.channels
-        embeds = torch.from_numpy(np.stack(batch["image_embeds"][idx])).to(self.device, dtype)  # (n, D)
+        embeds = upload(np.stack(batch["image_embeds"][idx]), self.device, dtype)  # (n, D)
         if cfg:
-            negative = torch.from_numpy(np.stack(batch["negative_image_embeds"][idx])).to(self.device, dtype)
+            negative = upload(np.stack(batch["negative_image_embeds"][idx]), self.device, dtype)
             embeds = torch.cat([negative, embeds])  # (2n, D): unconditional half first, as diffusers
         schedule = Schedule(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start, self.device)
         noisy = schedule.noise_steps()
-        # Row r's draws, in the per-row loop's order: its initial noise, then one per noisy step.
-        noise = draw_noise(generators(batch["seed"][idx]), [(1, channels, lh, lw)] * n, 1 + sum(noisy), dtype,
-                           self.device)  # (1 + K, n, C, H/8, W/8)
+        # Row r's draws, in the per-row loop's order: its initial noise, then one per noisy step;
+        # drawn ahead on the prefetch thread when the chunk was announced.
+        spec = self.noise_spec(batch, idx, lh, lw, num_steps, t_start)
+        noise = self.noise.take(spec)  # (1 + K, n, C, H/8, W/8)
         latents = noise[0] * schedule.init_noise_sigma
         extra = None  # inpainting: (masked image latents, keep mask), fed to the U-Net beside the latents
         cond = {"image_embeds": embeds}
         if task in ("img2img", "inpaint", "controlnet_img2img"):
             init = np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx])
-            init = torch.from_numpy(init).to(self.device, dtype)  # (n, C, h, w)
+            init = upload(init, self.device, dtype)  # (n, C, h, w)
         if task in ("controlnet", "controlnet_img2img"):
             size = (*working_size(int(batch["height"][idx[0]]), int(batch["width"][idx[0]]), self.movq_scale_factor), 3)
             hint = np.stack([np.frombuffer(batch["hint_pixels"][i], np.uint8).reshape(size) for i in idx])
             # diffusers' make_hint: uint8 (H, W, 3) -> float / 255 -> (3, H, W)
-            hint = (torch.from_numpy(hint).float() / 255.0).permute(0, 3, 1, 2).to(self.device, dtype)
+            hint = (upload(hint, self.device).float() / 255.0).permute(0, 3, 1, 2).to(dtype)
             cond["hint"] = torch.cat([hint, hint]) if cfg else hint
         if task in STRENGTH_TASKS:
             latents = schedule.add_noise(init, noise[0])
         elif task == "inpaint":
-            keep = torch.from_numpy(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]))
-            keep = keep.to(self.device, dtype)  # (n, 1, h, w): 1 = keep the source
+            keep = upload(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]), self.device, dtype)
+            # (n, 1, h, w): 1 = keep the source
             extra = torch.cat([init * keep, keep], dim=1)  # (n, C + 1, h, w): masked image, mask
             extra = torch.cat([extra] * 2) if cfg else extra
             # The known region is the source noised to the next timestep with the initial latents
@@ -151,24 +175,37 @@ class DecoderStage:
                 latents = keep * known + (1 - keep) * latents
         if task == "inpaint":
             latents = keep * init + (1 - keep) * latents
+        self.noise.note("queued", spec)
         return latents
 
 
-def denoise_groups(batch: dict[str, np.ndarray], key, denoise) -> np.ndarray:
-    """The packed latents column of a batch: rows with equal `key(i)` (whose last item is the start
-    step, -1 for failed rows, which get None) run as one group, `denoise(idx, *key)` -> (n, C, h, w).
+def denoise_groups(batch: dict[str, np.ndarray], groups: dict[tuple, np.ndarray], denoise) -> np.ndarray:
+    """The packed latents column of a batch: each group of `groups` (keyed as the stages' `groups`,
+    whose last item is the start step, -1 for failed rows, which get None) runs as one,
+    `denoise(idx, *key)` -> (n, C, h, w).
 
-    Every group is queued on the device before any result is read back: the CPU prepares the next
-    group (its noise above all) while the device runs the previous one."""
+    Every group is queued on the device before any result is read back, and the results come back
+    in one synchronisation (transfer.download)."""
     import torch
 
     latents = np.full(len(batch["id"]), None, dtype=object)
     with torch.inference_mode():
-        done = [(idx, denoise(idx, *group)) for group, idx in group_rows(batch, key).items() if group[-1] >= 0]
-        for idx, group in done:
-            for i, lat in zip(idx, group.float().cpu().numpy()):
+        done = [(idx, denoise(idx, *group)) for group, idx in groups.items() if group[-1] >= 0]
+        for (idx, _), group in zip(done, download([g.float() for _, g in done])):
+            for i, lat in zip(idx, group):
                 latents[i] = pack(lat)
     return latents
+
+
+def prefetch_noise(stage, batch) -> None:
+    """Submit the noise of every group of `batch` to `stage.noise` (None: forget what is pending).
+    `stage` has `groups(batch, mark)` and `noise_spec(batch, idx, lh, lw, steps, start)`."""
+    if batch is None or "seed" not in batch:
+        stage.noise.clear()
+        return
+    for (lh, lw, steps, _, _, start), idx in stage.groups(batch, mark=False).items():
+        if start >= 0:
+            stage.noise.submit(stage.noise_spec(batch, idx, lh, lw, steps, start))
 
 
 def unet_forward(x, unet, timestep, cond):

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import unpack
 from ..models import load_asset, load_module, resolve_source
-from ..rows import failed, generators, is_null, latent_size, mark_failed, strength_start
-from ..sampling import Schedule, draw_noise, guide, make_scheduler, row_scales
-from .decoder import denoise_groups
+from ..rows import failed, group_rows, is_null, latent_size, mark_failed, strength_start
+from ..sampling import Schedule, count_draws, guide, make_scheduler, row_scales
+from ..transfer import NoisePrefetch, noise_spec, upload
+from .decoder import denoise_groups, prefetch_noise
 
 REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps",
             "guidance_scale", "strength", "image_embeds", "negative_image_embeds")
@@ -54,6 +56,7 @@ class Decoder21Stage:
         torch.set_num_threads(config.decoder.threads())
         model, options = config.model, config.storage_options
         self.device = stage_device(model, config.decoder)
+        self.noise = NoisePrefetch(self.device)  # the next chunk's noise, drawn ahead (transfer.py)
         load = lambda cls, subfolder: load_module(cls, model, "decoder", subfolder, options, self.device)
         self.unet = load(UNet2DConditionModel, "unet")
         self.text_encoder = load(MultilingualCLIP, "text_encoder")
@@ -67,6 +70,30 @@ class Decoder21Stage:
         self.noise_table = img2img_alphas_cumprod()
         with torch.inference_mode():
             self.empty_prompt = self._encode([""])  # ((1, D), (1, 77, H)): the negative of most rows
+        if model.fp8:
+            from ..fp8 import to_float8
+
+            to_float8(self.unet, self.device)
+        self.run_unet = unet21_forward
+        if model.compile:
+            step = 2 if config.defaults.guidance_scale > 1 else 1  # guidance doubles every U-Net call
+            self.run_unet = Bucketed(unet21_forward, buckets(step * config.decoder.batch_size, step), "U-Net (2.1)",
+                                     cache_dir=model.cache_dir)
+            self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
+
+    def _example(self, n: int, defaults):
+        """U-Net inputs of n rows at the job's default size (compile warm-up)."""
+        import torch
+
+        lh, lw = latent_size(defaults.height, defaults.width, self.movq_scale_factor)
+        cfg, g = self.unet.config, torch.Generator().manual_seed(0)
+        sample = torch.randn(n, cfg.in_channels, lh, lw, generator=g)
+        hidden = torch.randn(n, MAX_LENGTH, cfg.encoder_hid_dim, generator=g)
+        cond = {"text_embeds": torch.randn(n, cfg.cross_attention_dim, generator=g),
+                "image_embeds": torch.randn(n, cfg.cross_attention_dim, generator=g)}
+        to = lambda t: t.to(self.device, self.unet.dtype)  # noqa: E731
+        return to(sample), {"unet": self.unet, "timestep": torch.tensor(999, device=self.device), "hidden": to(hidden),
+                            "cond": {k: to(v) for k, v in cond.items()}}
 
     def _encode(self, texts: list[str]):
         """-> pooled (n, D) and hidden states (n, 77, H), as the pipelines' `_encode_prompt`."""
@@ -87,10 +114,9 @@ class Decoder21Stage:
             j += text != ""
         return tuple(torch.cat(column) for column in zip(*parts))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"Decoder21Stage: batch lacks columns {missing}")
+    def groups(self, batch, mark: bool = True) -> dict[tuple, np.ndarray]:
+        """The batch's rows by (latent h, w, steps, guidance on/off, task, start step); failed rows
+        have start -1. `mark`: mark rows whose strength leaves no step as failed (else skip them)."""
         h, w = batch["height"], batch["width"]
         steps, guidance = batch["num_inference_steps"], batch["guidance_scale"]
         start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
@@ -98,10 +124,26 @@ class Decoder21Stage:
             try:
                 start[i] = self._start(batch, i)
             except ValueError as exc:
-                mark_failed(batch, i, "Decoder21Stage", exc)
+                if mark:
+                    mark_failed(batch, i, "Decoder21Stage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.movq_scale_factor), int(steps[i]),
                          bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
-        latents = denoise_groups(batch, key, lambda idx, *group: self._denoise(batch, idx, *group))
+        return group_rows(batch, key)
+
+    def noise_spec(self, batch, idx, lh: int, lw: int, num_steps: int, t_start: int):
+        """What a group's noise is: each row's initial noise (img2img: the noise added to the input),
+        then one draw per noisy step."""
+        draws = count_draws(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start)
+        return noise_spec(batch["seed"][idx], (1, self.channels, lh, lw), draws, self.unet.dtype)
+
+    def prefetch(self, batch) -> None:
+        prefetch_noise(self, batch)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [c for c in REQUIRED if c not in batch]
+        if missing:
+            raise ValueError(f"Decoder21Stage: batch lacks columns {missing}")
+        latents = denoise_groups(batch, self.groups(batch), lambda idx, *group: self._denoise(batch, idx, *group))
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask")
         out = {k: v for k, v in batch.items() if k not in internal}
         out["latents"] = latents
@@ -123,11 +165,11 @@ class Decoder21Stage:
 
         dtype = self.unet.dtype
         text, hidden = self._encode([str(batch["prompt"][i]) for i in idx])
-        image = torch.from_numpy(np.stack(batch["image_embeds"][idx])).to(self.device)  # (n, D)
+        image = upload(np.stack(batch["image_embeds"][idx]), self.device)  # (n, D)
         if cfg:
             negatives = ["" if is_null(batch["negative_prompt"][i]) else str(batch["negative_prompt"][i]) for i in idx]
             u_text, u_hidden = self._encode_negatives(negatives)
-            u_image = torch.from_numpy(np.stack(batch["negative_image_embeds"][idx])).to(self.device)
+            u_image = upload(np.stack(batch["negative_image_embeds"][idx]), self.device)
             text, hidden, image = torch.cat([u_text, text]), torch.cat([u_hidden, hidden]), torch.cat([u_image, image])
         return hidden.to(dtype), {"text_embeds": text.to(dtype), "image_embeds": image.to(dtype)}
 
@@ -140,24 +182,24 @@ class Decoder21Stage:
         schedule = Schedule(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start, self.device)
         noisy = schedule.noise_steps()
         # Row r's draws, in the pipeline's order: its initial noise (img2img: the noise added to
-        # the input), then one per noisy step.
-        noise = draw_noise(generators(batch["seed"][idx]), [(1, channels, lh, lw)] * n, 1 + sum(noisy), dtype,
-                           self.device)  # (1 + K, n, C, H/8, W/8)
+        # the input), then one per noisy step; drawn ahead when the chunk was announced.
+        spec = self.noise_spec(batch, idx, lh, lw, num_steps, t_start)
+        noise = self.noise.take(spec)  # (1 + K, n, C, H/8, W/8)
         latents = noise[0] * schedule.init_noise_sigma
         extra = None  # inpainting: [masked image latents, keep mask] beside the latents
         if task in ("img2img", "inpaint"):
             init = np.stack([unpack(batch["init_latents"][i], (channels, lh, lw)) for i in idx])
-            init = torch.from_numpy(init).to(self.device, dtype)  # (n, C, h, w)
+            init = upload(init, self.device, dtype)  # (n, C, h, w)
         if task == "img2img":
             # diffusers scales the encoded image by init_noise_sigma (1 for DDIM), then noises it
             # to a timestep of its own schedule, independent of the sampler's.
             # Rows of one group share their start step, not always their strength: one timestep each.
             t = [int(self.scheduler_config["num_train_timesteps"] * float(batch["strength"][i])) - 2 for i in idx]
-            alpha = self.noise_table[t].view(n, 1, 1, 1).to(self.device, dtype)  # (n, 1, 1, 1)
+            alpha = upload(self.noise_table[t].view(n, 1, 1, 1), self.device, dtype)  # (n, 1, 1, 1)
             latents = alpha ** 0.5 * (init * schedule.init_noise_sigma) + (1 - alpha) ** 0.5 * noise[0]
         elif task == "inpaint":
-            keep = torch.from_numpy(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]))
-            keep = keep.to(self.device, dtype)  # (n, 1, h, w): 1 = keep the source
+            keep = upload(np.stack([unpack(batch["keep_mask"][i], (1, lh, lw)) for i in idx]), self.device, dtype)
+            # (n, 1, h, w): 1 = keep the source
             extra = torch.cat([init * keep, keep], dim=1)  # (n, C + 1, h, w)
             extra = torch.cat([extra] * 2) if cfg else extra
         scales = row_scales([float(batch["guidance_scale"][i]) for i in idx], 4, self.device)  # (n, 1, 1, 1)
@@ -167,8 +209,8 @@ class Decoder21Stage:
             model_input = torch.cat([latents] * 2) if cfg else latents
             if extra is not None:
                 model_input = torch.cat([model_input, extra], dim=1)  # (.., 2C + 1, h, w)
-            pred = self.unet(sample=model_input, timestep=schedule.model_timesteps[k], encoder_hidden_states=hidden,
-                             added_cond_kwargs=cond, return_dict=False)[0]  # (B, 2C, h, w)
+            pred = self.run_unet(model_input, unet=self.unet, timestep=schedule.model_timesteps[k], hidden=hidden,
+                                 cond=cond)  # (B, 2C, h, w)
             pred_noise, pred_variance = pred.split(channels, dim=1)
             if cfg:  # the text half's variance, as diffusers
                 eps, var = guide(pred_noise[:n], pred_noise[n:], scales, dtype), pred_variance[n:]
@@ -177,4 +219,10 @@ class Decoder21Stage:
             model_output = torch.cat([eps, var], dim=1) if self.learned_variance else eps
             latents = schedule.step(k, model_output, latents, noise[draw] if noisy[k] else None)
             draw += noisy[k]
+        self.noise.note("queued", spec)
         return latents
+
+
+def unet21_forward(x, unet, timestep, hidden, cond):
+    """One U-Net call as Kandinsky 2.1's pipelines make it: (B, C', h, w) -> (B, 2C, h, w)."""
+    return unet(sample=x, timestep=timestep, encoder_hidden_states=hidden, added_cond_kwargs=cond, return_dict=False)[0]

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..device import stage_device
-from ..inputs import pack, unpack
+from ..inputs import unpack
 from ..models import load_asset, load_module
-from ..rows import failed, generators, group_rows, latent_size, mark_failed, strength_start
-from ..sampling import Schedule, draw_noise, make_scheduler, row_scales
+from ..rows import failed, group_rows, latent_size, mark_failed, strength_start
+from ..sampling import Schedule, count_draws, make_scheduler, row_scales
+from ..transfer import NoisePrefetch, noise_spec, upload
+from .decoder import denoise_groups, prefetch_noise
+from .text_encoder import MAX_LENGTH
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
             "prompt_embeds", "context_length", "prompt_tokens", "negative_prompt_embeds", "negative_prompt_tokens")
@@ -34,6 +38,11 @@ class Kandinsky3UNetStage:
       -inf, i.e. an additive -inf, so the padding gets a softmax weight of exactly 0. (-10000 would not
       do: a row whose mask is all zeros, a null negative prompt, attends uniformly to all positions.)
     - attention pooling: its query is the mean over each row's own first L positions (see `_pool`).
+
+    With model.compile the U-Net is compiled per batch bucket, and every group's context is padded
+    to T5's 128 tokens (the same neutral padding), so that one graph serves every prompt length; the
+    pooling then finds each row's positions from the mask (`_pool_masked`, a tensor computation
+    instead of a Python list the graph would be specialised to).
     """
 
     def __init__(self, config: JobConfig):
@@ -43,6 +52,7 @@ class Kandinsky3UNetStage:
         torch.set_num_threads(config.decoder.threads())
         model, options = config.model, config.storage_options
         self.device = stage_device(model, config.decoder)
+        self.noise = NoisePrefetch(self.device)  # the next chunk's noise, drawn ahead (transfer.py)
         self.unet = load_module(Kandinsky3UNet, model, "decoder", "unet", options, self.device)
         self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
         self.scheduler = config.defaults.scheduler  # SCHEDULERS key; a fresh instance per group
@@ -53,14 +63,35 @@ class Kandinsky3UNetStage:
         # forward (an instance attribute, not the class) with `_pool`, which averages each row over its
         # own length; `_lengths` holds the current group's lengths (2n or n,), set before its U-Net calls.
         self._lengths: list[int] = []
-        self.unet.add_time_condition.forward = self._pool
+        self.unet.add_time_condition.forward = self._pool_masked if model.compile else self._pool
+        if model.fp8:
+            from ..fp8 import to_float8
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            to_float8(self.unet, self.device)
+        self.run_unet, self.pad_to = unet3_forward, None
+        if model.compile:
+            self.pad_to = MAX_LENGTH  # one context length for every group: one graph per batch bucket
+            step = 2 if config.defaults.guidance_scale > 1 else 1  # guidance doubles every U-Net call
+            self.run_unet = Bucketed(unet3_forward, buckets(step * config.decoder.batch_size, step), "U-Net (3)",
+                                     cache_dir=model.cache_dir)
+            self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
+
+    def _example(self, n: int, defaults):
+        """U-Net inputs of n rows at the job's default size, contexts of MAX_LENGTH (compile warm-up)."""
         import torch
 
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"Kandinsky3UNetStage: batch lacks columns {missing}")
+        lh, lw = latent_size(defaults.height, defaults.width, LATENT_SCALE)
+        g = torch.Generator().manual_seed(0)
+        mask = torch.full((n, MAX_LENGTH), -torch.inf)
+        mask[:, :8] = 1.0
+        return (torch.randn(n, self.channels, lh, lw, generator=g).to(self.device, self.unet.dtype),
+                {"unet": self.unet, "timestep": torch.tensor(999, device=self.device),
+                 "context": torch.randn(n, MAX_LENGTH, self.text_dim, generator=g).to(self.device, self.unet.dtype),
+                 "mask": mask.to(self.device)})
+
+    def groups(self, batch, mark: bool = True) -> dict[tuple, np.ndarray]:
+        """The batch's rows by (latent h, w, steps, guidance on/off, task, start step); failed rows
+        have start -1. `mark`: mark rows whose strength leaves no step as failed (else skip them)."""
         h, w, steps = batch["height"], batch["width"], batch["num_inference_steps"]
         start = {}  # row -> first timestep index (0 unless img2img); failed rows are absent
         for i in np.flatnonzero(~failed(batch)):
@@ -68,17 +99,26 @@ class Kandinsky3UNetStage:
                 img2img = batch["task"][i] == "img2img"
                 start[i] = strength_start(int(steps[i]), float(batch["strength"][i])) if img2img else 0
             except ValueError as exc:
-                mark_failed(batch, i, "Kandinsky3UNetStage", exc)
+                if mark:
+                    mark_failed(batch, i, "Kandinsky3UNetStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), LATENT_SCALE), int(steps[i]),  # noqa: E731
                          bool(batch["guidance_scale"][i] > 1), str(batch["task"][i]), start.get(i, -1))
-        latents = np.full(len(batch["id"]), None, dtype=object)
-        with torch.inference_mode():
-            # Every group is queued on the device before any result is read back (as DecoderStage).
-            done = [(idx, self._denoise(batch, idx, *group)) for group, idx in group_rows(batch, key).items()
-                    if group[5] >= 0]  # failed rows have start -1
-            for idx, group in done:
-                for i, lat in zip(idx, group.float().cpu().numpy()):
-                    latents[i] = pack(lat)
+        return group_rows(batch, key)
+
+    def noise_spec(self, batch, idx, lh: int, lw: int, num_steps: int, t_start: int):
+        """What a group's noise is: each row's initial noise, then one draw per noisy step."""
+        draws = count_draws(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start)
+        return noise_spec(batch["seed"][idx], (1, self.channels, lh, lw), draws, self.unet.dtype)
+
+    def prefetch(self, batch) -> None:
+        prefetch_noise(self, batch)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [c for c in REQUIRED if c not in batch]
+        if missing:
+            raise ValueError(f"Kandinsky3UNetStage: batch lacks columns {missing}")
+        # Every group is queued on the device before any result is read back (as DecoderStage).
+        latents = denoise_groups(batch, self.groups(batch), lambda idx, *group: self._denoise(batch, idx, *group))
         out = {k: v for k, v in batch.items() if k not in INTERNAL}
         out["latents"] = latents
         return out
@@ -97,6 +137,17 @@ class Kandinsky3UNetStage:
                            for r, length in enumerate(self._lengths)])  # (B, 1, C)
         return x + pooling.attention(query, context, context_mask.to(context.dtype)).squeeze(1)
 
+    def _pool_masked(self, x, context, context_mask):
+        """`_pool` for the compiled U-Net: each row's own positions are those whose additive mask is
+        finite (its tokens and its last position; the padding is -inf), so its query is the mean over
+        them, computed as a masked sum over the count (equal to `_pool`'s mean up to float rounding)."""
+        import torch
+
+        pooling = self.unet.add_time_condition
+        own = torch.isfinite(context_mask).transpose(1, 2).to(context.dtype)  # (B, L_max, 1)
+        query = (context * own).sum(dim=1, keepdim=True) / own.sum(dim=1, keepdim=True)  # (B, 1, C)
+        return x + pooling.attention(query, context, context_mask.to(context.dtype)).squeeze(1)
+
     def _context(self, batch, idx, length: int, negative: bool):
         """((n, L_max, D) embeddings, (n, L_max) float mask) of the rows' prompts (or negative prompts:
         zeros and a mask of zeros where a row has none, as diffusers for `negative_prompt=None`).
@@ -111,7 +162,7 @@ class Kandinsky3UNetStage:
             if batch[f"{name}_tokens"][i] > 0:
                 embeds[r, :own] = unpack(batch[f"{name}_embeds"][i], (own, self.text_dim))
             mask[r, :own] = np.arange(own) < batch[f"{name}_tokens"][i]  # right padding: ones, then zeros
-        return torch.from_numpy(embeds).to(self.device, self.unet.dtype), torch.from_numpy(mask).to(self.device)
+        return upload(embeds, self.device, self.unet.dtype), upload(mask, self.device)
 
     def _denoise(self, batch, idx, lh: int, lw: int, num_steps: int, cfg: bool, task: str, t_start: int):
         """The final latents (n, 4, H/8, W/8) of one group, left on the device."""
@@ -119,20 +170,22 @@ class Kandinsky3UNetStage:
 
         dtype, n = self.unet.dtype, len(idx)
         lengths = [int(batch["context_length"][i]) for i in idx]
-        context, mask = self._context(batch, idx, max(lengths), negative=False)
+        length = self.pad_to or max(lengths)  # compiled: every group padded to one length
+        context, mask = self._context(batch, idx, length, negative=False)
         self._lengths = lengths
         if cfg:  # unconditional half first, as diffusers; the negative has the prompt's L
-            uncond, uncond_mask = self._context(batch, idx, max(lengths), negative=True)
+            uncond, uncond_mask = self._context(batch, idx, length, negative=True)
             context, mask = torch.cat([uncond, context]), torch.cat([uncond_mask, mask])
             self._lengths = lengths * 2
         schedule = Schedule(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start, self.device)
         noisy = schedule.noise_steps()
-        # Row r's draws, in the one-row pipeline's order: its initial noise, then one per noisy step.
-        noise = draw_noise(generators(batch["seed"][idx]), [(1, self.channels, lh, lw)] * n, 1 + sum(noisy), dtype,
-                           self.device)  # (1 + K, n, 4, H/8, W/8)
+        # Row r's draws, in the one-row pipeline's order: its initial noise, then one per noisy step;
+        # drawn ahead when the chunk was announced.
+        spec = self.noise_spec(batch, idx, lh, lw, num_steps, t_start)
+        noise = self.noise.take(spec)  # (1 + K, n, 4, H/8, W/8)
         if task == "img2img":
             init = np.stack([unpack(batch["init_latents"][i], (self.channels, lh, lw)) for i in idx])
-            latents = schedule.add_noise(torch.from_numpy(init).to(self.device, dtype), noise[0])
+            latents = schedule.add_noise(upload(init, self.device, dtype), noise[0])
         else:
             latents = noise[0] * schedule.init_noise_sigma
         guidance = [float(batch["guidance_scale"][i]) for i in idx]
@@ -141,8 +194,8 @@ class Kandinsky3UNetStage:
         draw = 1
         for k in range(len(schedule.timesteps)):
             model_input = torch.cat([latents] * 2) if cfg else latents
-            pred = self.unet(model_input, schedule.model_timesteps[k], encoder_hidden_states=context,
-                             encoder_attention_mask=mask, return_dict=False)[0]  # (2n or n, 4, h, w)
+            pred = self.run_unet(model_input, unet=self.unet, timestep=schedule.model_timesteps[k], context=context,
+                                 mask=mask)  # (2n or n, 4, h, w)
             if cfg:
                 # Kandinsky 3's guidance: (g + 1) * text - g * uncond (not uncond + g * (text - uncond)).
                 # Each product is rounded to the model dtype, as a Python-float scale rounds it.
@@ -151,4 +204,10 @@ class Kandinsky3UNetStage:
                 eps = pred
             latents = schedule.step(k, eps, latents, noise[draw] if noisy[k] else None)
             draw += noisy[k]
+        self.noise.note("queued", spec)
         return latents
+
+
+def unet3_forward(x, unet, timestep, context, mask):
+    """One Kandinsky 3 U-Net call: (B, 4, h, w), context (B, L, D), mask (B, L) -> (B, 4, h, w)."""
+    return unet(x, timestep, encoder_hidden_states=context, encoder_attention_mask=mask, return_dict=False)[0]

@@ -7,13 +7,14 @@ import io
 
 import numpy as np
 
-from ..compiled import Bucketed
+from ..compiled import Bucketed, buckets
 from ..config import JobConfig, OutputConfig
 from ..device import stage_device
 from ..images import centre_offsets
 from ..inputs import unpack
 from ..models import load_module
 from ..rows import ERROR_COLUMNS, failed, group_rows, latent_size, object_column
+from ..transfer import download, upload
 
 REQUIRED = ("id", "width", "height", "latents")
 INTERNAL = ("latents", "image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels",
@@ -24,11 +25,18 @@ PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 def to_uint8(images) -> np.ndarray:
     """MoVQ output in [-1, 1], (B, 3, H, W) -> (B, H, W, 3) uint8.
 
-    Exactly diffusers' `output_type="np"` post-processing followed by `(x * 255).round()`.
-    """
+    Exactly diffusers' `output_type="np"` post-processing followed by `(x * 255).round()`."""
+    return download([device_uint8(images)])[0]
+
+
+def device_uint8(images):
+    """`to_uint8` computed where the images are (a quarter of the bytes to copy back from a GPU):
+    clamp in the model's dtype, then float32 x 255, round half to even and cast, as numpy does it
+    on the CPU (IEEE float32 on both sides: the same bytes) -> (B, H, W, 3) uint8 tensor."""
+    import torch
+
     images = (images * 0.5 + 0.5).clamp(0, 1)
-    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-    return (images * 255).round().astype(np.uint8)
+    return (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).contiguous()
 
 
 def centre_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -121,7 +129,8 @@ class MovqStage:
         self.keep = {"image_embeds"} & set(config.output.columns)  # an output column when asked for
         self.decode = movq_decode
         if config.model.compile:  # the decode method, not the module: compiling VQModel compiles its forward
-            self.decode = Bucketed(movq_decode, config.movq.batch_size)
+            self.decode = Bucketed(movq_decode, buckets(config.movq.batch_size), "MoVQ decode",
+                                   cache_dir=config.model.cache_dir)
             defaults = config.defaults
             shape = (self.movq.config.latent_channels, *latent_size(defaults.height, defaults.width, self.scale_factor))
             g = torch.Generator().manual_seed(0)  # warm-up inputs: never the global RNG
@@ -140,12 +149,16 @@ class MovqStage:
         shape = lambda i: (self.movq.config.latent_channels,
                            *latent_size(int(batch["height"][i]), int(batch["width"][i]), self.scale_factor))
         with torch.inference_mode():
+            # Every group decoded and converted to uint8 on the device, then copied back at once.
+            done = []
             for (key_ok, latent_shape), idx in group_rows(batch, lambda i: (bool(ok[i]), shape(i))).items():
                 if not key_ok:
                     continue
                 z = np.stack([unpack(batch["latents"][i], latent_shape) for i in idx])  # (n, 4, H/8, W/8)
-                decoded = self.decode(torch.from_numpy(z).to(self.device, self.movq.dtype), movq=self.movq)
-                for i, image in zip(idx, to_uint8(decoded)):  # (n, 3, H, W) -> (H, W, 3) uint8
+                decoded = self.decode(upload(z, self.device, self.movq.dtype), movq=self.movq)
+                done.append((idx, device_uint8(decoded)))  # (n, 3, H, W) -> (n, H, W, 3) uint8
+            for (idx, _), images in zip(done, download([images for _, images in done])):
+                for i, image in zip(idx, images):
                     pixels[i] = image
         raw, widths, heights = [], [], []
         for i, image in enumerate(pixels):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..images import decode_input
 from ..models import load_asset, load_module
@@ -48,11 +49,34 @@ class PriorStage:
             # The unconditional input of rows without a negative prompt, encoded once at batch size 1
             # (what diffusers computes for one row): (1, D), (1, 77, H), (1, 77).
             self.empty_prompt = self._encode([""])
+        self.prior_call = prior_forward
+        if config.model.compile:
+            # Items per call: a row, or two with a negative prompt; guidance doubles them. Buckets: the
+            # full call without negative prompts and with them. On a GPU each bucket is a CUDA graph:
+            # the prior's 25 steps are many small kernels, launched in one replay each.
+            step = 2 if config.defaults.prior_guidance_scale > 1 else 1
+            self.prior_call = Bucketed(prior_forward, buckets(2 * step * config.prior.batch_size, step), "prior",
+                                      mode="reduce-overhead" if self.device.type == "cuda" else None,
+                                      cache_dir=config.model.cache_dir)
+            self.prior_call.warm_up(self._example)
         if config.tasks is not None and not set(config.tasks) & set(IMAGE_INPUT_TASKS):
             # Only mix and variation rows encode images (1.85B parameters on the real model).
             self.image_encoder = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _example(self, n: int):
+        """Prior inputs of n items (compile warm-up): latents, projection, hidden states, mask."""
+        import torch
+
+        g, d = torch.Generator().manual_seed(0), self.embedding_dim
+        tokens, width = self.tokenizer.model_max_length, self.text_encoder.config.hidden_size
+        to = lambda t: t.to(self.device, self.prior.dtype)  # noqa: E731
+        mask = torch.ones(n, tokens, dtype=torch.bool)
+        return to(torch.randn(n, d, generator=g)), {
+            "prior": self.prior, "timestep": torch.tensor(999, device=self.device),
+            "proj": to(torch.randn(n, d, generator=g)), "hidden": to(torch.randn(n, tokens, width, generator=g)),
+            "mask": mask.to(self.device)}
 
     def _load(self, config: JobConfig) -> dict:
         from diffusers import PriorTransformer, UnCLIPScheduler
@@ -132,10 +156,8 @@ class PriorStage:
         draw, m = 1, len(items)
         for k in range(len(schedule.timesteps)):
             model_input = torch.cat([latents] * 2) if cfg else latents
-            pred = self.prior(
-                model_input, timestep=schedule.model_timesteps[k], proj_embedding=proj, encoder_hidden_states=hidden,
-                attention_mask=mask,
-            ).predicted_image_embedding  # (2M or M, D)
+            pred = self.prior_call(model_input, prior=self.prior, timestep=schedule.model_timesteps[k], proj=proj,
+                                  hidden=hidden, mask=mask)  # (2M or M, D)
             pred = guide(pred[:m], pred[m:], item_scales, pred.dtype) if cfg else pred
             latents = schedule.step(k, pred, latents, noise[draw] if noisy[k] else None)
             draw += noisy[k]
@@ -198,3 +220,9 @@ class PriorStage:
             )
             results.update(zip(group, out))
         return [results[i] for i in rows]
+
+
+def prior_forward(x, prior, timestep, proj, hidden, mask):
+    """One prior call as `KandinskyV22PriorPipeline` makes it: (B, D) latents -> (B, D) prediction."""
+    return prior(x, timestep=timestep, proj_embedding=proj, encoder_hidden_states=hidden,
+                 attention_mask=mask).predicted_image_embedding
