@@ -29,7 +29,7 @@ def cmd_run(args) -> int:
     summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
                       new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
                       recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=wait_of(args),
-                      dry_run=args.dry_run, console=console)
+                      dry_run=args.dry_run, console=console, allow_device_change=args.allow_device_change)
     if summary.get("dry_run"):
         print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
         return 0
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     outcome_arguments(run)  # --wait-timeout, --if-busy, --fail-on-row-errors (jobs/outcome.py)
     run.add_argument("--dry-run", action="store_true",
                      help="plan, validate and compare with the output, print what a run would do; write nothing")
+    run.add_argument("--allow-device-change", action="store_true",
+                     help="resume an output computed on another GPU model or CUDA/cuDNN/cuBLAS build (refused by "
+                          "default: float rounding may differ); the change is recorded in _RUN.json")
     run.add_argument("--check-shards", action="store_true",
                      help="before resuming, compare every committed shard's sha256 with its record (reads the "
                           "whole output); by default sizes are compared and unrecorded shards read back")

@@ -39,6 +39,10 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
     # Options that change float results; recorded only when on, so that runs without them keep the
     # fingerprint they had before these options existed.
     options = {name: True for name in ("channels_last", "compile") if getattr(model, name)}
+    if model.fp8:  # its own value: the recipe and the torchao version that runs it
+        from kandinsky_engine.fp8 import fingerprint_value
+
+        options["fp8"] = fingerprint_value()
     return {
         **({"model_options": options} if options else {}),
         # Fused stages run at the decoder section's thread count: recorded when on, as the options above.
@@ -82,7 +86,11 @@ def defaults_of(config: JobConfig) -> dict:
 
 
 def fingerprint(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    """The hash of everything but the GPU record (`gpu`, kandinsky_engine/gpu_identity.py), which is
+    compared on its own rule: a job keeps its fingerprint where the machine checking it (`verify`, a
+    driver without a GPU) cannot see the GPU, and across an allowed device change."""
+    hashed = {k: v for k, v in inputs.items() if k != "gpu"}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -112,7 +120,8 @@ def read_run(fs, root: str) -> dict | None:
             "Restore the file, or pass --overwrite to start over") from None
 
 
-def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: bool) -> tuple[str, str]:
+def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: bool,
+                  allow_device_change: bool = False) -> tuple[str, str]:
     """Where this run writes, and how: 'fresh', 'resume' or 'overwrite'. Read-only: nothing is
     changed until the job is known to be able to run.
 
@@ -120,7 +129,9 @@ def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: 
     - an output of the same fingerprint: resume;
     - --overwrite: replace the tool's entries there (jobs/output_guard.py checks it may);
     - another fingerprint: refused, or with --new-run written beside it at PATH-<fingerprint>;
-    - a non-empty folder without _RUN.json (not ours, or older than resume): refused.
+    - a non-empty folder without _RUN.json (not ours, or older than resume): refused;
+    - the same fingerprint on another GPU model or library build (`inputs["gpu"]`, where known):
+      refused unless `allow_device_change` (kandinsky_engine/gpu_identity.py).
     """
     path, fp = config.output.path.rstrip("/"), fingerprint(inputs)
     fs, root = url_to_fs(path, config.storage_options)
@@ -134,6 +145,7 @@ def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: 
             f"output {path} is not empty and holds no {RUN_FILE}: not the output of a job run by this tool; "
             f"choose another output.path (--overwrite-unowned would write into it, removing {OWNED_TEXT} there)")
     if run["fingerprint"] == fp:
+        check_device(path, run, inputs.get("gpu"), allow_device_change)
         return path, "resume"
     changed = "\n  ".join(differences(run["inputs"], inputs)[:20])
     if new_run:
@@ -144,6 +156,55 @@ def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: 
         f"output {path} holds another run (fingerprint {run['fingerprint']}, this job's is {fp}); changed:\n  "
         f"{changed}\nRerun with the original config to resume it, pass --new-run to write this job beside it "
         f"({path}-{fp}), or --overwrite to replace it")
+
+
+def with_gpu(config: JobConfig, inputs: dict) -> dict:
+    """`inputs` with the job's GPU record (CUDA jobs; read once Ray is connected, since the driver may
+    have no GPU): compared on resume by check_device, outside the fingerprint's hash."""
+    from kandinsky_engine.gpu_identity import job_record
+
+    gpu = job_record(config)
+    return inputs if gpu is None else {**inputs, "gpu": gpu}
+
+
+def run_gpu(run: dict) -> dict | None:
+    """The GPU an output was last computed on: its latest recorded device change, else its first run's."""
+    changes = run.get("device_changes") or []
+    return changes[-1]["to"] if changes else run["inputs"].get("gpu")
+
+
+def check_device(path: str, run: dict, gpu: dict | None, allowed: bool) -> None:
+    """Refuse to resume `run` on another GPU model or library build unless `allowed`."""
+    from kandinsky_engine import gpu_identity
+
+    fields = gpu_identity.changed(run_gpu(run), gpu)
+    if not gpu_identity.binding(fields) or allowed:
+        return
+    raise FingerprintMismatch(
+        f"output {path} was computed on {gpu_identity.describe(run_gpu(run))}; this run's GPU is "
+        f"{gpu_identity.describe(gpu)} (changed: {', '.join(fields)}). cuBLAS and cuDNN choose kernels by GPU model and "
+        "library build, so rows computed here could differ in float rounding from the committed ones. Resume on the "
+        "same GPU type, or pass --allow-device-change to resume anyway (the change is recorded in _RUN.json)")
+
+
+def note_device(fs, root: str, inputs: dict, tmp_tag: str) -> None:
+    """On a resume: record in _RUN.json (`device_changes`) a GPU that differs from the one the output
+    was last computed on (allowed by check_device, or a driver change)."""
+    from kandinsky_engine import gpu_identity
+    from pipelines.output import put_json
+
+    run, gpu = read_run(fs, root), inputs.get("gpu")
+    if run is None or gpu is None:
+        return
+    before = run_gpu(run)
+    if before == gpu or (before is not None and not gpu_identity.changed(before, gpu) and before.get("model")):
+        return
+    fields = gpu_identity.changed(before, gpu)
+    log.warning("resuming %s on %s (before: %s)%s", root, gpu_identity.describe(gpu), gpu_identity.describe(before),
+                f"; changed: {', '.join(fields)}" if fields else "")
+    change = {"run": tmp_tag, "at": datetime.now(timezone.utc).isoformat(), "from": before, "to": gpu,
+              "changed": fields, "allowed_by": "--allow-device-change" if gpu_identity.binding(fields) else None}
+    put_json(fs, root, RUN_FILE, {**run, "device_changes": [*(run.get("device_changes") or []), change]}, tmp_tag)
 
 
 def write_run(fs, root: str, inputs: dict, config: JobConfig, tmp_tag: str) -> None:

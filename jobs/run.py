@@ -26,7 +26,7 @@ from .progress import Console, JobLog, RunProgress
 from .output_guard import remove_owned
 from .history import read_known, read_reports
 from .resume import (ForeignFiles, ManifestChanged, changed_message, choose_output, conflict_message,  # noqa: F401
-                     fingerprint_inputs, foreign_message, log_gone, write_run)
+                     fingerprint_inputs, foreign_message, log_gone, note_device, with_gpu, write_run)
 from .summary import dry_run_report, gpus_reserved, timeline, write_summary
 from .verify import check_output
 from .verify import report as verify_report
@@ -55,7 +55,7 @@ def connect(address: str | None, verbose: bool = False) -> float:
 def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = False, limit: int | None = None,
             new_run: bool = False, recompute_changed: bool = False, check_shards: bool = False,
             overwrite_unowned: bool = False, config_file: str | None = None, wait: bool = False,
-            dry_run: bool = False, console: Console | None = None) -> dict:
+            dry_run: bool = False, console: Console | None = None, allow_device_change: bool = False) -> dict:
     """Run (or resume) a job. Returns the summary that is also written to PATH/_SUCCESS.json, plus
     the shard records (`shards`, `error_shards`), which the file keeps in PATH/_index.parquet.
 
@@ -65,7 +65,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     `overwrite_unowned` also overwrites a folder this tool did not write or that holds the manifest
     or `config_file` (see jobs/output_guard.py); `wait`: if another run holds the output's lease,
     wait for it instead of failing; `dry_run`: plan, validate and inspect, print, write nothing;
-    `console`: progress lines and the log file (jobs/progress.py; default: silent, progress file only).
+    `console`: progress lines and the log file (jobs/progress.py; default: silent, progress file only);
+    `allow_device_change`: resume an output computed on another GPU model or library build (recorded).
     """
     console = console or Console()
     if limit is not None and limit < 1:
@@ -93,6 +94,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     fs, root = url_to_fs(path, config.storage_options)
     ray_startup_s = connect(address or config.ray_address, console.verbose)
+    inputs = with_gpu(config, inputs)  # the GPU the job computes on (CUDA jobs), compared on resume
     from pipelines.validate import check_with_ray
 
     # Rows are checked by Ray tasks, one per file: still before the output is touched.
@@ -106,7 +108,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     try:
         if not dry_run:  # again, now that no other run can change the output under us
             with access_checked(config.output.path, config.storage_options, "checking output"):
-                path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
+                path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run,
+                                           allow_device_change=allow_device_change)
         return _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, limit=limit,
                     recompute_changed=recompute_changed, check_shards=check_shards, dry_run=dry_run,
                     console=console, cleanup=cleanup)
@@ -150,6 +153,8 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         remove_owned(fs, root)
     if mode != "resume":
         write_run(fs, root, inputs, config, tag)
+    else:
+        note_device(fs, root, inputs, tag)  # a GPU other than the output's last one: recorded in _RUN.json
     job_log = JobLog(fs, root, tag) if console.log_file else None
     if job_log:
         cleanup.callback(job_log.close)
