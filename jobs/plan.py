@@ -5,9 +5,11 @@ steps and batch sizes: the stage classes called directly, without Ray (as jobs/b
 on synthetic text2img rows, one warm-up call and then the best of --repeats timed calls. Or, for a
 cluster you are not on, `--from-flops` estimates the stage times from the reference FLOPs of the
 full-size models (kandinsky_engine/families/kandinsky22/reference/kandinsky22_configs.json) at the job's size and steps
-and --tflops per GPU. pipelines/placement.py turns the times into actors, GPU or CPU shares and
-blocks in flight per actor; this prints them with the predicted images/s, and `--write FILE`
-writes the stage sections as YAML to merge into the job config (`--full`: the whole config).
+and --tflops per GPU; or `--from-measured FILE` takes the stage times that the GPU benchmark measured
+on the real GPU (jobs/bench_gpu.py writes them as `stage_costs`), scaled to the job's size and steps.
+pipelines/placement.py turns the times into actors, GPU or CPU shares and blocks in flight per
+actor; this prints them with the predicted images/s, and `--write FILE` writes `fuse_stages` and
+the stage sections as YAML to merge into the job config (`--full`: the whole config).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def add_arguments(parser) -> None:
     where.add_argument("--cpus", type=int, metavar="C", help="plan for C CPU cores (times measured on this CPU)")
     parser.add_argument("--from-flops", action="store_true", help="estimate the stage times from the reference "
                         "FLOPs of the full-size models instead of measuring (GPUs only)")
+    parser.add_argument("--from-measured", metavar="FILE", help="take the stage times (and memory) that "
+                        "`python -m jobs.bench_gpu --output FILE` measured on the GPU, scaled to the job's size and "
+                        "steps (GPUs only)")
     parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="with --from-flops: effective TFLOP/s "
                         f"of one GPU on these models (default {DEFAULT_TFLOPS:g}: the issue's 1.8 images/s target)")
     parser.add_argument("--gpu-type", metavar="TYPE", help="with --gpus: the GPUs' type as Ray names it (L40S, A10G, "
@@ -64,6 +69,39 @@ def flop_costs(config: JobConfig, tflops: float) -> dict[str, StageCost]:
              "movq": ref["movq_decode_per_image_gflop"] * pixels}
     return {name: StageCost(seconds_per_row=g * 1e9 / (tflops * 1e12), batch_size=getattr(config, name).batch_size)
             for name, g in gflop.items()}
+
+
+def scale(config: JobConfig, size: int, decoder_steps: int, prior_steps: int, guidance: float) -> dict[str, float]:
+    """Per stage, the factor from a measurement's settings to the job's defaults: U-Net and MoVQ by
+    pixels at the working size (the next multiple of 64), U-Net and prior by steps, and by 2 where
+    guidance on one side runs the unconditional half and not on the other."""
+    d = config.defaults
+    pixels = (64 * math.ceil(d.width / 64)) * (64 * math.ceil(d.height / 64)) / (64 * math.ceil(size / 64)) ** 2
+    cfg = lambda job, measured: (2 if job > 1 else 1) / (2 if measured > 1 else 1)  # noqa: E731
+    return {"prior": d.prior_num_inference_steps / prior_steps * cfg(d.prior_guidance_scale, guidance),
+            "decoder": d.num_inference_steps / decoder_steps * pixels * cfg(d.guidance_scale, guidance),
+            "movq": pixels}
+
+
+def file_costs(config: JobConfig, path: str) -> tuple[dict[str, StageCost], str]:
+    """The stage costs that jobs/bench_gpu.py measured (its JSON: `stage_costs`, `settings`, `device`),
+    scaled to the job's size and steps (`scale`); the measured memory shares where the batch sizes are
+    the job's (else none: the memory model or equal caps then apply)."""
+    data = json.loads(Path(path).read_text())
+    if "stage_costs" not in data:
+        raise ValueError(f"--from-measured {path}: no `stage_costs` in it; write it with "
+                         "`python -m jobs.bench_gpu --output FILE` on the GPU (scripts/gpu_check.sh does)")
+    s = data["settings"]
+    factor = scale(config, s["size"], s["decoder_steps"], s["prior_steps"], s["guidance"])
+    costs = {}
+    for name in STAGES:
+        measured, batch = data["stage_costs"][name], getattr(config, name).batch_size
+        memory = measured.get("memory_share") if measured["batch_size"] == batch else None
+        costs[name] = StageCost(seconds_per_row=measured["seconds_per_row"] * factor[name], batch_size=batch,
+                                memory=memory)
+    return costs, (f"measured on {data.get('device', 'a GPU')} ({data.get('stage_costs_mode', 'eager')}) by "
+                   f"jobs/bench_gpu.py at {s['size']}x{s['size']}, {s['decoder_steps']} + {s['prior_steps']} steps, "
+                   f"scaled to this job ({path})")
 
 
 def synthetic_rows(config: JobConfig, n: int) -> dict:
@@ -129,7 +167,8 @@ def measured_costs(config: JobConfig, repeats: int) -> dict[str, StageCost]:
 
 
 def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, from_flops: bool = False,
-         tflops: float = DEFAULT_TFLOPS, repeats: int = 3, gpu_type: str | None = None) -> tuple[dict[str, StageCost], Layout, str]:
+         tflops: float = DEFAULT_TFLOPS, repeats: int = 3, gpu_type: str | None = None,
+         from_measured: str | None = None) -> tuple[dict[str, StageCost], Layout, str]:
     """(stage costs, layout, where the costs come from) for `gpus` GPUs or `cpus` cores."""
     from kandinsky_engine.families import family_for
 
@@ -145,9 +184,13 @@ def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, fr
     if gpus is not None and not cuda:
         raise ValueError(f"--gpus plans a GPU job, but model.device is {config.model.device!r}: set model.device=cuda "
                          "(measured: on a GPU machine; --from-flops: anywhere), or plan CPU cores with --cpus C")
-    if from_flops:
-        if cpus is not None:
-            raise ValueError("--from-flops estimates GPU times: use it with --gpus")
+    if from_flops and from_measured:
+        raise ValueError("--from-flops and --from-measured are two sources of stage times: pick one")
+    if (from_flops or from_measured) and cpus is not None:
+        raise ValueError(f"{'--from-flops' if from_flops else '--from-measured'} gives GPU times: use it with --gpus")
+    if from_measured:
+        costs, source = file_costs(config, from_measured)
+    elif from_flops:
         costs, source = flop_costs(config, tflops), f"reference FLOPs at {tflops:g} TFLOP/s per GPU"
     else:
         if cpus is not None and cuda:
@@ -179,9 +222,14 @@ def with_memory_model(config: JobConfig, costs: dict[str, StageCost], gpu_type: 
 
 
 def set_arguments(layout: Layout) -> list[str]:
-    """The layout as `--set` overrides, e.g. decoder.actors=7 (null: the default applies)."""
-    return [f"{name}.{key}={json.dumps(value)}" for name, fields in layout.overrides().items()
-            for key, value in fields.items()]
+    """The layout as `--set` overrides, e.g. fuse_stages=true, decoder.actors=7 (null: the default applies)."""
+    out = []
+    for name, fields in layout.overrides().items():
+        if isinstance(fields, dict):
+            out += [f"{name}.{key}={json.dumps(value)}" for key, value in fields.items()]
+        else:
+            out.append(f"{name}={json.dumps(fields)}")
+    return out
 
 
 def merged_config(path: str, sets: list[str], layout: Layout) -> dict:
@@ -215,6 +263,7 @@ def table(costs: dict[str, StageCost], layout: Layout, source: str) -> str:
 
 def report(costs: dict[str, StageCost], layout: Layout, source: str) -> dict:
     return {"devices": layout.devices, "kind": layout.kind, "rule": layout.rule, "source": source,
+            "fuse_stages": layout.fused,
             "seconds_per_row": {name: c.seconds_per_row for name, c in costs.items()},
             "memory_share": {name: c.memory for name, c in costs.items()},
             "images_per_s": round(layout.images_per_s, 4), "ceiling_images_per_s": round(layout.ceiling, 4),
@@ -226,15 +275,16 @@ def run(args, config: JobConfig) -> int:
     import yaml
 
     costs, layout, source = plan(config, gpus=args.gpus, cpus=args.cpus, from_flops=args.from_flops,
-                                 tflops=args.tflops, repeats=args.repeats, gpu_type=args.gpu_type)
+                                 tflops=args.tflops, repeats=args.repeats, gpu_type=args.gpu_type,
+                                 from_measured=args.from_measured)
     print(json.dumps(report(costs, layout, source), indent=2) if args.json else table(costs, layout, source))
     if args.write:
         data = merged_config(args.config, args.set or [], layout)
         if not args.full:
-            data = {name: data[name] for name in STAGES}
+            data = {"fuse_stages": data["fuse_stages"], **{name: data[name] for name in STAGES}}
         header = (f"# kandinsky-batch plan: {layout.devices} {layout.kind.upper()}(s), {layout.rule}; "
                   f"predicted {layout.images_per_s:.3f} images/s ({source})\n")
         if not args.full:
-            header += "# Merge these sections into the job config (their keys replace the same keys).\n"
+            header += "# Merge these keys into the job config (they replace the same keys).\n"
         Path(args.write).write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return 0

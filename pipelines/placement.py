@@ -1,21 +1,33 @@
 """Stage placement: how many actors of each model stage, and what share of a GPU (or of the CPUs)
 each reserves, so that the U-Net is never starved. Pure arithmetic, no Ray and no torch:
-`kandinsky-batch plan` (jobs/plan.py) measures the stage times and prints what this returns.
+`kandinsky-batch plan` (jobs/plan.py) measures or estimates the stage times and prints what this
+returns; a job that leaves its layout unset gets it from here too (pipelines/auto_layout.py).
 
 The model, stated once: a stage needs t seconds of one whole device per row (at its batch size),
-and actors that share a device share its time. So a pool of `a` actors reserving a fraction `f`
-of a GPU each serves a·f/t rows/s, a pipeline runs at its slowest pool, and N GPUs can never do
-better than N / (t_prior + t_decoder + t_movq) images/s (the ceiling). Ray's fractional GPUs are
-reservations, not partitions: the fractions here make Ray pack the actors so that each GPU holds
-the work it can do. A compute share says nothing about memory (the prior's 4% of the FLOPs is not
-4% of the memory it needs): where each stage's memory need is known (estimated by the stage memory
-model for a GPU type, `plan --gpu-type`), a stage's share is at least its need over
-MEMORY_BUDGET, and its CUDA memory cap is its share, so Ray's packing by num_gpus keeps the caps
-of the actors on one GPU within it; where only measured peaks are known, the caps are set on their
-own (`gpu_memory_fraction`), scaled from those peaks.
+and actors that share a device share its time. N devices can never do better than
+N / (t_prior + t_decoder + t_movq) images/s (the ceiling). The layouts:
+
+- **fused** (`fuse_stages`): every stage in one actor, one actor per GPU (or per `threads` CPU
+  cores). Each actor runs a block through prior, U-Net and MoVQ on its own device, so the devices
+  run at the ceiling, whatever the stages' shares, and there is nothing to pack: the best layout
+  wherever one device holds every stage's models (memory, when known). It is what the engine
+  measured fastest on CPUs, too (README, Benchmark).
+- **split** (several GPUs, where a GPU cannot hold every stage): each pool on whole GPUs, as many of
+  each as balance the pools. Whole GPUs never strand a share: with fractional reservations Ray packs
+  actors best-fit in the order the pools start, so two 0.36 MoVQ actors can take the GPU a 0.63
+  prior needed, and that prior waits.
+- **shared** (one GPU where the stages do not fit one actor): one actor of each stage, `num_gpus`
+  shares in proportion to their times; on one GPU every packing fits.
+
+Ray's fractional GPUs are reservations, not partitions. A compute share says nothing about memory
+(the prior's 4% of the FLOPs is not 4% of the memory it needs): where each stage's memory need is
+known (estimated by the stage memory model for a GPU type, `plan --gpu-type`, or measured), a
+stage's share is at least its need over MEMORY_BUDGET, and its CUDA memory cap is its share; where
+only measured peaks are known, the caps are set on their own (`gpu_memory_fraction`).
 
 Only the text2img stages are placed (prior, decoder, MoVQ): jobs with image inputs or ControlNet
-rows also run `encode` or `hint`, which need a share taken from these (README, Real weights).
+rows also run `encode` or `hint`, which need a share taken from these (README, Real weights), or
+join the fused actor.
 """
 
 from __future__ import annotations
@@ -76,13 +88,19 @@ class Layout:
     rule: str  # how the stages were placed, in words
     stages: dict[str, StagePlacement]
     ceiling: float  # images/s if every device were busy all the time
+    fused: bool = False  # every stage in the decoder section's actors (fuse_stages)
 
     @property
     def images_per_s(self) -> float:
         return min(min(s.rows_per_s for s in self.stages.values()), self.ceiling)
 
     def overrides(self) -> dict:
-        return {name: stage.overrides() for name, stage in self.stages.items()}
+        """The config fields this layout sets: per stage section, and `fuse_stages`."""
+        if self.fused:  # one pool, scheduled by the decoder section (as every stage runs in it); own batch sizes
+            scheduling = self.stages["decoder"].overrides()
+            return {"fuse_stages": True, **{name: {**scheduling, "batch_size": s.batch_size}
+                                            for name, s in self.stages.items()}}
+        return {"fuse_stages": False, **{name: stage.overrides() for name, stage in self.stages.items()}}
 
 
 def hundredths(x: float, up: bool = False) -> float:
@@ -158,69 +176,71 @@ def shared_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
     return Layout(gpus, "gpu", rule, stages, gpus / sum(times.values()))
 
 
-def dedicated_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
-    """The U-Net on D whole GPUs; the other G = N - D GPUs each hold one prior and one MoVQ actor,
-    sharing it in proportion to their times. D is the largest number whose U-Nets the G GPUs can
-    feed (prior and MoVQ pools each serve at least D / t_decoder rows/s); if even D = 1 cannot be
-    fed, D = 1 and the prior + MoVQ GPUs are the bottleneck."""
-    if gpus < 2:
-        raise ValueError(f"a dedicated layout needs at least 2 GPUs, got {gpus}")
-    prior, decoder, movq = (costs[name] for name in STAGES)
-    feeders = {"prior": prior, "movq": movq}
-    times = {name: c.seconds_per_row for name, c in feeders.items()}
-    time_shares = shares = gpu_shares(times)
-    if prior.memory is not None and movq.memory is not None:
-        shares, caps = memory_shares(feeders, times), dict.fromkeys(feeders)
+def fused_layout(costs: dict[str, StageCost], devices: int, kind: str = "gpu") -> Layout | None:
+    """Every stage in one actor: one per GPU, or one per `threads` CPU cores (the decoder's measured
+    threads; Ray reservations scaled to devices - 1 CPUs). Each actor does Σt per row, so the devices
+    run at the ceiling. None where the stages' known memory needs do not fit one GPU together."""
+    total = sum(c.seconds_per_row * (c.threads if kind == "cpu" else 1) for c in costs.values())
+    ceiling = devices / total
+    if kind == "gpu":
+        needs = [c.memory for c in costs.values()]
+        if None not in needs and sum(needs) > MEMORY_BUDGET:
+            return None
+        actors, fields = devices, {"num_gpus": 1.0}
+        rule = f"fused stages: one actor per GPU ({devices}), each running prior, U-Net and MoVQ"
     else:
-        caps = memory_caps(feeders)
+        threads = costs["decoder"].threads
+        actors = max(1, devices // threads)
+        fields = {"num_cpus": hundredths((devices - 1) / actors), "torch_threads": threads}
+        rule = f"fused stages: {actors} actor(s) of {threads} torch thread(s) on {devices} cores"
+    rows = actors / (total / (costs["decoder"].threads if kind == "cpu" else 1))
+    stages = {name: StagePlacement(actors=actors, batch_size=c.batch_size, rows_per_s=rows,
+                                   max_tasks_in_flight=UNET_IN_FLIGHT, **fields)
+              for name, c in costs.items()}
+    return Layout(devices, kind, rule, stages, ceiling, fused=True)
 
-    def layout(unets: int) -> Layout:
-        feeders = gpus - unets
-        stages = {name: StagePlacement(actors=feeders, batch_size=c.batch_size, num_gpus=shares[name],
-                                       rows_per_s=feeders * time_shares[name] / c.seconds_per_row,
-                                       gpu_memory_fraction=caps[name])
-                  for name, c in (("prior", prior), ("movq", movq))}
-        stages["decoder"] = StagePlacement(actors=unets, batch_size=decoder.batch_size, num_gpus=1.0,
-                                           rows_per_s=unets / decoder.seconds_per_row,
-                                           max_tasks_in_flight=UNET_IN_FLIGHT)
-        ceiling = gpus / sum(c.seconds_per_row for c in costs.values())
-        rule = f"U-Net on {unets} whole GPUs, prior + MoVQ sharing {feeders}"
-        return Layout(gpus, "gpu", rule, {name: stages[name] for name in STAGES}, ceiling)
 
-    for unets in range(gpus - 1, 0, -1):
-        candidate = layout(unets)
-        if candidate.images_per_s >= candidate.stages["decoder"].rows_per_s * (1 - 1e-9):
-            return candidate
-    return layout(1)
+def split_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
+    """Each pool on whole GPUs: P prior, D U-Net and M MoVQ GPUs (P + D + M = N), the counts that
+    serve the most rows/s (min of P/t_prior, D/t_decoder, M/t_movq; more U-Nets on ties). No
+    fractional reservation, so no packing can strand an actor."""
+    if gpus < 3:
+        raise ValueError(f"a split layout needs at least 3 GPUs (one per stage), got {gpus}")
+    t = {name: c.seconds_per_row for name, c in costs.items()}
+    best = max(((p, gpus - p - m, m) for p in range(1, gpus - 1) for m in range(1, gpus - p)),
+               key=lambda c: (min(c[0] / t["prior"], c[1] / t["decoder"], c[2] / t["movq"]), c[1]))
+    counts = dict(zip(STAGES, best))
+    stages = {name: StagePlacement(actors=counts[name], batch_size=costs[name].batch_size, num_gpus=1.0,
+                                   rows_per_s=counts[name] / t[name],
+                                   max_tasks_in_flight=UNET_IN_FLIGHT if name == "decoder" else None)
+              for name in STAGES}
+    rule = f"whole GPUs per stage: prior {best[0]}, U-Net {best[1]}, MoVQ {best[2]}"
+    return Layout(gpus, "gpu", rule, stages, gpus / sum(t.values()))
 
 
 def gpu_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
-    """The placement on `gpus` GPUs (costs: per stage, on one whole GPU).
-
-    One GPU: the stages share it (shared_layout); images/s = 1 / Σt. Several: the U-Net gets whole
-    GPUs and the prior and MoVQ other GPUs of their own (dedicated_layout), when that reaches
-    DEDICATED_MIN_EFFICIENCY of the ceiling N / Σt; else every GPU is shared as on one GPU.
-    Whole GPUs are preferred because the U-Net then never time-slices with another process (CUDA
-    runs one process's kernels at a time without MPS, and the prior's many small kernels would
-    interleave with the U-Net's), keeps the GPU's whole memory for its batches, and the prior and
-    MoVQ models load on G GPUs instead of N. Their cost is the idle part of the G prior + MoVQ
-    GPUs, under one GPU in all: small on many GPUs (8: 93% of the ceiling with the reference
-    FLOP shares, 64: 98%), too much on few (2: 53%), hence the threshold.
-    """
+    """The placement on `gpus` GPUs (costs: per stage, on one whole GPU): fused where the stages fit
+    one GPU (it runs at the ceiling N / Σt); else, on one GPU, shared by time; on two, every GPU shared
+    as one (Ray may then pack two small actors where a U-Net should go: plan a fused layout with
+    smaller batches instead); on three or more, whole GPUs per stage (split_layout)."""
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
-    shared = shared_layout(costs, gpus)
-    if gpus == 1:
-        return shared
-    try:
-        dedicated = dedicated_layout(costs, gpus)
-    except ValueError:  # prior and MoVQ do not fit one GPU together: every GPU is shared
-        return shared
-    return dedicated if dedicated.images_per_s >= DEDICATED_MIN_EFFICIENCY * dedicated.ceiling else shared
+    fused = fused_layout(costs, gpus)
+    if fused is not None:
+        return fused
+    return split_layout(costs, gpus) if gpus >= 3 else shared_layout(costs, gpus)
 
 
 def cpu_layout(costs: dict[str, StageCost], cpus: int) -> Layout:
-    """The placement on `cpus` CPU cores (costs: per stage, one actor with its `threads` threads).
+    """The placement on `cpus` CPU cores: fused, one actor per `threads` cores (fused_layout), which
+    reaches the ceiling; `pooled_cpu_layout` is the pool-per-stage alternative."""
+    if cpus < 2:
+        raise ValueError(f"--cpus must be at least 2 (the actors may reserve at most cpus - 1), got {cpus}")
+    return fused_layout(costs, cpus, kind="cpu")
+
+
+def pooled_cpu_layout(costs: dict[str, StageCost], cpus: int) -> Layout:
+    """A pool per stage on `cpus` CPU cores (costs: per stage, one actor with its `threads` threads).
 
     Starting from one actor per stage, the slowest pool gets another actor while the actors' threads
     fit the cores; images/s is then capped by the cores' total work (cpus / Σ threads·t). Ray

@@ -68,9 +68,9 @@ def test_shipped_config_fits_its_gpus_with_margin(path):
     fits = stage_fits(config, ["prior", "decoder", "movq"], gpu)
     for fit in fits:
         assert fit.need.peak <= (1 - MARGIN) * fit.cap, (path, gpu, fit.stage, fit.need.describe(), fit.cap / GIB)
-    # Each GPU holds one actor of each stage, and the caps (= num_gpus) of one GPU's actors add up to at most 1.
-    assert sum(getattr(config, f.stage).num_gpus for f in fits) <= 1 + 1e-9
-    assert all(getattr(config, f.stage).actors == gpus for f in fits)  # the workers scale the U-Net actors
+    # Each GPU holds one actor running every stage (fused: one fit, the decoder section's whole GPU).
+    assert config.fuse_stages and [f.stage for f in fits] == ["decoder (fused stages)"]
+    assert (config.decoder.actors, config.decoder.num_gpus) == (gpus, 1.0)  # the workers scale the actors
     cluster = {"CPU": 8 * gpus, "GPU": gpus, f"accelerator_type:{gpu}": gpus}
     check_resources(config, SimpleNamespace(tasks={"text2img"}), cluster)  # the driver's own checks pass
 
@@ -97,8 +97,8 @@ def old_config():
     config = shipped("infra/k8s/settings/job.yaml")
     update = {"prior": {"batch_size": 16, "num_gpus": 0.1}, "decoder": {"batch_size": 8, "num_gpus": 0.8},
               "movq": {"batch_size": 8, "num_gpus": 0.1}}
-    return config.model_copy(update={name: getattr(config, name).model_copy(update=fields)
-                                     for name, fields in update.items()})
+    return config.model_copy(update={"fuse_stages": False, **{name: getattr(config, name).model_copy(update=fields)
+                                                              for name, fields in update.items()}})
 
 
 def test_driver_refuses_a_config_that_does_not_fit_naming_stage_estimate_and_cap():

@@ -10,8 +10,8 @@ import yaml
 
 from jobs.plan import flop_costs
 from kandinsky_engine.config import JobConfig, StageConfig
-from pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, dedicated_layout, gpu_layout,
-                                 memory_caps)
+from pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, gpu_layout, memory_caps,
+                                 pooled_cpu_layout, shared_layout, split_layout)
 
 from .conftest import FAST, make_config
 
@@ -37,47 +37,58 @@ def test_flop_estimate_matches_the_reference_figures():
 
 
 @pytest.mark.parametrize("costs", [ISSUE, reference_costs()], ids=["issue", "reference"])
-def test_one_gpu_shares_it_by_stage_time_and_the_unet_sets_the_pace(costs):
-    layout = gpu_layout(costs, 1)
+def test_stages_that_fit_one_gpu_are_fused_on_whole_gpus_at_the_ceiling(costs):
+    for gpus in (1, 8, 64):
+        layout = gpu_layout(costs, gpus)
+        assert layout.fused and layout.overrides()["fuse_stages"] is True
+        decoder = layout.stages["decoder"]
+        assert (decoder.actors, decoder.num_gpus, decoder.gpu_memory_fraction) == (gpus, 1.0, None)
+        assert layout.images_per_s == pytest.approx(layout.ceiling)  # no GPU idles, nothing to pack
+        assert layout.ceiling == pytest.approx(gpus / sum(c.seconds_per_row for c in costs.values()))
+        assert set(layout.overrides()) == {"fuse_stages", *STAGES}
+        # Every stage runs in the decoder section's actors: scheduled as it, each with its own batch size.
+        assert layout.overrides()["prior"] == {**layout.overrides()["decoder"], "batch_size": costs["prior"].batch_size}
+    # Known memory needs that one GPU cannot hold together: no fused layout.
+    heavy = {name: StageCost(c.seconds_per_row, 8, memory=0.4) for name, c in costs.items()}
+    assert not gpu_layout(heavy, 8).fused
+
+
+@pytest.mark.parametrize("costs", [ISSUE, reference_costs()], ids=["issue", "reference"])
+def test_one_gpu_shared_by_stage_time_when_the_stages_do_not_fit_one_actor(costs):
+    layout = shared_layout(costs, 1)
     shares = [s.num_gpus for s in layout.stages.values()]
     assert sum(shares) <= 1 + EPS and all(round(x * 100) == pytest.approx(x * 100) for x in shares)
     assert all(s.actors == 1 for s in layout.stages.values())
     decoder = layout.stages["decoder"]
     assert layout.images_per_s == decoder.rows_per_s  # every other pool serves more
-    assert layout.ceiling == pytest.approx(1 / sum(c.seconds_per_row for c in costs.values()))
     assert 0.98 * layout.ceiling <= layout.images_per_s <= layout.ceiling
     assert decoder.max_tasks_in_flight == 2 and layout.stages["prior"].max_tasks_in_flight is None
     assert sum(s.gpu_memory_fraction for s in layout.stages.values()) <= 1 + EPS  # not measured: equal shares
 
 
-@pytest.mark.parametrize("costs, unets64", [(ISSUE, 60), (reference_costs(), 59)], ids=["issue", "reference"])
-def test_many_gpus_give_the_unet_whole_gpus_fed_by_prior_and_movq(costs, unets64):
-    rates = []
-    for gpus, unets in ((8, 7), (64, unets64)):
-        layout = gpu_layout(costs, gpus)
-        prior, decoder, movq = (layout.stages[name] for name in STAGES)
-        assert (decoder.actors, decoder.num_gpus, decoder.gpu_memory_fraction) == (unets, 1.0, None)
-        assert prior.actors == movq.actors == gpus - unets  # one of each per prior + MoVQ GPU
-        assert prior.num_gpus + movq.num_gpus <= 1 + EPS
-        assert prior.gpu_memory_fraction + movq.gpu_memory_fraction <= 1 + EPS
-        assert min(prior.rows_per_s, movq.rows_per_s) >= decoder.rows_per_s == layout.images_per_s
-        # One U-Net GPU more would starve: the prior + MoVQ GPUs left could not feed it.
-        feed = min((prior.actors - 1) * s.num_gpus / costs[name].seconds_per_row
-                   for name, s in (("prior", prior), ("movq", movq)))
-        assert feed < (unets + 1) / costs["decoder"].seconds_per_row
-        rates.append(layout.images_per_s)
-        assert layout.images_per_s >= 0.9 * layout.ceiling
-    assert gpu_layout(costs, 1).images_per_s < rates[0] < rates[1]
-
-
-def test_few_gpus_are_shared_like_one_and_slow_feeders_are_the_bottleneck():
-    two = gpu_layout(ISSUE, 2)  # a dedicated prior + MoVQ GPU would idle 94% of the time
-    assert all(s.actors == 2 and s.num_gpus < 1 for s in two.stages.values())
-    assert two.images_per_s == pytest.approx(2 * gpu_layout(ISSUE, 1).images_per_s)
-    slow = {**ISSUE, "prior": StageCost(3.0, 8)}  # the prior alone outweighs the U-Net
-    layout = dedicated_layout(slow, 4)
-    assert layout.stages["decoder"].actors == 1
+def test_split_layouts_use_whole_gpus_so_no_share_is_stranded():
+    """Where the stages cannot share an actor, each pool gets whole GPUs: a fractional prior (0.63) next
+    to fractional MoVQs (0.36) could find its GPU taken by two MoVQs (Ray packs best-fit, pools in order)."""
+    heavy = {"prior": StageCost(0.15, 8, memory=0.5), "decoder": StageCost(0.94, 8, memory=0.5),
+             "movq": StageCost(0.05, 8, memory=0.5)}  # measured-like: prior and MoVQ slow for their FLOPs
+    for gpus in (8, 64):
+        layout = gpu_layout(heavy, gpus)
+        assert not layout.fused and all(s.num_gpus == 1.0 for s in layout.stages.values())
+        counts = {name: s.actors for name, s in layout.stages.items()}
+        assert sum(counts.values()) == gpus
+        # No GPU moved between pools would serve more images/s.
+        rate = layout.images_per_s
+        for a in STAGES:
+            for b in STAGES:
+                if a != b and counts[a] > 1:
+                    moved = {**counts, a: counts[a] - 1, b: counts[b] + 1}
+                    assert min(moved[n] / heavy[n].seconds_per_row for n in STAGES) <= rate + EPS
+    assert split_layout(heavy, 64).stages["decoder"].actors == 52 and split_layout(heavy, 64).images_per_s > 52
+    slow = {**heavy, "prior": StageCost(3.0, 8, memory=0.5)}  # the prior alone outweighs the U-Net
+    layout = split_layout(slow, 4)
     assert layout.images_per_s == layout.stages["prior"].rows_per_s < layout.stages["decoder"].rows_per_s
+    with pytest.raises(ValueError, match="cannot share one GPU"):  # too few GPUs for a pool each
+        gpu_layout(heavy, 2)
 
 
 def test_memory_caps_follow_measured_peaks_and_refuse_what_cannot_fit():
@@ -87,16 +98,27 @@ def test_memory_caps_follow_measured_peaks_and_refuse_what_cannot_fit():
         memory_caps({"prior": StageCost(1, 1, memory=0.5), "movq": StageCost(1, 1, memory=MEMORY_BUDGET - 0.45)})
 
 
-def test_cpu_layout_keeps_one_cpu_free_and_adds_actors_where_rows_wait():
-    small = cpu_layout(ISSUE, 2)  # three 1-thread actors on 2 cores: no room for more
+def test_cpu_layout_is_fused_one_single_thread_actor_per_core():
+    small = cpu_layout(ISSUE, 2)  # what the benchmark measured fastest on 2 cores
+    decoder = small.stages["decoder"]
+    assert small.fused and (decoder.actors, decoder.torch_threads) == (2, 1)
+    assert decoder.actors * decoder.num_cpus <= 2 - 1 + EPS  # one CPU stays free for reading and writing
+    assert small.images_per_s == pytest.approx(small.ceiling)
+    big = cpu_layout(ISSUE, 64)
+    assert big.stages["decoder"].actors == 64 and big.images_per_s == pytest.approx(32 * small.images_per_s)
+    with pytest.raises(ValueError, match="at least 2"):
+        cpu_layout(ISSUE, 1)
+
+
+def test_pooled_cpu_layout_keeps_one_cpu_free_and_adds_actors_where_rows_wait():
+    small = pooled_cpu_layout(ISSUE, 2)  # three 1-thread actors on 2 cores: no room for more
     assert all(s.actors == 1 and s.torch_threads == 1 for s in small.stages.values())
     assert sum(s.num_cpus * s.actors for s in small.stages.values()) <= 2 - 1 + EPS
-    big = cpu_layout(ISSUE, 64)
+    big = pooled_cpu_layout(ISSUE, 64)
     assert sum(s.actors for s in big.stages.values()) == 64
     assert sum(s.num_cpus * s.actors for s in big.stages.values()) <= 64 - 1 + EPS
     assert big.stages["decoder"].actors > 40 and big.images_per_s > 40 * small.images_per_s
-    with pytest.raises(ValueError, match="at least 2"):
-        cpu_layout(ISSUE, 1)
+    assert big.images_per_s < cpu_layout(ISSUE, 64).images_per_s  # the fused layout does better
 
 
 @pytest.fixture
@@ -118,11 +140,13 @@ def test_measured_plan_on_the_tiny_model_writes_sections_a_job_accepts(tiny_job,
     assert report["kind"] == "cpu" and report["images_per_s"] > 0
     assert all(report["seconds_per_row"][name] > 0 for name in STAGES)
     sections = yaml.safe_load(out.read_text())
-    assert set(sections) == set(STAGES) and sections["decoder"]["batch_size"] == 4
-    assert sections["decoder"]["max_tasks_in_flight"] == 2
+    assert set(sections) == {"fuse_stages", *STAGES} and sections["fuse_stages"] is True
+    assert sections["decoder"]["batch_size"] == 4 and sections["prior"] == {**sections["decoder"], "batch_size": 2}
+    assert sections["decoder"]["max_tasks_in_flight"] == 2 and sections["decoder"]["actors"] == 2
     job = yaml.safe_load(tiny_job.read_text())
-    merged = JobConfig.model_validate({**job, **{name: {**job[name], **sections[name]} for name in STAGES}})
-    assert sum(getattr(merged, name).num_cpus * getattr(merged, name).actors for name in STAGES) <= 1 + EPS
+    merged = JobConfig.model_validate({**job, "fuse_stages": True,
+                                       **{name: {**job[name], **sections[name]} for name in STAGES}})
+    assert merged.decoder.num_cpus * merged.decoder.actors <= 1 + EPS  # one fused pool
     assert merged.decoder.threads() == 1  # the threads it was measured with
 
     full = tmp_path / "full.yaml"
@@ -132,8 +156,8 @@ def test_measured_plan_on_the_tiny_model_writes_sections_a_job_accepts(tiny_job,
                  "--write", str(full), "--full"]) == 0
     config = JobConfig.model_validate(yaml.safe_load(full.read_text()))
     assert config.model.device == "cuda" and config.input.manifest == "m.parquet"
-    assert (config.decoder.actors, config.decoder.num_gpus) == (7, 1.0)
-    assert "U-Net on 7 whole GPUs" in capsys.readouterr().out
+    assert (config.fuse_stages, config.decoder.actors, config.decoder.num_gpus) == (True, 8, 1.0)
+    assert "fused stages: one actor per GPU (8)" in capsys.readouterr().out
 
 
 def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
