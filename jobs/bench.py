@@ -1,16 +1,23 @@
 """Benchmark: the Ray job vs the loop a user would write (the family's diffusers pipelines, batched,
-a list of per-row generators), same tiny model, same rows, same thread budget. `--family` picks
-Kandinsky 2.2 (default), 2.1 or 3: text2img rows on that family's tiny model on both sides.
+a list of per-row generators), same tiny model, same rows. `--family` picks Kandinsky 2.2
+(default), 2.1 or 3: text2img rows on that family's tiny model on both sides.
 
-Both sides produce encoded PNGs for N rows with the seed rule; one run prints both throughputs
-and their ratios: end to end (the job with its planning, actor start-up and pipeline fill; the
-loop without its one-off pipeline loading, printed apart), and excluding start-up (the job from
-its first committed unit on). The breakdown comes from the job's own timeline (when units were
-committed) and Ray Data's per-operator stats. Ray start-up is printed apart.
+Both sides produce encoded PNGs for N rows with the seed rule, at the same process and thread
+budget: the loop runs in as many processes as the job has model actors, each with an actor's torch
+threads and its share of the rows, all at once (a loop per core for the CPU layout). Two ratios:
+- like for like: the job's steady rate (rows committed between the commits of the first and the
+  third quarter of its units, over the time between them, from each unit's shard time: neither the
+  fill nor the drain, and no unit counted that was computed before the window) over the loops'
+  rate (rows over the slowest loop's generation time, its model loading excluded);
+- end to end: rows over the job's whole time with Ray's start-up, over rows over the loops' whole
+  time from starting their processes (imports and model loading included).
+The breakdown comes from the job's own timeline and Ray Data's per-operator stats. `--threads N`
+also times one loop process with N threads (the loop a user writes on this machine).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import time
@@ -125,6 +132,59 @@ def operator_times(stats: str | None) -> dict[str, float]:
     return times
 
 
+def _loop_process(config_data: dict, rows: list[dict], batch_size: int, threads: int) -> tuple[float, float]:
+    """One loop process (spawned: it imports and loads as an actor does)."""
+    from kandinsky_engine.config import JobConfig
+
+    return diffusers_loop(JobConfig.model_validate(config_data), rows, batch_size, threads)
+
+
+def parallel_loops(config, rows: list[dict], batch_size: int, processes: int, threads: int) -> dict:
+    """The loop in `processes` fresh processes at once, each with `threads` torch threads and a
+    contiguous share of the rows (whole loop batches). Times: the wall time from starting the
+    processes to the last one's end, and the slowest process's loading and generation."""
+    per = -(-len(rows) // processes)
+    per = -(-per // batch_size) * batch_size
+    shares = [rows[i : i + per] for i in range(0, len(rows), per)]
+    data = config.model_dump(mode="json")
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:
+        times = pool.starmap(_loop_process, [(data, share, batch_size, threads) for share in shares])
+    wall = time.perf_counter() - started
+    generation = max(g for _, g in times)
+    return {"processes": len(shares), "threads": threads, "load_s": round(max(lo for lo, _ in times), 2),
+            "generation_s": round(generation, 2), "wall_s": round(wall, 2),
+            "images_per_s": round(len(rows) / generation, 3), "images_per_s_end_to_end": round(len(rows) / wall, 3)}
+
+
+def steady_rate(out: str, shards: list[dict]) -> dict:
+    """Rows per second between the commits of the first and the third quarter of the units (each
+    unit's data shard is written when it commits: its modification time), with the window."""
+    commits = sorted((os.path.getmtime(Path(out) / r["file"]), r["rows"]) for r in shards)
+    if len(commits) < 4:
+        return {"images_per_s": None, "window_units": len(commits)}
+    a, b = len(commits) // 4, (3 * len(commits)) // 4
+    rows = sum(r for _, r in commits[a + 1 : b + 1])
+    seconds = commits[b][0] - commits[a][0]
+    return {"images_per_s": round(rows / seconds, 3) if seconds > 0 else None, "window_units": b - a,
+            "window_rows": rows, "window_s": round(seconds, 2)}
+
+
+def job_budget(config, stages: list[str]):
+    """(model actor processes, torch threads each, the config as it runs) of the job: its layout, or
+    the layout the engine gives it on this cluster where it sets none (pipelines/auto_layout.py)."""
+    import ray
+
+    from pipelines.auto_layout import is_unset, resolve
+
+    if is_unset(config, stages):
+        config = resolve(config, stages, ray.cluster_resources())
+    if config.fuse_stages:
+        return config.decoder.actors, config.decoder.threads(), config
+    return (sum(getattr(config, s).actors for s in stages), max(getattr(config, s).threads() for s in stages),
+            config)
+
+
 def run_bench(args) -> dict:
     from jobs.run import connect, run_job
     from kandinsky_engine.config import JobConfig, apply_overrides
@@ -147,28 +207,28 @@ def run_bench(args) -> dict:
     }
     # The family's defaults (Kandinsky 3's guidance 3.0, 2.1's DDIM) filled in, as the job sees them.
     config, family = resolve_family(JobConfig.model_validate(apply_overrides(data, args.set or [])))
+    stages = [s for s, _, _ in family.stages(config, {"text2img"})]
 
-    threads = args.threads or os.cpu_count() or 1
     # The 1-minute load average when each side starts and at the end: on a shared machine the two
     # sides, timed one after the other, may see different contention.
     load = {"ray_job_start": os.getloadavg()[0]}
     ray_startup = connect(None)
+    processes, threads, layout = job_budget(config, stages)
     started = time.perf_counter()
     summary = run_job(config, overwrite=True)
     job_s = time.perf_counter() - started
     timeline = summary["runs"][-1]["timeline_s"] or {}
-    # Start-up inside the job: planning and validation before the plan runs, then the time to the
-    # first committed unit (actors loading their models, and that unit's own way through every
-    # stage, which a loop also pays). Excluding start-up: from the first commit to the end.
-    first_unit_s = job_s - summary["wall_time_s"] + timeline.get("fill", 0.0)
-    rows_after_first = summary["rows"] - min(summary["rows"], config.rows_per_block())
-    steady_s = max(job_s - first_unit_s, 1e-9)
+    steady = steady_rate(config.output.path, summary["shards"])
 
     load["loop_start"] = os.getloadavg()[0]
-    load_s, loop_s = diffusers_loop(config, rows, args.loop_batch, threads)
+    loops = parallel_loops(config, rows, args.loop_batch, processes, threads)
     load["loop_end"] = os.getloadavg()[0]
+    one = None
+    if args.threads:  # the loop a user writes: one process, N threads
+        load_s, loop_s = diffusers_loop(config, rows, args.loop_batch, args.threads)
+        one = {"threads": args.threads, "load_s": round(load_s, 2), "generation_s": round(loop_s, 2),
+               "images_per_s": round(args.rows / loop_s, 3)}
     load1_s, loop1_s = diffusers_loop(config, rows, 1, threads) if args.batch1 else (None, None)
-    loop_rate = args.rows / loop_s
     per_task = {}
     tasks = list(TASK_DECODER) if args.tasks == "all" else (args.tasks or "").split(",")
     for task in [t for t in tasks if t and t != "text2img"]:
@@ -179,8 +239,9 @@ def run_bench(args) -> dict:
         started = time.perf_counter()
         task_summary = run_job(JobConfig.model_validate(task_data), overwrite=True)
         seconds = time.perf_counter() - started
-        per_task[task] = {"rows": task_summary["rows"], "failed": task_summary["failed_rows"],
-                          "ray_job_s": round(seconds, 2), "images_per_s": round(task_summary["rows"] / seconds, 3)}
+        per_task[task] = {"rows": task_summary["rows"], "failed": task_summary["failed_rows"], "ray_job_s": round(seconds, 2),
+                          "images_per_s": round(task_summary["rows"] / seconds, 3)}
+    end_to_end = summary["rows"] / (ray_startup + job_s)
     return {
         "family": family.name,
         "rows": args.rows,
@@ -188,24 +249,26 @@ def run_bench(args) -> dict:
         "steps": args.steps,
         "prior_steps": args.prior_steps or args.steps,
         "rows_per_unit": config.rows_per_block(),
-        "stages": {s: getattr(config, s).model_dump(include={"batch_size", "actors", "num_cpus", "torch_threads"})
-                   for s, _, _ in family.stages(config, {"text2img"})},
+        "budget": {"processes": processes, "torch_threads": threads, "cpus": os.cpu_count()},
+        "fuse_stages": layout.fuse_stages,
+        "stages": {s: {**getattr(layout, s).model_dump(include={"batch_size", "actors", "num_cpus"}),
+                       "torch_threads": getattr(layout, s).threads()} for s in stages},
         "ray_startup_s": round(ray_startup, 2),
         "ray_job_s": round(job_s, 2),
         "ray_job_images_per_s": round(summary["rows"] / job_s, 3),
+        "ray_job_images_per_s_end_to_end": round(end_to_end, 3),  # with Ray's start-up
+        "ray_job_steady": steady,
         "breakdown_s": {"ray_start": round(ray_startup, 2), "plan_and_validate": round(job_s - summary["wall_time_s"], 2),
                         "first_unit (actor start + fill)": round(timeline.get("fill", 0.0), 2),
                         "steady": timeline.get("steady"), "drain": timeline.get("drain"),
                         "operators_remote_wall": operator_times(summary.get("ray_data_stats"))},
-        "ray_job_images_per_s_after_first_unit": round(rows_after_first / steady_s, 3),
-        f"diffusers_batch{args.loop_batch}_loop_s": round(loop_s, 2),
-        f"diffusers_batch{args.loop_batch}_images_per_s": round(loop_rate, 3),
-        "diffusers_threads": threads,
+        f"diffusers_batch{args.loop_batch}_loops": loops,
+        "diffusers_one_process": one,
         "load_average_1m": {k: round(v, 2) for k, v in load.items()},
-        "diffusers_load_s": round(load_s, 2),
         "diffusers_batch1_images_per_s": round(args.rows / loop1_s, 3) if loop1_s else None,
-        "ratio_end_to_end": round((summary["rows"] / job_s) / loop_rate, 3),
-        "ratio_excluding_startup": round((rows_after_first / steady_s) / loop_rate, 3),
+        "ratio_like_for_like": (round(steady["images_per_s"] / loops["images_per_s"], 3)
+                                if steady["images_per_s"] else None),
+        "ratio_end_to_end": round(end_to_end / loops["images_per_s_end_to_end"], 3),
         "ratio_vs_batch1_loop": round((summary["rows"] / job_s) / (args.rows / loop1_s), 3) if loop1_s else None,
         "per_task_ray_job": per_task,
     }

@@ -1,26 +1,45 @@
 """`kandinsky-batch bench --full-size` (or `python -m jobs.bench_gpu`): the stage classes on one GPU
 with the real Kandinsky 2.2 architectures and random bf16 weights. No Ray, no download.
 
-It measures, at 768x768 with 50 decoder and 25 prior steps and classifier-free guidance on both
-(guidance 4, as diffusers' defaults): each stage's rows/s and peak GPU memory, the end-to-end
-images/s of the three stages back to back on the one GPU, the FLOPs of one image (torch's
-FlopCounterMode over the stages), a measured bf16 GEMM peak, and from them the model-FLOPs
-utilisation; and which SDPA kernel each attention module runs (kandinsky_engine/attention.py).
-Without CUDA it says so and exits 0; `--smoke` runs the same code on the CPU at tiny sizes.
+At 768x768, 50 decoder and 25 prior steps, guidance 4 on both, `--rows` rows per stage call, it
+measures in each mode (eager; compiled, one inductor graph per stage at the call's shape, the
+prior's as CUDA graphs; fp8, torchao float8 linear layers, where the GPU and torchao allow):
+- each stage's seconds per call and peak GPU memory;
+- end to end: two chunks of rows through prior, U-Net and MoVQ (to uint8 pixels) back to back as a
+  fused actor runs them (pipelines/chunked.py, noise of the next chunk prefetched), wall time with
+  every host-side step but image encoding, which the Ray job runs on other CPUs (timed apart,
+  `png_encode_ms_per_image`: random-weight images, content-dependent);
+- GPU-only: the same rows over the GPU's busy time (the union of its kernels and copies, from the
+  PyTorch profiler), and the idle fraction between them, with and without the prefetch (eager);
+- model-FLOPs utilisation of both rates against the datasheet's dense bf16 peak and against a
+  measured bf16 GEMM peak (FLOPs per image by torch's FlopCounterMode);
+- fp8's distance from bf16 on the same rows (max and mean |diff| of the pixels, CLIP-score delta
+  with the random-weight CLIP encoders);
+and writes `stage_costs` (seconds per row and memory share per stage, the best mode) that
+`kandinsky-batch plan --from-measured FILE` plans with. The JSON is rewritten after each phase;
+phases that would not finish within `--budget-s` are skipped and named. Without CUDA it says so
+and exits 0; `--smoke` runs the same code on the CPU at tiny sizes (tests/test_bench_gpu.py).
 
 It imports torch, transformers, diffusers, numpy and the stage modules (pydantic, PyYAML, Pillow,
-fsspec); not Ray, pyarrow or the pipelines. scripts/gpu_check.sh runs it on a GPU box.
+pyarrow, fsspec); not Ray. scripts/gpu_check.sh runs it on a GPU box.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy as copying
 import json
 import sys
 import tempfile
 import time
 
+import numpy as np
+
+from jobs.gpu_measure import counted, gemm_peak, idle, mfu, peak_memory, per_image_flops, spec_tflops, sync, timed
+
 PROMPTS = ["a red cat", "Красный кот", "一只猫", "🐱 in space", "a harbour at dawn", "abstract bauhaus poster"]
+# Seconds a phase needs on one H100 at the full size (estimates; a phase starts only with this left).
+NEEDS_S = {"compiled": 240, "fp8": 45, "fp8_compiled": 150}
 
 
 def parse(argv) -> argparse.Namespace:
@@ -30,7 +49,7 @@ def parse(argv) -> argparse.Namespace:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--smoke", action="store_true", help="tiny widths, 64x64, 1 decoder + 2 prior steps: the "
+    parser.add_argument("--smoke", action="store_true", help="tiny widths, 64x64, 2 decoder + 2 prior steps: the "
                         "code path in seconds, on the CPU if there is no GPU")
     parser.add_argument("--rows", type=int, default=8, help="rows per stage call (the batch size of every stage)")
     parser.add_argument("--size", type=int, default=768)
@@ -38,15 +57,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prior-steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per stage, after one warm-up call")
     parser.add_argument("--scheduler", default="ddpm", help="defaults.scheduler of the decoder")
-    parser.add_argument("--compile", action="store_true", help="model.compile (adds the warm-up compile time)")
     parser.add_argument("--channels-last", action="store_true", help="model.channels_last")
-    parser.add_argument("--output", metavar="FILE", help="also write the figures (JSON) to FILE")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled mode")
+    parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the fp8 mode")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
+                        "--smoke: eager, which traces without generating code)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip phases that would end later than this "
+                        "many seconds after the start (default 420: scripts/gpu_check.sh's 8 minutes with its tests)")
+    parser.add_argument("--output", metavar="FILE", help="also write the figures (JSON) to FILE, after each phase")
 
 
 def bench_batch(n: int, size: int, steps: int, prior_steps: int) -> dict:
-    """n text2img rows as the prior stage receives them (resolved columns, no errors)."""
-    import numpy as np
-
+    """n text2img rows as the prior stage receives them (resolved columns, no errors), one unit."""
     from kandinsky_engine.rows import object_column
 
     return {
@@ -55,7 +77,7 @@ def bench_batch(n: int, size: int, steps: int, prior_steps: int) -> dict:
         "seed": np.arange(n, dtype=np.int64), "width": np.full(n, size), "height": np.full(n, size),
         "num_inference_steps": np.full(n, steps), "guidance_scale": np.full(n, 4.0),
         "prior_num_inference_steps": np.full(n, prior_steps), "prior_guidance_scale": np.full(n, 4.0),
-        "strength": np.full(n, 0.3),
+        "strength": np.full(n, 0.3), "_unit": object_column(["bench/0"] * n), "_splits": np.zeros(n, np.int64),
         **{c: object_column([""] * n) for c in ("error_stage", "error_type", "error_message")},
     }
 
@@ -68,160 +90,269 @@ def copy(batch: dict) -> dict:
     return {k: v.copy() for k, v in batch.items()}  # stages mark failed rows in place
 
 
-def sync(device) -> None:
+def chain(chunked: list, block: dict) -> dict:
+    for stage in chunked:
+        block = stage(copy(block))
+    return block
+
+
+def measure(stages: dict, args, device, flops: float, spec, peak: float, prefetch_off: bool) -> dict:
+    """One mode: per-stage times and peaks at one chunk, then two chunks end to end and profiled."""
+    from pipelines.chunked import Chunked
+
+    rows = args.rows
+    chunked = [Chunked.wrapping(stage, rows) for stage in stages.values()]
+    block = bench_batch(2 * rows, args.size, args.decoder_steps, args.prior_steps)
+    inputs, batch = {}, {k: v[:rows] for k, v in block.items()}
+    for name, stage in stages.items():  # warm-up: cuBLAS/cuDNN heuristics, allocator, lazy inits
+        inputs[name], batch = batch, stage(copy(batch))
+    figures = {}
+    for name, stage in stages.items():
+        (seconds, _), memory = peak_memory(device, lambda: timed(lambda: stage(copy(inputs[name])), device,
+                                                                 args.repeats))
+        figures[name] = {"s_per_call": round(seconds, 3), "rows_per_s": round(rows / seconds, 3), "peak_gib": memory}
+    seconds, out = timed(lambda: chain(chunked, block), device, 1)
+    e2e = 2 * rows / seconds
+    profiled, _ = idle(lambda: chain(chunked, block), device)
+    gpu = 2 * rows / profiled["busy_s"] if profiled["busy_s"] else None
+    result = {"stages": figures, "end_to_end_images_per_s": round(e2e, 3),
+              "gpu_images_per_s": None if gpu is None else round(gpu, 3), "profile": profiled,
+              "mfu_end_to_end": mfu(flops, e2e, spec, peak), "mfu_gpu_only": mfu(flops, gpu, spec, peak)}
+    if prefetch_off:  # the same without drawing the next chunk's noise ahead: what the overlap saves
+        stages["decoder"].prefetch = None
+        result["profile_without_prefetch"], _ = idle(lambda: chain(chunked, block), device)
+        del stages["decoder"].prefetch
+    return result, out, inputs
+
+
+def compile_stages(stages: dict, args, config) -> dict:
+    """Each stage's model compiled at this benchmark's call shape only (one bucket each); seconds and
+    graph breaks per stage."""
+    from kandinsky_engine import compiled
+    from kandinsky_engine.stages.decoder import unet_forward
+    from kandinsky_engine.stages.movq import movq_decode
+    from kandinsky_engine.stages.prior import prior_forward
+
+    rows, cache, out = args.rows, config.model.cache_dir, {}
+    prior, decoder, movq = stages["prior"], stages["decoder"], stages["movq"]
+    cuda = prior.device.type == "cuda"
+    specs = {"prior": ("prior_call", prior_forward, 2 * rows, prior._example, "reduce-overhead" if cuda else None),
+             "decoder": ("run_unet", unet_forward, 2 * rows, lambda n: decoder._example(n, config.defaults), None),
+             "movq": ("decode", movq_decode, rows, lambda n: movq_example(movq, n, config.defaults), None)}
+    for name, (attribute, fn, size, example, mode) in specs.items():
+        started = time.perf_counter()
+        wrapped = compiled.Bucketed(fn, [size], name, mode=mode, cache_dir=cache)
+        wrapped.warm_up(example)
+        setattr(stages[name], attribute, wrapped)
+        out[name] = {"compile_s": round(time.perf_counter() - started, 1), "graph_breaks": wrapped.graph_breaks}
+        log(f"compiled {name} in {out[name]['compile_s']} s ({wrapped.graph_breaks} graph breaks)")
+    return out
+
+
+def movq_example(movq, n: int, defaults):
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from kandinsky_engine.rows import latent_size
+
+    shape = (movq.movq.config.latent_channels, *latent_size(defaults.height, defaults.width, movq.scale_factor))
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
+    return x.to(movq.device, movq.movq.dtype), {"movq": movq.movq}
 
 
-def gemm_peak(device, dtype, n: int) -> float:
-    """Measured dense matmul FLOP/s (n x n x n, best of 10 after warm-up): the denominator of MFU."""
+def fallbacks(stages: dict) -> dict:
+    return {name: getattr(getattr(s, a, None), "fallback_calls", 0) for name, s, a in
+            (("prior", stages["prior"], "prior_call"), ("decoder", stages["decoder"], "run_unet"),
+             ("movq", stages["movq"], "decode"))}
+
+
+def pixels(batch: dict, size: int) -> np.ndarray:
+    return np.stack([np.frombuffer(b, np.uint8).reshape(size, size, 3) for b in batch["pixels"]])
+
+
+def clip_scores(clip: dict, images: np.ndarray, prompts, device) -> np.ndarray:
+    """Cosine similarity of CLIP image and text embeddings (the prior's random-weight encoders)."""
     import torch
+    from PIL import Image
 
-    g = torch.Generator(device).manual_seed(0)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(10):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / 5)
-    return 2 * n**3 / best
+    with torch.inference_mode():
+        values = clip["image_processor"]([Image.fromarray(i) for i in images], return_tensors="pt").pixel_values
+        image = clip["image_encoder"](values.to(device, clip["image_encoder"].dtype)).image_embeds
+        tokens = clip["tokenizer"](list(map(str, prompts)), padding="max_length", max_length=77, truncation=True,
+                                   return_tensors="pt").input_ids
+        text = clip["text_encoder"](tokens.to(device)).text_embeds
+        return torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1).cpu().numpy()
 
 
-def timed(fn, device, repeats: int) -> tuple[float, object]:
-    """Mean seconds per call of fn() over `repeats` calls (after the caller's warm-up), and the last output."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats, out
+def fp8_mode(config, decoder_parts, stages, inputs, reference, clip, args, device, deadline) -> dict:
+    """The U-Net in float8: its distance from bf16 on the benchmark's rows and its speed."""
+    from kandinsky_engine import DecoderStage, fp8
 
+    unet = copying.deepcopy(decoder_parts["unet"])
+    layers = fp8.to_float8(unet, device)
+    decoder = DecoderStage(config, {**decoder_parts, "unet": unet})
+    decoder(copy(inputs["decoder"]))  # warm-up
+    seconds, latents = timed(lambda: decoder(copy(inputs["decoder"])), device, args.repeats)
+    ours, base = pixels(stages["movq"](latents), args.size), pixels(reference, args.size)
+    diff = np.abs(ours.astype(np.int16) - base.astype(np.int16))
+    prompts = inputs["decoder"]["prompt"]
+    scores = clip_scores(clip, ours, prompts, device) - clip_scores(clip, base, prompts, device)
+    result = {"torchao": fp8.torchao_version(), "layers_in_fp8": layers, "decoder_s_per_call_eager": round(seconds, 3),
+              "fidelity_vs_bf16": {"rows": len(diff), "max_abs_255": int(diff.max()), "mean_abs_255": round(float(diff.mean()), 3),
+                                   "clip_score_delta_mean": round(float(scores.mean()), 5),
+                                   "clip_score_delta_max_abs": round(float(np.abs(scores).max()), 5),
+                                   "note": "random weights: the CLIP delta shows the change, not image quality"}}
+    if time.perf_counter() + NEEDS_S["fp8_compiled"] < deadline and args.compile:
+        from kandinsky_engine import compiled
+        from kandinsky_engine.stages.decoder import unet_forward
 
-def peak_memory(device, fn):
-    """fn()'s output and the peak GPU memory (GiB) allocated while it ran (None on the CPU)."""
-    import torch
-
-    if device.type != "cuda":
-        return fn(), None
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    return out, round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-
-
-def counted(fn) -> tuple[int, object]:
-    """(FLOPs of fn() by torch's FlopCounterMode: matmuls, convolutions, attention; fn()'s output)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        out = fn()
-    return counter.get_total_flops(), out
+        started = time.perf_counter()
+        decoder.run_unet = compiled.Bucketed(unet_forward, [2 * args.rows], "U-Net fp8", cache_dir=config.model.cache_dir)
+        decoder.run_unet.warm_up(lambda n: decoder._example(n, config.defaults))
+        result["compile_s"] = round(time.perf_counter() - started, 1)
+        result["decoder_s_per_call_compiled"] = round(timed(lambda: decoder(copy(inputs["decoder"])), device,
+                                                            args.repeats)[0], 3)
+    return result
 
 
 def run(args) -> dict:
     import torch
 
-    from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage
-    from kandinsky_engine.families.kandinsky22 import fullsize
+    from kandinsky_engine import DecoderStage, JobConfig, MovqStage, PriorStage, compiled, gpu_identity
     from kandinsky_engine.attention import attention_backends, summary
-    from kandinsky_engine.stages.movq import movq_decode
-    from kandinsky_engine.rows import latent_size
+    from kandinsky_engine.families.kandinsky22 import fullsize
+    from kandinsky_engine.memory import CUDA_CONTEXT
+    from kandinsky_engine.stages.movq import encode_image
 
     started = time.perf_counter()
+    deadline = started + args.budget_s
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) if cuda else \
         (torch.device("cpu"), torch.float32)
     if args.smoke:
-        args.size, args.decoder_steps, args.prior_steps, args.rows, args.repeats = 64, 1, 2, 2, 1
+        args.size, args.decoder_steps, args.prior_steps, args.rows, args.repeats = 64, 2, 2, 2, 1
+    compiled.BACKEND = args.compile_backend or ("eager" if args.smoke else "inductor")
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    spec = spec_tflops(name) if cuda else None
+    result = {"device": name, "gpu": gpu_identity.record(), "dtype": str(dtype), "smoke": args.smoke,
+              "torch": torch.__version__, "size": f"{args.size}x{args.size}",
+              "settings": {"size": args.size, "rows": args.rows, "decoder_steps": args.decoder_steps,
+                           "prior_steps": args.prior_steps, "guidance": 4.0, "scheduler": args.scheduler,
+                           "channels_last": args.channels_last, "compile_backend": compiled.BACKEND},
+              "spec_bf16_dense_tflops": spec, "modes": {}, "skipped": {}}
+    save = lambda: write(args.output, {**result, "total_s": round(time.perf_counter() - started, 1)})  # noqa: E731
     peak = gemm_peak(device, dtype, 256 if args.smoke else 8192)
-    log(f"{device} {dtype}: GEMM peak {peak / 1e12:.1f} TFLOP/s; building the components")
+    result["gemm_peak_tflops"] = round(peak / 1e12, 1)
+    log(f"{name} {dtype}: GEMM peak {peak / 1e12:.1f} TFLOP/s (datasheet {spec}); building the components")
     built = time.perf_counter()
     prior_parts, decoder_parts = fullsize.components(device, dtype, smoke=args.smoke)
-    build_s = time.perf_counter() - built
-    stage = {"batch_size": args.rows, "torch_threads": torch.get_num_threads()}
+    clip = {k: prior_parts[k] for k in ("tokenizer", "text_encoder", "image_encoder", "image_processor")}
     config = JobConfig.model_validate({
         "input": {"manifest": "unused.parquet"}, "output": {"path": tempfile.mkdtemp(prefix="bench-gpu-")},
-        "model": {"device": device.type, "dtype": str(dtype).split(".")[1], "compile": args.compile,
-                  "channels_last": args.channels_last},
+        "model": {"device": device.type, "dtype": str(dtype).split(".")[1], "channels_last": args.channels_last,
+                  "cache_dir": tempfile.gettempdir() + "/kandinsky-bench-cache"},
         "defaults": {"width": args.size, "height": args.size, "num_inference_steps": args.decoder_steps,
                      "prior_num_inference_steps": args.prior_steps, "scheduler": args.scheduler},
-        "prior": stage, "decoder": stage, "movq": stage, "tasks": ["text2img"],
+        **{s: {"batch_size": args.rows, "num_gpus": 1.0 if cuda else 0.0} for s in ("prior", "decoder", "movq")},
+        "tasks": ["text2img"],
     })
     if args.channels_last:
         for module in (decoder_parts["unet"], decoder_parts["movq"]):
             module.to(memory_format=torch.channels_last)
     stages = {"prior": PriorStage(config, prior_parts), "decoder": DecoderStage(config, decoder_parts),
-              "movq": MovqStage(config, {"movq": decoder_parts["movq"]})}
-    del prior_parts  # the prior freed its image encoder (tasks: text2img)
-    ready_s = time.perf_counter() - built
+              "movq": MovqStage(config, {"movq": decoder_parts["movq"]}, encode=False)}
+    del prior_parts
+    if not (args.fp8 and cuda):
+        clip = None  # the image encoder (1.85B parameters) is kept only for fp8's CLIP-score delta
+    result["build_s"] = round(time.perf_counter() - built, 1)
 
-    log(f"stages ready in {ready_s:.1f} s; warm-up call of each stage")
-    batch, inputs = bench_batch(args.rows, args.size, args.decoder_steps, args.prior_steps), {}
-    for name, st in stages.items():  # warm-up: cuBLAS/cuDNN heuristics, allocator, lazy inits
-        inputs[name], batch = batch, st(copy(batch))
-    figures = {}
-    log(f"timing {args.repeats} calls of each stage")
-    for name, st in stages.items():
-        (seconds, _), memory = peak_memory(device, lambda: timed(lambda: st(copy(inputs[name])), device, args.repeats))
-        figures[name] = {"s_per_call": round(seconds, 3), "rows_per_s": round(args.rows / seconds, 3),
-                         "peak_gib": memory}
-    latents = torch.stack([torch.frombuffer(bytearray(b), dtype=torch.float32) for b in inputs["movq"]["latents"]])
-    shape = (4, *latent_size(args.size, args.size, stages["movq"].scale_factor))
-    latents = latents.view(-1, *shape).to(device, stages["movq"].movq.dtype)
-    movq = stages["movq"].movq
+    log("counting the FLOPs of one image")
+    one = lambda steps, prior_steps: bench_batch(1, args.size, steps, prior_steps)  # noqa: E731
     with torch.inference_mode():
-        movq_decode(latents, movq)
-        (seconds, _), memory = peak_memory(device, lambda: timed(lambda: movq_decode(latents, movq), device, args.repeats))
-    figures["movq_decode_only"] = {"s_per_call": round(seconds, 3), "rows_per_s": round(args.rows / seconds, 3),
-                                   "peak_gib": memory}
+        by_stage = {"prior": per_image_flops(lambda k: stages["prior"](one(1, k)), args.prior_steps)}
+        prior_out = stages["prior"](one(1, args.prior_steps))
+        by_stage["decoder"] = per_image_flops(
+            lambda k: stages["decoder"]({**copy(prior_out), "num_inference_steps": np.full(1, k)}), args.decoder_steps)
+        by_stage["movq"], _ = counted(lambda: stages["movq"](stages["decoder"](copy(prior_out))))
+    flops = sum(by_stage.values())
+    result.update(tflop_per_image=round(flops / 1e12, 2), tflop_per_image_by_stage={k: round(v / 1e12, 3)
+                                                                                   for k, v in by_stage.items()},
+                  reference_tflop_per_image=None if args.smoke else fullsize.configs()["_flops_768"]["per_image_tflop_50_steps_cfg"])
 
-    log("counting the FLOPs of one image; attention kernels")
-    per_stage, out = {}, {k: v[:1] for k, v in inputs["prior"].items()}  # FLOPs of one image, stage by stage
-    with torch.inference_mode():
-        for name in ("prior", "decoder"):
-            per_stage[name], out = counted(lambda: stages[name](copy(out)))
-        per_stage["movq"], _ = counted(lambda: movq_decode(latents[:1], movq))
-    flops_per_image = sum(per_stage.values())
-    # One GPU runs the three stages back to back: images/s = rows / the sum of their times per call.
-    gpu_s = figures["prior"]["s_per_call"] + figures["decoder"]["s_per_call"] + figures["movq_decode_only"]["s_per_call"]
-    e2e = args.rows / (gpu_s - figures["movq_decode_only"]["s_per_call"] + figures["movq"]["s_per_call"])
+    log("eager: stages, end to end, profiled with and without the prefetch")
+    eager, out, inputs = measure(stages, args, device, flops, spec, peak, prefetch_off=True)
+    result["modes"]["eager"] = eager
+    images = [np.frombuffer(b, np.uint8).reshape(args.size, args.size, 3) for b in out["pixels"]]
+    started_png = time.perf_counter()
+    for image in images:
+        encode_image(image, "png", 95)
+    result["png_encode_ms_per_image"] = round(1e3 * (time.perf_counter() - started_png) / len(images), 1)
+    reference = stages["decoder"](copy(inputs["decoder"]))  # bf16 eager latents of the fixed rows (fp8's baseline)
+    reference = stages["movq"](reference)
+    save()
 
-    unet = decoder_parts["unet"]
+    if not args.compile:
+        result["skipped"]["compiled"] = "--no-compile"
+    elif time.perf_counter() + (0 if args.smoke else NEEDS_S["compiled"]) > deadline:
+        result["skipped"]["compiled"] = f"needs about {NEEDS_S['compiled']} s; the budget had less left"
+    else:
+        log(f"compiling ({compiled.BACKEND})")
+        try:
+            compiles = compile_stages(stages, args, config)
+            mode, _, _ = measure(stages, args, device, flops, spec, peak, prefetch_off=False)
+            result["modes"]["compiled"] = {**mode, "compile": compiles, "fallback_calls": fallbacks(stages)}
+        except Exception as exc:  # reported, and the phases after it still run
+            if args.smoke:
+                raise
+            result["skipped"]["compiled"] = f"failed: {type(exc).__name__}: {str(exc)[:1000]}"
+        save()
+
+    if not args.fp8:
+        result["skipped"]["fp8"] = "--no-fp8"
+    elif time.perf_counter() + (0 if args.smoke else NEEDS_S["fp8"]) > deadline:
+        result["skipped"]["fp8"] = "the budget had no time left"
+    else:
+        try:
+            from kandinsky_engine import fp8
+
+            fp8.check_device(device, dtype)
+            log("fp8: fidelity against bf16, speed")
+            result["modes"]["fp8"] = fp8_mode(config, decoder_parts, stages, inputs, reference, clip, args, device,
+                                              deadline)
+        except ValueError as exc:  # this GPU, dtype or installation cannot run it: the reason
+            result["skipped"]["fp8"] = str(exc)
+        except Exception as exc:
+            result["skipped"]["fp8"] = f"failed: {type(exc).__name__}: {str(exc)[:1000]}"
+        save()
+
+    best = "compiled" if "compiled" in result["modes"] else "eager"
+    figures, total = result["modes"][best]["stages"], torch.cuda.get_device_properties(device).total_memory if cuda else None
+    result["stage_costs_mode"] = best
+    result["stage_costs"] = {
+        name: {"seconds_per_row": figures[name]["s_per_call"] / args.rows, "batch_size": args.rows,
+               "memory_share": None if total is None else round((figures[name]["peak_gib"] * 2**30 + CUDA_CONTEXT) / total, 4)}
+        for name in ("prior", "decoder", "movq")}
+    result["headline"] = {"mode": best, **{k: result["modes"][best][k] for k in ("gpu_images_per_s",
+                                                                               "end_to_end_images_per_s")}}
+    unet, text = decoder_parts["unet"], stages["prior"].text_encoder
     g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(2, 4, *shape[1:], device=device, dtype=dtype, generator=g)
+    x = torch.randn(2, 4, args.size // 8, args.size // 8, device=device, dtype=dtype, generator=g)
     cond = {"image_embeds": torch.randn(2, unet.config.encoder_hid_dim, device=device, dtype=dtype, generator=g)}
-    run_unet = lambda: unet(x, torch.tensor(999, device=device), encoder_hidden_states=None, added_cond_kwargs=cond)
-    text = stages["prior"].text_encoder
     tokens = stages["prior"].tokenizer([""] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    attention = {"unet": summary(attention_backends(unet, run_unet)),
-                 "text_encoder": summary(attention_backends(text, lambda: text(tokens.to(device)))),
-                 "movq": summary(attention_backends(movq, lambda: movq_decode(latents[:1], movq)))}
-    reference = fullsize.configs()["_flops_768"]
-    return {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype), "smoke": args.smoke,
-        "torch": torch.__version__, "size": f"{args.size}x{args.size}", "rows_per_call": args.rows,
-        "decoder_steps": args.decoder_steps, "prior_steps": args.prior_steps, "guidance": 4.0,
-        "scheduler": args.scheduler, "compile": args.compile, "channels_last": args.channels_last,
-        "build_s": round(build_s, 1), "stages_ready_s": round(ready_s, 1),
-        "gemm_peak_tflops": round(peak / 1e12, 3),
-        "stages": figures,
-        "end_to_end_images_per_s": round(e2e, 3),
-        "end_to_end_gpu_images_per_s": round(args.rows / gpu_s, 3),  # MoVQ without its PNG encoding (CPU)
-        "flop_per_image": flops_per_image,
-        "tflop_per_image": round(flops_per_image / 1e12, 2),
-        "tflop_per_image_by_stage": {k: round(v / 1e12, 3) for k, v in per_stage.items()},
-        "reference_tflop_per_image": None if args.smoke else reference["per_image_tflop_50_steps_cfg"],
-        "mfu": round(flops_per_image * e2e / peak, 3),
-        "mfu_gpu": round(flops_per_image * (args.rows / gpu_s) / peak, 3),  # without the PNG encoding
-        "attention_kernels": attention,
-        "total_s": round(time.perf_counter() - started, 1),
-    }
+    movq = decoder_parts["movq"]
+    result["attention_kernels"] = {
+        "unet": summary(attention_backends(unet, lambda: unet(x, torch.tensor(999, device=device),
+                                                              encoder_hidden_states=None, added_cond_kwargs=cond))),
+        "text_encoder": summary(attention_backends(text, lambda: text(tokens.to(device)))),
+        "movq": summary(attention_backends(movq, lambda: movq.decode(x[:1], force_not_quantize=True)))}
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    sync(device)
+    return result
+
+
+def write(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
@@ -232,11 +363,9 @@ def main(argv=None) -> int:
         print("bench --full-size: no CUDA device here, skipped (exit 0); --smoke runs the same code on the CPU "
               "at tiny sizes")
         return 0
-    result = json.dumps(run(args), indent=2)
-    print(result)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(result + "\n")
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    write(args.output, result)
     return 0
 
 

@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prior-steps", type=int, default=None, help="prior steps (default: --steps)")
     bench.add_argument("--loop-batch", type=int, default=8, help="rows per call of the diffusers loop")
     bench.add_argument("--threads", type=int, default=None,
-                       help="torch threads of the diffusers loop (default: this machine's CPUs, torch's own default)")
+                       help="also time the loop in one process with N torch threads (the like-for-like loops run at "
+                            "the job's budget: a process per model actor, with an actor's threads)")
     bench.add_argument("--no-batch1", dest="batch1", action="store_false", help="skip the batch-1 diffusers loop")
     bench.add_argument("--size", type=int, default=64)
     bench.add_argument("--output", metavar="FILE", help="also write the figures (JSON) to FILE")

@@ -18,6 +18,7 @@ from kandinsky_engine.units import limit_stops
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
 from kandinsky_engine.storage import access_checked, ensure_dir, remove_file, remove_tree, url_to_fs
+from pipelines.auto_layout import auto_layout
 from pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
 
 from .output_guard import check_output as check_target
@@ -100,6 +101,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     # Rows are checked by Ray tasks, one per file: still before the output is touched.
     manifest = validate_manifest(config, checker=check_with_ray, planned=planned)
     config = config.model_copy(update={"tasks": sorted(manifest.tasks)})  # stages keep only the models these need
+    config = auto_layout(config, manifest)  # where the config sets no layout: the fastest known for this cluster
     lease = Lease(fs, root, config.output.lease_ttl_s, path)
     if not dry_run:
         ensure_dir(fs, root)

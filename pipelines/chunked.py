@@ -130,6 +130,13 @@ class Chunked:
         # Once per actor, in the worker's log (Ray's session logs; the console with --verbose).
         _actor_log().info("%s loaded in %.1f s (pid %d)", self.name, time.perf_counter() - started, os.getpid())
 
+    @classmethod
+    def wrapping(cls, stage, batch_size: int) -> Chunked:
+        """A Chunked around a stage object built elsewhere (jobs/bench_gpu.py), without a crash ledger."""
+        self = cls.__new__(cls)
+        self.stage, self.name, self.batch_size, self.ledger = stage, type(stage).__name__, batch_size, None
+        return self
+
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if UNIT not in block:  # an empty block (its unit was committed)
             return block

@@ -18,5 +18,9 @@ $PIP download -q --no-deps --only-binary=:all: --python-version "$PYVER" --imple
     -d "$DEST" \
     diffusers==0.42.1 importlib-metadata==10.2.0 \
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+# torchao for the benchmark's fp8 mode (model.fp8): the release paired with the box's torch (2.11 there;
+# TORCHAO=0.18.0 beside torch 2.13). Its float8 linear layers need only torch's _scaled_mm, not its C++ kernels.
+$PIP download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp "${platforms[@]}" \
+    -d "$DEST" "torchao==${TORCHAO:-0.17.0}"
 ls -l "$DEST"
 du -sh "$DEST"

@@ -5,6 +5,7 @@ reference figures (kandinsky_engine/families/kandinsky22/reference/kandinsky22_c
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -22,17 +23,55 @@ def test_full_size_bench_skips_cleanly_without_cuda(capsys):
     assert capsys.readouterr().out.count("no CUDA device here, skipped") == 2
 
 
-def test_smoke_bench_runs_the_stages_and_reports_every_figure(tmp_path):
-    out = tmp_path / "bench.json"
-    assert bench_gpu.main(["--smoke", "--output", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["smoke"] and result["size"] == "64x64"
-    for stage in ("prior", "decoder", "movq", "movq_decode_only"):
-        assert result["stages"][stage]["rows_per_s"] > 0
-    assert result["flop_per_image"] > 0 and result["gemm_peak_tflops"] > 0 and 0 < result["mfu"] < 1
-    assert result["end_to_end_images_per_s"] > 0
+def test_gpu_check_smoke_runs_every_mode_and_writes_what_plan_reads(tmp_path, capsys):
+    """scripts/gpu_check.sh --smoke: the GPU script's steps on the CPU at tiny widths (the benchmark in
+    eager and compiled mode, a tracing backend; fp8 refused with its reason; the GPU tests, skipped),
+    one JSON with every figure, and the stage costs that `plan --from-measured` plans with."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jobs.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert check["bench_exit"] == 0 and check["gpu_tests"]["exit"] == 0 and "skipped" in check["gpu_tests"]["summary"]
+    out, result = tmp_path / "bench.json", check["bench"]
+    assert result["smoke"] and result["size"] == "64x64" and result["gpu"] is None
+    assert set(result["modes"]) == {"eager", "compiled"} and "compute capability 8.9" in result["skipped"]["fp8"]
+    for mode in result["modes"].values():
+        assert all(mode["stages"][s]["rows_per_s"] > 0 for s in ("prior", "decoder", "movq"))
+        assert mode["end_to_end_images_per_s"] > 0 and mode["mfu_end_to_end"]["measured_gemm_peak"] > 0
+    eager, compiled = result["modes"]["eager"], result["modes"]["compiled"]
+    assert "profile_without_prefetch" in eager and eager["profile"]["wall_s"] > 0
+    assert compiled["fallback_calls"] == {"prior": 0, "decoder": 0, "movq": 0}
+    assert set(compiled["compile"]) == {"prior", "decoder", "movq"}
+    assert result["headline"]["mode"] == "compiled" and result["stage_costs_mode"] == "compiled"
+    assert result["tflop_per_image"] >= 0 and sum(result["tflop_per_image_by_stage"].values()) >= 0
+    assert result["png_encode_ms_per_image"] > 0 and result["gemm_peak_tflops"] >= 0
     assert set(result["attention_kernels"]) == {"unet", "text_encoder", "movq"}
-    assert all(result["attention_kernels"][m] for m in result["attention_kernels"])
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"input": {"manifest": "m.parquet"}, "output": {"path": "out"},
+                                  "model": {"device": "cuda", "dtype": "bfloat16"},
+                                  "defaults": {"width": 64, "height": 64, "num_inference_steps": 2,
+                                               "prior_num_inference_steps": 2},
+                                  **{s: {"batch_size": 2} for s in ("prior", "decoder", "movq")}}))
+    capsys.readouterr()
+    assert main(["plan", str(config), "--gpus", "4", "--from-measured", str(out), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fuse_stages"] and plan["source"].startswith("measured on cpu (compiled) by jobs/bench_gpu.py")
+    costs = {s: c["seconds_per_row"] for s, c in result["stage_costs"].items()}
+    assert plan["seconds_per_row"] == pytest.approx(costs)  # the job's size and steps are the benchmark's
+
+
+def test_the_gpu_idle_time_is_the_complement_of_its_busy_intervals():
+    from jobs.gpu_measure import union
+
+    busy, gaps, window = union([(0, 10), (5, 20), (25, 30), (40, 45)])  # microseconds
+    assert (busy, gaps, window) == (30, [5, 10], 45)  # idle fraction 1 - 30 / 45
 
 
 def test_random_components_are_initialised_never_zero():
