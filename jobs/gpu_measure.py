@@ -3,12 +3,21 @@ the datasheet peak, and the GPU's idle time from the PyTorch profiler. No Ray, n
 
 from __future__ import annotations
 
+import sys
 import time
 
 # Dense bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets (without sparsity), by a substring
 # of torch.cuda.get_device_name. The first match counts: the specific names come first.
 SPEC_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
                ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0)]
+
+
+def log(message: str) -> None:
+    print(f"bench_gpu: {message}", file=sys.stderr, flush=True)
+
+
+def copy(batch: dict) -> dict:
+    return {k: v.copy() for k, v in batch.items()}  # stages mark failed rows in place
 
 
 def spec_tflops(name: str) -> float | None:

@@ -212,6 +212,7 @@ def write_run(fs, root: str, inputs: dict, config: JobConfig, tmp_tag: str) -> N
     config (credentials removed) that `kandinsky-batch verify` recomputes it with."""
     from pipelines.output import put_json
 
+    config = config._as_written or config  # as written: a layout the engine chose is resolved on each run
     settings = json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options))
     record = {"fingerprint": fingerprint(inputs), "inputs": inputs, "config": settings,
               "created_at": datetime.now(timezone.utc).isoformat()}

@@ -13,7 +13,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .images import DEFAULT_MAX_INPUT_BYTES, DEFAULT_READ_TIMEOUT_S
 from .sampling import SCHEDULERS
@@ -82,10 +82,11 @@ class ModelConfig(_Strict):
         "tolerance; see docs/performance.md.",
     )
     fp8: bool = Field(
-        False, description="Run the decoder U-Net's linear and convolution layers in float8 with dynamic scales "
-        "(torchao; NVIDIA GPUs of compute capability 8.9 or newer: Ada, Hopper, Blackwell); off by default. Needs "
-        "model.device cuda and the torchao package; refused elsewhere. Changes float results beyond the bfloat16 "
-        "bound (its measured distance from bfloat16 is in docs/performance.md); part of the run fingerprint.",
+        False, description="Run the decoder U-Net's linear layers in float8 with dynamic scales (torchao; NVIDIA "
+        "GPUs of compute capability 8.9 or newer: Ada, Hopper, Blackwell), and its convolutions where torchao has a "
+        "float8 kernel for them (compute capability 10.0); off by default. Needs model.device cuda, model.dtype "
+        "bfloat16 and the torchao package; refused elsewhere. Changes float results beyond the bfloat16 bound (the "
+        "GPU benchmark measures its distance from bfloat16, docs/performance.md); part of the run fingerprint.",
     )
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("KANDINSKY_CACHE", str(Path.home() / ".cache" / "kandinsky-engine")),
@@ -303,6 +304,10 @@ class OutputConfig(_Strict):
 
 class JobConfig(_Strict):
     """A whole batch job."""
+
+    # The config as written, where the engine chose the layout (pipelines/auto_layout.py): what _RUN.json
+    # records and `verify` recomputes the fingerprint from (the layout is resolved again on each cluster).
+    _as_written: "JobConfig | None" = PrivateAttr(default=None)
 
     input: InputConfig
     output: OutputConfig

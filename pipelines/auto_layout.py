@@ -115,6 +115,7 @@ def resolve(config: JobConfig, stages: list[str], cluster: dict) -> JobConfig:
         fields = cpu_fields(config, stages, cluster)
         update = {"fuse_stages": True, "decoder": config.decoder.model_copy(update=fields)}
     resolved = config.model_copy(update=update)
+    resolved._as_written = config._as_written or config
     d = resolved.decoder
     log.info("layout (the config sets none): %s, %d actor(s)%s", "fused stages" if resolved.fuse_stages else
              "a pool per stage", d.actors, f" of {d.threads()} torch thread(s)" if not d.num_gpus else " on whole GPUs")

@@ -144,16 +144,24 @@ class Chunked:
         starts = [i for i in range(len(units)) if i == 0 or units[i] != units[i - 1]] + [len(units)]
         chunks = [{k: v[a:b] for k, v in block.items()} for start, end in zip(starts, starts[1:])
                   for a, b in ((i, min(i + self.batch_size, end)) for i in range(start, end, self.batch_size))]
-        prefetch = getattr(self.stage, "prefetch", None)
         parts = []
         for k, chunk in enumerate(chunks):
-            if prefetch is not None:
-                for ahead in chunks[k : k + 2] if k == 0 else chunks[k + 1 : k + 2]:
-                    prefetch(ahead)
+            for ahead in chunks[k : k + 2] if k == 0 else chunks[k + 1 : k + 2]:
+                self._prefetch(ahead)
             parts.append(self.run(chunk))
-        if prefetch is not None:
-            prefetch(None)  # drop what a retried or split chunk left unused
+        self._prefetch(None)  # drop what a retried or split chunk left unused
         return merge(parts) if parts else block
+
+    def _prefetch(self, chunk) -> None:
+        """Tell the stage about a chunk ahead (None: the block is done). Only an optimisation: a chunk
+        the stage cannot prepare is prepared when it runs, where its failure is handled as any other."""
+        prefetch = getattr(self.stage, "prefetch", None)
+        if prefetch is None:
+            return
+        try:
+            prefetch(chunk)
+        except Exception as exc:
+            _actor_log().debug("%s: prefetch skipped (%s: %s)", self.name, type(exc).__name__, exc)
 
     def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Stages mark failed rows in place: a chunk retried after an exception starts clean.

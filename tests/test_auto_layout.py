@@ -4,6 +4,8 @@ sets its layout keeps it; and one default job on the local cluster runs that way
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kandinsky_engine.config import JobConfig
@@ -61,3 +63,10 @@ def test_a_job_without_a_layout_runs_fused_on_every_core(ray_cluster, model_cach
     summary = run_job(job)
     assert summary["rows"] == 4 and summary["failed_rows"] == 0
     assert "MapBatches(Fused)" in summary["ray_data_stats"]
+    # _RUN.json keeps the config as written (the layout is resolved on each run): verify recomputes the
+    # same fingerprint from it.
+    from jobs.verify import verify
+
+    assert "fuse_stages" not in json.loads((tmp_path / "o" / "_RUN.json").read_text())["inputs"]
+    check = verify(str(tmp_path / "o"))
+    assert check.ok, check.problems

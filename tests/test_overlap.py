@@ -4,7 +4,6 @@ actor's torch threads. (The GPU's idle time itself is measured by jobs/bench_gpu
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from kandinsky_engine import DecoderStage, PriorStage

@@ -152,8 +152,6 @@ class Kandinsky3UNetStage:
         """((n, L_max, D) embeddings, (n, L_max) float mask) of the rows' prompts (or negative prompts:
         zeros and a mask of zeros where a row has none, as diffusers for `negative_prompt=None`).
         Row r fills its own L_r positions (mask 1 for its tokens, then 0); beyond, zeros and mask -inf."""
-        import torch
-
         name = "negative_prompt" if negative else "prompt"
         lengths = [int(batch["context_length"][i]) for i in idx]
         embeds = np.zeros((len(idx), length, self.text_dim), np.float32)
