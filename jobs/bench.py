@@ -77,11 +77,12 @@ TINY_MODEL = {"kandinsky22": {"prior": "tiny", "decoder": "tiny"},
               "kandinsky3": {"decoder": "tiny-k3"}}
 
 
-def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> tuple[float, float]:
+def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> tuple[float, float, float]:
     """The loop a user writes: the family's diffusers pipelines (`config.model`, loaded with
     `from_pretrained` from the dirs the job loads), `batch_size` rows per call with a list of per-row
     generators (the seed rule), the family's defaults as the job resolved them (`config` after
-    `resolve_family`), PNG encoding included. Returns (load s, generation s)."""
+    `resolve_family`), PNG encoding included. Returns (load s, generation s, generation CPU s of the
+    process, every thread)."""
     import diffusers
     import torch
 
@@ -99,7 +100,7 @@ def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> t
     for pipe in (prior, decoder):
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
-    loaded = time.perf_counter()
+    loaded, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         prompts = [r["prompt"] for r in chunk]
@@ -113,11 +114,11 @@ def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> t
                          guidance_scale=d.guidance_scale, generator=generators(), output_type="np").images
         for image in images:  # (H, W, 3) floats in [0, 1]
             encode_image((image * 255).round().astype("uint8"), "png", 95)
-    return loaded - start, time.perf_counter() - loaded
+    return loaded - start, time.perf_counter() - loaded, time.process_time() - cpu
 
 
-def operator_times(stats: str | None) -> dict[str, float]:
-    """Per operator, the total remote wall time (s) from Ray Data's stats text."""
+def operator_times(stats: str | None, kind: str = "wall") -> dict[str, float]:
+    """Per operator, the total remote `kind` ("wall" or "cpu") time (s) from Ray Data's stats text."""
     import re
 
     times, name = {}, None
@@ -125,9 +126,9 @@ def operator_times(stats: str | None) -> dict[str, float]:
         header = re.match(r"Operator \d+ (.+?): \d+ tasks executed", line)
         if header:
             name = header.group(1)
-        wall = re.match(r"\* Remote wall time: .* ([\d.]+)(ms|s|us) total", line)
-        if name and wall:
-            times[name] = round(float(wall.group(1)) / {"s": 1, "ms": 1e3, "us": 1e6}[wall.group(2)], 3)
+        found = re.match(rf"\* Remote {kind} time: .* ([\d.]+)(ms|s|us) total", line)
+        if name and found:
+            times[name] = round(float(found.group(1)) / {"s": 1, "ms": 1e3, "us": 1e6}[found.group(2)], 3)
             name = None
     return times
 
@@ -151,10 +152,12 @@ def parallel_loops(config, rows: list[dict], batch_size: int, processes: int, th
     with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:
         times = pool.starmap(_loop_process, [(data, share, batch_size, threads) for share in shares])
     wall = time.perf_counter() - started
-    generation = max(g for _, g in times)
-    return {"processes": len(shares), "threads": threads, "load_s": round(max(lo for lo, _ in times), 2),
+    generation = max(g for _, g, _ in times)
+    return {"processes": len(shares), "threads": threads, "load_s": round(max(lo for lo, _, _ in times), 2),
             "generation_s": round(generation, 2), "wall_s": round(wall, 2),
-            "images_per_s": round(len(rows) / generation, 3), "images_per_s_end_to_end": round(len(rows) / wall, 3)}
+            "images_per_s": round(len(rows) / generation, 3), "images_per_s_end_to_end": round(len(rows) / wall, 3),
+            # CPU seconds per image, model loading excluded: what the load of a shared machine changes least
+            "cpu_s_per_image": round(sum(c for _, _, c in times) / len(rows), 4)}
 
 
 def steady_rate(out: str, shards: list[dict]) -> dict:
@@ -225,10 +228,10 @@ def run_bench(args) -> dict:
     load["loop_end"] = os.getloadavg()[0]
     one = None
     if args.threads:  # the loop a user writes: one process, N threads
-        load_s, loop_s = diffusers_loop(config, rows, args.loop_batch, args.threads)
+        load_s, loop_s, _ = diffusers_loop(config, rows, args.loop_batch, args.threads)
         one = {"threads": args.threads, "load_s": round(load_s, 2), "generation_s": round(loop_s, 2),
                "images_per_s": round(args.rows / loop_s, 3)}
-    load1_s, loop1_s = diffusers_loop(config, rows, 1, threads) if args.batch1 else (None, None)
+    loop1_s = diffusers_loop(config, rows, 1, threads)[1] if args.batch1 else None
     per_task = {}
     tasks = list(TASK_DECODER) if args.tasks == "all" else (args.tasks or "").split(",")
     for task in [t for t in tasks if t and t != "text2img"]:
@@ -242,6 +245,10 @@ def run_bench(args) -> dict:
         per_task[task] = {"rows": task_summary["rows"], "failed": task_summary["failed_rows"], "ray_job_s": round(seconds, 2),
                           "images_per_s": round(task_summary["rows"] / seconds, 3)}
     end_to_end = summary["rows"] / (ray_startup + job_s)
+    # CPU seconds per image of the job's model actors and encoding tasks (actors load their models in their
+    # constructors, outside these tasks), as the loops' excludes their loading.
+    cpu = operator_times(summary.get("ray_data_stats"), "cpu")
+    job_cpu = sum(v for name, v in cpu.items() if "Read" not in name) / summary["rows"]
     return {
         "family": family.name,
         "rows": args.rows,
@@ -261,7 +268,9 @@ def run_bench(args) -> dict:
         "breakdown_s": {"ray_start": round(ray_startup, 2), "plan_and_validate": round(job_s - summary["wall_time_s"], 2),
                         "first_unit (actor start + fill)": round(timeline.get("fill", 0.0), 2),
                         "steady": timeline.get("steady"), "drain": timeline.get("drain"),
-                        "operators_remote_wall": operator_times(summary.get("ray_data_stats"))},
+                        "operators_remote_wall": operator_times(summary.get("ray_data_stats")),
+                        "operators_remote_cpu": cpu},
+        "ray_job_cpu_s_per_image": round(job_cpu, 4),
         f"diffusers_batch{args.loop_batch}_loops": loops,
         "diffusers_one_process": one,
         "load_average_1m": {k: round(v, 2) for k, v in load.items()},
@@ -269,6 +278,7 @@ def run_bench(args) -> dict:
         "ratio_like_for_like": (round(steady["images_per_s"] / loops["images_per_s"], 3)
                                 if steady["images_per_s"] else None),
         "ratio_end_to_end": round(end_to_end / loops["images_per_s_end_to_end"], 3),
+        "ratio_cpu_per_image": round(loops["cpu_s_per_image"] / job_cpu, 3) if job_cpu else None,
         "ratio_vs_batch1_loop": round((summary["rows"] / job_s) / (args.rows / loop1_s), 3) if loop1_s else None,
         "per_task_ray_job": per_task,
     }
