@@ -84,7 +84,7 @@ def pick_shards(fs, root: str, count: int) -> list[str]:
                      if name.startswith(f"{DATA}/")]
         if files:
             return _spread(files, count)
-    except FileNotFoundError:
+    except Exception:  # missing (no run finished yet) or damaged: the folders are listed instead
         pass
     # No index yet (the first run is running, or was killed): list a few per-file folders.
     try:
@@ -108,5 +108,8 @@ def sample_rows(fs, root: str, max_rows: int = 200, max_shards: int = 16) -> lis
         if reader is None:
             continue
         share = -(-(max_rows - len(rows)) // (len(shards) - i))  # what is left, over the shards left
-        rows += [{**row, "shard": shard} for row in reader(fs, f"{root}/{shard}", share)]
+        try:
+            rows += [{**row, "shard": shard} for row in reader(fs, f"{root}/{shard}", share)]
+        except Exception:  # a damaged or vanished shard: `verify` names it; the sheet shows the others
+            continue
     return rows[:max_rows]

@@ -134,9 +134,15 @@ def _failures(fs, root: str, max_shards: int) -> dict:
         shards = []
     read = shards[:: max(1, -(-len(shards) // max_shards))][:max_shards]  # evenly spread over the job
 
+    damaged = []
+
     def columns(name):
-        with fs.open(name, "rb") as f:
-            return pq.read_table(f, columns=["id", "stage", "error_type", "message"]).to_pylist()
+        try:
+            with fs.open(name, "rb") as f:
+                return pq.read_table(f, columns=["id", "stage", "error_type", "message"]).to_pylist()
+        except Exception as exc:  # torn, foreign or vanished: named, and the others are still read
+            damaged.append(f"{name.removeprefix(root + '/')} ({type(exc).__name__}: {printable(exc, 120)})")
+            return []
 
     with ThreadPoolExecutor(8) as pool:
         rows = [row for table in pool.map(columns, read) for row in table]
@@ -146,7 +152,8 @@ def _failures(fs, root: str, max_shards: int) -> dict:
         examples = [{"id": r["id"], "message": r["message"]} for r in rows
                     if (r["stage"], r["error_type"]) == (stage, kind)][:EXAMPLES]
         groups.append({"stage": stage, "error_type": kind, "rows": n, "examples": examples})
-    return {"error_shards": len(shards), "error_shards_read": len(read), "rows_read": len(rows), "groups": groups}
+    return {"error_shards": len(shards), "error_shards_read": len(read), "rows_read": len(rows), "groups": groups,
+            "damaged": sorted(damaged)}
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -189,6 +196,8 @@ def format_status(s: dict) -> str:
             example = g["examples"][0]
             lines.append(f"  {g['stage']}: {g['error_type']}: {g['rows']} row(s), e.g. id {printable(example['id'], 60)}: "
                          f"{printable(example['message'])}")
+    for name in failures["damaged"]:
+        lines.append(f"unreadable error shard (skipped; a rerun rewrites it): {name}")
     for r in s["runs"]:
         speed = "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.2f}"
         lines.append(f"run {r['run']} finished {r['finished_at']}: {r['rows_computed']} computed, {r['rows_skipped']} "

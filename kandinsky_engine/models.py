@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import TINY, ModelConfig
+from .hub import is_hub_id
 from .model_cache import is_remote, mirror, read_json, remote_listing
 from .tiny import ensure_tiny_model
 
@@ -35,6 +36,8 @@ def resolve_source(source: str, part: str, cache_dir: str, storage_options: dict
         if part != "depth" and not (path / "model_index.json").exists():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
         return str(path)
+    if not is_hub_id(source):  # a path that is not there: not a hub id to look up either
+        raise FileNotFoundError(f"model.{part}: no such directory: {source}")
     return source  # a hub id; from_pretrained resolves it (needs network or a warm HF cache)
 
 

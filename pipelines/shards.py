@@ -6,7 +6,8 @@ when reading (so verify and resume need no config to read a shard):
 - `ParquetShards`: the unit's table as one Parquet file, the `image` column a Hugging Face Image
   struct{bytes, path} (kandinsky_engine/columns.py);
 - `TarShards`: a WebDataset shard, one tar per unit; per row `<key>.<ext>` (the encoded image) then
-  `<key>.json` (every other column of the Parquet row, the exact id included).
+  `<key>.json` (every other column of the Parquet row, the exact id included; NaN and infinite
+  floats are written as null, as strict JSON has no such numbers).
 
 A sample key must be a tar member name that webdataset and `datasets` split correctly (they cut
 the basename at its first dot), that no extraction turns into a path outside its folder, and that
@@ -25,6 +26,7 @@ import decimal
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 
@@ -90,7 +92,7 @@ class TarShards:
                     raise RuntimeError(f"sample key {key} of id {row['id']!r} is taken by another id of its unit")
                 keys.add(key)
                 _add(tar, f"{key}.{ext}", image["bytes"])
-                _add(tar, f"{key}.json", json.dumps(row, default=_json_value).encode())
+                _add(tar, f"{key}.json", json.dumps(_finite(row), default=_json_value, allow_nan=False).encode())
         return buf.getvalue()
 
     def ids(self, f) -> list:
@@ -145,6 +147,18 @@ def _metadata(tar: tarfile.TarFile):
     for member in tar:
         if member.name.endswith(".json"):
             yield json.loads(tar.extractfile(member).read())
+
+
+def _finite(value):
+    """`value` with every NaN or infinite float (pass-through columns, float signals) as None:
+    JSON has no such numbers, and Python's `NaN` literal is refused by most JSON parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_value(value):

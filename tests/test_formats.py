@@ -58,6 +58,19 @@ def test_tar_shard_is_deterministic_and_reads_with_webdataset(tmp_path):
     assert TarShards().decode(payload)[:2] == (len(HOSTILE), HOSTILE)
 
 
+def test_tar_json_is_strict_json_with_nan_and_infinity_as_null():
+    rows = [{"id": "x", "image": {"bytes": b"i", "path": image_path("x", "png")}, "score": float("nan"),
+             "embeds": [0.5, float("inf"), float("-inf")], "note": {"v": float("nan")}}]
+    tar = tarfile.open(fileobj=io.BytesIO(TarShards().encode(pa.Table.from_pylist(rows))))
+    text = next(tar.extractfile(m).read() for m in tar if m.name.endswith(".json"))
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == {"id": "x", "score": None, "embeds": [0.5, None, None],
+                                                       "note": {"v": None}}
+
+
 def test_hf_metadata_is_what_datasets_writes():
     import datasets
 

@@ -1,6 +1,7 @@
 """Manifest problems are found before any model loads, and named by file, column and id."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
@@ -72,6 +73,17 @@ def test_bad_rows_are_row_errors_not_job_failures(check, row, expected):
     for part in expected:
         assert part in message
     assert "img2img" not in manifest.tasks  # stages are planned for the valid rows only
+
+
+def test_ids_that_are_not_utf8_are_named_by_file_column_and_row(tmp_path, model_cache):
+    """Parquet does not check what a writer puts in a string column."""
+    values = [b"ok", b"\xff\xfebad", b"fine"]
+    offsets = pa.array([0, 2, 7, 11], pa.int32()).buffers()[1]
+    ids = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"".join(values))])
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ids, "prompt": ["a", "b", "c"]}), path)
+    with pytest.raises(ManifestError, match=r"m.parquet: column 'id' is not valid UTF-8 text at row\(s\) \[1\]"):
+        validate_manifest(make_config(model_cache, str(path), str(tmp_path / "out")))
 
 
 def test_duplicates_across_files_name_both(tmp_path, check, model_cache):

@@ -205,10 +205,10 @@ def test_errors_and_identity_hold_no_credentials(remote, tmp_path):
         resolve_source("s3://no-such-bucket/decoder", "decoder", str(tmp_path), options)
     for message in (str(err.value), str(err2.value)):
         assert KEY not in message and SECRET not in message
-    digests = {"prior": "a" * 64, "decoder": "b" * 64, "depth": "unresolved"}
+    digests = {"prior": "a" * 64, "decoder": "b" * 64, "depth": "c" * 64}
     identity = model_identity(ModelConfig(prior="sftp://alice:hunter22@host/models/prior", decoder="s3://b/d"), digests)
     assert identity == {"prior_model": f"sftp://***@host/models/prior@{'a' * 16}", "decoder_model": f"s3://b/d@{'b' * 16}",
-                        "depth_model": "tiny@unresolved"}
+                        "depth_model": f"tiny@{'c' * 16}"}
 
 
 def test_any_fsspec_filesystem(tiny_root, tmp_path):
