@@ -55,8 +55,10 @@ def load_pickle(path: str | Path, lightning: bool = False) -> dict:
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line),
-                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        # torch's message is long; its one useful line is what it refused ("Unsupported global: GLOBAL x.y").
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = next((line for line in lines if line.startswith("Unsupported")), None) or next(
+            (line.split("error:", 1)[1].strip() or "?" for line in lines if "error:" in line), type(exc).__name__)
         raise UnsafeCheckpoint(f"{path}: refused to unpickle ({refused}); the converter admits tensors and plain "
                                "containers only" + (", and Lightning's callback class names" if lightning else "")) from None
 

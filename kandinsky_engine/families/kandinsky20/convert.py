@@ -130,13 +130,16 @@ def convert_unet(sd: dict, what: str, head: int = HEAD_CHANNELS):
     from .text_head import Kandinsky20TextHead
     from .tiny import unet_config
 
-    layout = unet_layout(sd)
+    try:
+        layout = unet_layout(sd)
+        torso, used = unet_key_map(sd, layout, head)
+    except KeyError as exc:
+        raise ValueError(f"{what}: missing key {exc} of the original U-Net") from None
     levels = len(layout["channels"])
     config = unet_config(layout["in_channels"], layout["channels"], layout["layers"], layout["context_dim"], head)
     config["down_block_types"] = tuple("SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in layout["attention"])
     config["up_block_types"] = tuple("SimpleCrossAttnUpBlock2D" if layout["attention"][lv] else "ResnetUpsampleBlock2D"
                                      for lv in reversed(range(levels)))
-    torso, used = unet_key_map(sd, layout, head)
     head_sd = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES)}
     unused = sorted(set(sd) - used - set(head_sd))
     if unused:
