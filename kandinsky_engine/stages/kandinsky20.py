@@ -19,7 +19,7 @@ from ..models import resolve_source, load_module
 from ..rows import failed, generators, latent_size, mark_failed
 from ..sampling import guide, row_scales
 from .decoder import denoise_groups
-from .kandinsky20_sampling import (dynamic_threshold, img2img_start, linear_betas, make_sampler,
+from .kandinsky20_sampling import (check_steps, dynamic_threshold, img2img_start, linear_betas, make_sampler,
                                    q_sample_coefficients, q_sample_timestep)
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
@@ -69,6 +69,7 @@ class Kandinsky20UNetStage:
         start = {}  # row -> its sampler's start step (0: from noise); failed rows are absent
         for i in np.flatnonzero(~failed(batch)):
             try:
+                check_steps(self.sampler, int(steps[i]))
                 start[i] = (img2img_start(self.sampler, int(steps[i]), float(batch["strength"][i]))
                             if batch["task"][i] == "img2img" else 0)
             except ValueError as exc:

@@ -204,6 +204,14 @@ def make_sampler(kind: str, betas: np.ndarray, num_steps: int, start_step: int |
     raise ValueError(f"Kandinsky 2.0 runs the samplers {sorted(SAMPLERS)}, not {kind!r}")
 
 
+def check_steps(kind: str, num_steps: int) -> None:
+    """DDIM and PLMS take timesteps range(0, 1000, 1000 // N) + 1; where that reaches 1000 (N = 3, 27, 37, ...:
+    1000 // N divides 999) the original fails with an IndexError. Such a row fails alone, saying why."""
+    if kind != "ddpm" and (TRAIN_STEPS - 1) % (TRAIN_STEPS // num_steps) == 0 and num_steps > 1:
+        raise ValueError(f"{kind} with {num_steps} steps: the original's timesteps range(0, 1000, {TRAIN_STEPS // num_steps})"
+                         " + 1 reach 1000, past its schedule (it fails there too); choose another step count")
+
+
 def img2img_start(kind: str, num_steps: int, strength: float) -> int:
     """The original's `start_step = int(num_timesteps * (1 - strength_original))` with its strength = the share
     kept = 1 - ours (the share re-run); num_timesteps is N for p_sampler, 1000 for DDIM and PLMS."""
