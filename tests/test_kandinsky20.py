@@ -170,3 +170,16 @@ def test_img2img_and_inpaint(model_cache):
         # DDIM and PLMS end at alpha_cumprod[0] (the original's last alpha_prev), not 1: x = 0.99995 x0 + 0.01 eps
         repaint = np.abs((latents - init) * (1 - keep)).max()
         assert known <= (1e-6 if sampler == "ddpm" else 0.05) < repaint, (sampler, known, repaint)
+
+
+def test_example_config_is_valid(model_cache):
+    from pathlib import Path
+
+    from kandinsky_engine.config import load_config
+    from kandinsky_engine.manifest import validate_manifest
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "examples" / "kandinsky20.yaml"
+    config = load_config(path, [f"model.cache_dir={model_cache}"])
+    manifest = validate_manifest(config)
+    assert manifest.tasks == {"text2img", "img2img"} and manifest.row_errors == {}
+    assert resolve_family(config)[1].name == "kandinsky20"
