@@ -17,7 +17,6 @@ from ...stages.kandinsky20 import Kandinsky20UNetStage
 from ...stages.kandinsky20_text import Kandinsky20TextStage
 from ...stages.vae import KLDecodeStage, KLEncodeStage
 from .. import Family
-from .costs import STAGE_COSTS  # noqa: F401  (per-stage parameters, bf16 weights and FLOPs, for plan)
 from .tiny import write_tiny
 
 from .directory import CLASS_NAME as PIPELINE  # `_class_name` of convert-k20's and the tiny model's model_index.json

@@ -13,9 +13,24 @@ UNET = dict(channels=(384, 768, 1152, 1536), layers=3, context_dim=768, head_dim
 VAE = dict(channels=(128, 256, 512, 512), layers=2)
 HEAD = dict(text_dim1=1024, pooled_dim1=640, text_dim2=512, model_dim=768, time_embed_dim=1536, pooling_heads=8)
 
-# stage_costs() on diffusers 0.42 / transformers 5.23: {section: (parameters, GFLOP per row at 512 x 512)}.
-# The U-Net's GFLOP are per forward of one sample (x 2 with guidance, x steps); text: one prompt.
-STAGE_COSTS: dict = {}
+# FLOPs at 512 x 512 (64 x 64 latents), counted by torch.utils.flop_counter.FlopCounterMode on the meta-device
+# models of build_meta() (diffusers 0.42.1): one U-Net forward of one sample, one VAE decode / encode. The text
+# encoders' are 2 x their non-embedding parameters x 77 tokens (XLM-R large 303 M, mT5-small encoder 19 M).
+GFLOP_512 = {"unet_forward": 869.7, "vae_decode": 2514.5, "vae_encode": 1116.7, "text": 2 * (303e6 + 19e6) * 77 / 1e9}
+
+
+def flop_costs(config) -> dict[str, float]:
+    """GFLOP per row of each stage at the job's defaults (`plan --from-flops`): the U-Net x 2 with guidance x
+    steps, the VAE by pixels at the 64-rounded working size, the text encoders once (the "" negative is
+    encoded once per actor); `encode` only for img2img and inpaint rows."""
+    import math
+
+    d = config.defaults
+    pixels = (64 * math.ceil(d.width / 64)) * (64 * math.ceil(d.height / 64)) / 512**2
+    guided = 2 if d.guidance_scale > 1 else 1
+    return {"text_encoder": GFLOP_512["text"], "encode": GFLOP_512["vae_encode"] * pixels,
+            "decoder": guided * GFLOP_512["unet_forward"] * d.num_inference_steps * pixels,
+            "movq": GFLOP_512["vae_decode"] * pixels}
 
 
 def build_meta():
