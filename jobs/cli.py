@@ -138,6 +138,15 @@ def cmd_stage_model(args) -> int:
     return 0
 
 
+def cmd_convert_k20(args) -> int:
+    from kandinsky_engine.families.kandinsky20.convert import convert
+
+    options = _config(args).storage_options if args.config else None
+    dest = convert(args.src, args.dest, task=args.task, head_channels=args.head_channels, storage_options=options)
+    print(f"converted Kandinsky 2.0 ({args.task}) to {dest}; name it in the config: model.decoder: {dest}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.family != "kandinsky22" and (args.full_size or args.plan or args.order):
         raise SystemExit(f"bench --family {args.family}: only the Ray job vs diffusers loop comparison; "
@@ -252,9 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
     stage.set_defaults(func=cmd_stage_model)
 
+    k20 = add("convert-k20", help="convert the original Kandinsky 2.0 files (ai-forever/Kandinsky-2: U-Net .pt, vae.ckpt, "
+                                  "text_encoder1/, text_encoder2/) to a safetensors model directory; see docs/kandinsky20.md")
+    k20.add_argument("src", help="folder of the original files, local or URL (e.g. s3://bucket/kandinsky-2-0/)")
+    k20.add_argument("dest", help="new local directory to write")
+    k20.add_argument("--task", choices=["text2img", "inpainting"], default="text2img",
+                     help="which U-Net: Kandinsky-2-0.pt (text2img and img2img) or Kandinsky-2-0-inpainting.pt")
+    k20.add_argument("--head-channels", type=int, default=64, help="channels per attention head (the original's "
+                     "num_head_channels, 64; the weights do not show it)")
+    k20.add_argument("--config", help="a job config whose storage_options to use for SRC (default: the environment)")
+    k20.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
+    k20.set_defaults(func=cmd_convert_k20)
+
     bench = add("bench", help="Ray job vs a plain diffusers loop on the same rows")
     bench.add_argument("--rows", type=int, default=32)
-    bench.add_argument("--family", default="kandinsky22", choices=["kandinsky22", "kandinsky21", "kandinsky3"],
+    bench.add_argument("--family", default="kandinsky22", choices=["kandinsky22", "kandinsky21", "kandinsky3", "kandinsky20"],
                        help="the model family: its tiny model in the Ray job, its diffusers pipelines in the loop")
     bench.add_argument("--steps", type=int, default=10, help="decoder steps")
     bench.add_argument("--prior-steps", type=int, default=None, help="prior steps (default: --steps)")

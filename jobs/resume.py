@@ -78,6 +78,8 @@ def defaults_of(config: JobConfig) -> dict:
     defaults = config.defaults.model_dump(mode="json")
     if not defaults["task_defaults"]:  # as before per-task defaults existed (Kandinsky 2.2 has none)
         del defaults["task_defaults"]
+    if defaults["ddim_eta"] is None:  # Kandinsky 2.0's alone: the other families' fingerprints stay as they were
+        del defaults["ddim_eta"]
     return defaults
 
 

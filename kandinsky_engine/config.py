@@ -46,7 +46,7 @@ class ModelConfig(_Strict):
         TINY,
         description="Decoder pipeline (U-Net + MoVQ; with Kandinsky 2.1 and 3 also the text encoder): its "
         "model_index.json names the model family. 'tiny', 'tiny-inpaint' or 'tiny-controlnet' (2.2), 'tiny-k21' "
-        "or 'tiny-k21-inpaint' (2.1), 'tiny-k3' (3), a local "
+        "or 'tiny-k21-inpaint' (2.1), 'tiny-k3' (3), 'tiny-k20' or 'tiny-k20-inpaint' (2.0), a local "
         f"or remote directory, or a hub id such as '{HUB_DECODER}', '{HUB_DECODER}-inpaint' or "
         "'kandinsky-community/kandinsky-2-2-controlnet-depth'.",
     )
@@ -57,7 +57,7 @@ class ModelConfig(_Strict):
         "or a hub id such as 'Intel/dpt-hybrid-midas'.",
     )
     family: str = Field(
-        "auto", description="Model family: 'kandinsky22', 'kandinsky21' or 'kandinsky3', or 'auto' (default): "
+        "auto", description="Model family: 'kandinsky22', 'kandinsky21', 'kandinsky3' or 'kandinsky20', or 'auto' (default): "
         "the family whose diffusers pipeline model.decoder's model_index.json names (`_class_name`). See README, "
         "Model families.",
     )
@@ -164,12 +164,18 @@ class GenerationDefaults(_Strict):
         "{img2img: {guidance_scale: 7.0}}. The model family fills in its pipelines' own (Kandinsky 2.1's img2img "
         "guides at 7.0) unless the field is set here or above.",
     )
-    scheduler: Literal[tuple(SCHEDULERS)] = Field(
+    scheduler: Literal[(*SCHEDULERS, "plms")] = Field(
         "ddpm",
         description="Decoder sampler, for the whole job: 'ddpm' (the model's own DDPMScheduler), 'ddim', 'dpmpp' "
         "(DPM-Solver++ multistep), 'unipc' or 'euler', each built from the decoder's scheduler config as "
         "diffusers swaps schedulers. The deterministic ones give comparable images in 20-30 steps instead of "
-        "100. The prior always runs its UnCLIPScheduler (see README, Performance).",
+        "100. The prior always runs its UnCLIPScheduler (see README, Performance). Kandinsky 2.0 runs its "
+        "original repository's samplers: 'ddpm' (p_sampler), 'ddim' (its default) or 'plms' (docs/kandinsky20.md).",
+    )
+    ddim_eta: float | None = Field(
+        None, ge=0, description="Kandinsky 2.0's DDIM eta (the noise of each step; 0 is deterministic); None: the "
+        "family's default, 0.05 as the original's generate_* functions (which ignore it and run 0). Unused by the "
+        "other families, whose DDIM runs with eta 0 as their diffusers pipelines.",
     )
 
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "6"  # bump when a family's tiny architecture changes, so cached copies are rebuilt
+TINY_VERSION = "7"  # bump when a family's tiny architecture changes, so cached copies are rebuilt
 
 
 def write_tiny_model(root: str | os.PathLike) -> Path:

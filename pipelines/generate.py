@@ -271,7 +271,7 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
                             batch_format="numpy", num_cpus=IO_CPUS)
     stages = model_stages(config, manifest)
     # The MoVQ hands raw pixels on: they are encoded below, off the model actors.
-    extra = lambda cls, kwargs: {**kwargs, "encode": False} if cls is MovqStage else kwargs  # noqa: E731
+    extra = lambda cls, kwargs: {**kwargs, "encode": False} if issubclass(cls, MovqStage) else kwargs  # noqa: E731
     if config.fuse_stages:
         fused = fused_config(config, stages)
         args = stage_args(None, config.decoder, fused)

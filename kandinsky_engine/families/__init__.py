@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import GenerationDefaults, JobConfig, ModelConfig
+from ..sampling import SCHEDULERS
 
 # (config section, stage class, constructor kwargs): one model stage of a job, in plan order.
 StagePlan = tuple[str, type, dict]
@@ -37,12 +38,13 @@ class Family:
     # The JobConfig stage sections its stages are scheduled by (their batch sizes and threads enter
     # the run's fingerprint).
     sections: tuple[str, ...] = ("prior", "hint", "encode", "decoder", "movq")
+    schedulers: tuple[str, ...] = tuple(SCHEDULERS)  # the values of defaults.scheduler its decoder runs
 
 
 def _registry() -> dict[str, Family]:
-    from . import kandinsky3, kandinsky21, kandinsky22
+    from . import kandinsky3, kandinsky20, kandinsky21, kandinsky22
 
-    return {f.name: f for f in (kandinsky22.FAMILY, kandinsky21.FAMILY, kandinsky3.FAMILY)}
+    return {f.name: f for f in (kandinsky22.FAMILY, kandinsky21.FAMILY, kandinsky3.FAMILY, kandinsky20.FAMILY)}
 
 
 FAMILIES = _registry()
@@ -102,6 +104,8 @@ def with_family(config: JobConfig, family: Family) -> JobConfig:
         update["task_defaults"] = {t: f for t, f in tasks.items() if f}
     defaults = GenerationDefaults.model_validate({**config.defaults.model_dump(), **update})
     defaults.__pydantic_fields_set__ = set(given)  # what the user set stays what the user set
+    if defaults.scheduler not in family.schedulers:
+        raise ValueError(f"defaults.scheduler={defaults.scheduler!r}: {family.title} runs {list(family.schedulers)}")
     model = config.model.model_copy(update={"family": family.name})
     return config.model_copy(update={"model": model, "defaults": defaults})
 

@@ -105,6 +105,8 @@ class MovqStage:
     adds `pixels` (raw uint8 bytes) instead of `image`, for `encode_images` to encode elsewhere.
     """
 
+    to_uint8 = staticmethod(to_uint8)  # decoder output -> (B, H, W, 3) uint8; other decoders' stages swap it
+
     def __init__(self, config: JobConfig, components: dict | None = None, encode: bool = True):
         """`components`: {movq}, ready on the stage's device, instead of loading config.model.decoder's."""
         import torch
@@ -145,7 +147,7 @@ class MovqStage:
                     continue
                 z = np.stack([unpack(batch["latents"][i], latent_shape) for i in idx])  # (n, 4, H/8, W/8)
                 decoded = self.decode(torch.from_numpy(z).to(self.device, self.movq.dtype), movq=self.movq)
-                for i, image in zip(idx, to_uint8(decoded)):  # (n, 3, H, W) -> (H, W, 3) uint8
+                for i, image in zip(idx, self.to_uint8(decoded)):  # (n, 3, H, W) -> (H, W, 3) uint8
                     pixels[i] = image
         raw, widths, heights = [], [], []
         for i, image in enumerate(pixels):
