@@ -12,7 +12,6 @@ the position-ids buffer older transformers versions saved (`*.position_ids`). Te
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .checkpoints import lightning_state_dict, local_copy, state_dict
