@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench image
+.PHONY: install demo test fuzz bench image
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -26,6 +26,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q --durations=30
+
+# The randomized resume state machine with a long budget (CI plays a few short sequences);
+# FUZZ_SEED=<the printed seed> replays a sequence.
+FUZZ_EXAMPLES ?= 25
+FUZZ_STEPS ?= 10
+fuzz: $(VENV)/.installed
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_STEPS=$(FUZZ_STEPS) $(VENV)/bin/python -m pytest -q -s tests/test_resume_random.py
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/kandinsky-batch bench --rows 64 --steps 10
