@@ -108,7 +108,16 @@ def cmd_verify(args) -> int:
     config = _config(args) if args.config else None
     check = verify(args.output, config=config, deep=not args.quick)
     print(report(check, args.output), file=sys.stdout if check.ok else sys.stderr)
-    return 0 if check.ok else 1
+    ok = check.ok
+    if args.recompute or args.recompute_id:
+        from jobs.reproduce import recompute
+        from jobs.reproduce import report as recompute_report
+
+        result = recompute(args.output, args.recompute, args.recompute_id or [], config=config, device=args.device,
+                           tolerance=args.tolerance)
+        print(recompute_report(result, args.output), file=sys.stdout if result.ok else sys.stderr)
+        ok = ok and result.ok
+    return 0 if ok else 1
 
 
 def positive_int(text: str) -> int:
@@ -247,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="the job config (for storage options); default: the one in PATH/_RUN.json")
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
     check.add_argument("--quick", action="store_true", help="compare shard sizes only, not their sha256")
+    check.add_argument("--recompute", type=int, default=0, metavar="N",
+                       help="also render N sampled rows again on this machine, from the output's own record, and "
+                            "compare their images with the stored ones (see jobs/reproduce.py)")
+    check.add_argument("--recompute-id", action="append", metavar="ID", help="also render the row with this id again")
+    check.add_argument("--device", help="with --recompute: render on this torch device (e.g. cpu for a GPU run: "
+                                        "float32, compared within --tolerance)")
+    check.add_argument("--tolerance", type=int, default=1, metavar="K",
+                       help="with --recompute: largest per-channel difference accepted, in /255 (default 1)")
     check.set_defaults(func=cmd_verify)
 
     tiny = add("tiny-model", help="write the tiny random model (DIR/prior, DIR/decoder)")

@@ -199,8 +199,6 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     """Every invariant of the output at `path`. The job config comes from its `_RUN.json`, or from
     `config` (whose storage options then reach the manifest, output and models)."""
     from kandinsky_engine.columns import output_schema
-    from kandinsky_engine.config import JobConfig
-    from kandinsky_engine.families import resolve_family
     from kandinsky_engine.identity import weights_digests
     from kandinsky_engine.manifest import validate_manifest
 
@@ -212,12 +210,9 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     run = read_run(fs, root)
     if run is None:
         return Check(problems=[f"{path}: no _RUN.json: not the output of a job run by this tool (or not started)"])
-    if config is None:
-        if "config" not in run:
-            return Check(problems=[f"{path}/_RUN.json records no config (older version): pass --config JOB.yaml"])
-        config = JobConfig.model_validate({**run["config"], "storage_options": {}})
-    config = config.model_copy(update={"output": config.output.model_copy(update={"path": path})})
-    config, family = resolve_family(config)
+    if config is None and "config" not in run:
+        return Check(problems=[f"{path}/_RUN.json records no config (older version): pass --config JOB.yaml"])
+    config, family = job_config(path, run, config)
     manifest = validate_manifest(config, rehash=True)  # the bytes, never the digest cache
     weights = weights_digests(config.model, config.storage_options, family.parts, rehash=True)
     inputs = fingerprint_inputs(config, manifest.schema, weights)
@@ -242,6 +237,18 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
         if summary.get("complete") and not all(f["complete"] for f in check.files):
             check.problems.append(f"{SUMMARY}: says complete, but not every unit is committed")
     return check
+
+
+def job_config(path: str, run: dict, config=None):
+    """(config, family) of the output at `path`: `config` if given, else the one its _RUN.json
+    records, with output.path set to `path` (the output may have moved)."""
+    from kandinsky_engine.config import JobConfig
+    from kandinsky_engine.families import resolve_family
+
+    if config is None:
+        config = JobConfig.model_validate({**run["config"], "storage_options": {}})
+    config = config.model_copy(update={"output": config.output.model_copy(update={"path": path})})
+    return resolve_family(config)
 
 
 def _read_summary(fs, root: str, problems: list[str]) -> dict:

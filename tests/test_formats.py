@@ -22,7 +22,7 @@ from kandinsky_engine.columns import HF_METADATA, SIGNAL_TYPES
 from kandinsky_engine.stages.movq import encode_images
 from kandinsky_engine.stages.score import ClipScoreStage
 from pipelines.shards import TarShards, image_path, sample_key
-from tests.conftest import batch_of, make_config, put_manifest, write_manifest
+from tests.conftest import batch_of, make_config, png, put_manifest, write_manifest
 
 SIGNALS = list(SIGNAL_TYPES)
 # Ids that must stay unique and safe as tar member names: traversal, separators, dots (webdataset
@@ -200,25 +200,42 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
 
 def test_webdataset_resumes_on_s3(ray_cluster, model_cache, s3):
     """A --limit run then the full run against the S3 API: tar shards under the layout, each row
-    once, the index records every shard, verify passes."""
+    once, the index records every shard, verify passes. Then a row whose input was missing is retried
+    (attempt 2: a `-a2.tar`), and a damaged tar is set aside and its unit recomputed."""
     from jobs.run import run_job
     from jobs.verify import verify
 
     fs, options = s3
     ids = [f"r{i}" for i in range(6)]
-    put_manifest(fs, "kandinsky/wds/m.parquet", [{"id": i, "prompt": "a fox"} for i in ids])
+    put_manifest(fs, "kandinsky/wds/m.parquet", [{"id": i, "prompt": "a fox"} for i in ids] + [
+        {"id": "late", "prompt": "a fox", "task": "img2img", "image_uri": "s3://kandinsky/wds/in/late.png",
+         "strength": 0.5}])
+    ids.append("late")
     config = make_config(model_cache, "s3://kandinsky/wds/m.parquet", "s3://kandinsky/wds-out",
                          input={"rows_per_block": 2}, output={"format": "webdataset", "columns": ["sha256"]})
     config = config.model_copy(update={"storage_options": options})
     assert run_job(config, limit=2)["rows"] == 2
     summary = run_job(config)
-    assert (summary["rows"], summary["rows_skipped"]) == (6, 2)
+    assert (summary["rows"], summary["failed_rows"], summary["rows_skipped"]) == (6, 1, 2)  # late.png is missing
+    fs.pipe("kandinsky/wds/in/late.png", png("orange"))
+    summary = run_job(config)
+    assert (summary["rows"], summary["failed_rows"], summary["rows_retried"]) == (7, 0, 1)
     assert verify("s3://kandinsky/wds-out", config=config).ok
     fs.invalidate_cache()
     keys = sorted(k.removeprefix("kandinsky/wds-out/") for k in fs.find("kandinsky/wds-out/data"))
-    assert len(keys) == 3 and all(re.fullmatch(r"data/[\w-]+/part-\d{12}-[0-9a-f]{16}-a1\.tar", k) for k in keys)
+    assert len(keys) == 5 and sum(k.endswith("-a2.tar") for k in keys) == 1
+    assert all(re.fullmatch(r"data/[\w-]+/part-\d{12}-[0-9a-f]{16}-a[12]\.tar", k) for k in keys)
     assert {s["file"] for s in summary["shards"]} == set(keys)
     got = [json.loads(tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"kandinsky/wds-out/{k}"))).extractfile(m).read())
            for k in keys for m in tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"kandinsky/wds-out/{k}")))
            if m.name.endswith(".json")]
-    assert sorted(r["id"] for r in got) == ids and all(len(r["sha256"]) == 64 for r in got)
+    assert sorted(r["id"] for r in got) == sorted(ids) and all(len(r["sha256"]) == 64 for r in got)
+    torn = f"kandinsky/wds-out/{keys[0]}"
+    fs.pipe(torn, fs.cat_file(torn)[:700])  # a tar cut short
+    fs.invalidate_cache()
+    assert not verify("s3://kandinsky/wds-out", config=config).ok
+    summary = run_job(config)
+    assert summary["runs"][-1]["damaged"] == [keys[0]] and summary["rows_computed"] == 2
+    assert verify("s3://kandinsky/wds-out", config=config).ok
+    fs.invalidate_cache()
+    assert fs.exists(f"kandinsky/wds-out/_damaged/{summary['runs'][-1]['run']}/{keys[0]}")

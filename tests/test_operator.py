@@ -37,9 +37,11 @@ def job_rows() -> list[dict]:
     return [{"id": "bad</td><script>", "prompt": None}] + rows  # a validation failure in the first unit, hostile id
 
 
-def cli(config_file: Path, out: Path, kill_after_rows: int | None, interval_s: float) -> tuple[int, str, float]:
+def cli(config_file: Path, out: Path, kill_after_rows: int | None, interval_s: float,
+        seen: list | None = None) -> tuple[int, str, float]:
     """`kandinsky-batch run` in its own process, stdout piped; SIGKILLed once its progress file says
-    `kill_after_rows` rows are committed. Returns (exit code, output, seconds)."""
+    `kill_after_rows` rows are committed (and `status` read into `seen` just before, while it runs).
+    Returns (exit code, output, seconds)."""
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "jobs.cli", "run", str(config_file), "--progress-interval", str(interval_s), "--report"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
@@ -48,6 +50,8 @@ def cli(config_file: Path, out: Path, kill_after_rows: int | None, interval_s: f
         progress = [json.loads(p.read_text() or "{}") for p in (out / "_runs").glob("*.progress")] \
             if (out / "_runs").exists() else []
         if any(p.get("committed", 0) >= kill_after_rows for p in progress):
+            if seen is not None:
+                seen.append(read_status(str(out)))
             proc.send_signal(signal.SIGKILL)  # the driver only, as a lost node would
             break
         time.sleep(0.1)
@@ -67,13 +71,22 @@ def job(model_cache, tmp_path_factory):
                          defaults={**FAST, "num_inference_steps": 12})
     config_file = tmp / "job.json"  # JSON is YAML
     config_file.write_text(json.dumps({**config.model_dump(mode="json"), "storage_options": {}}))
-    code, text, _ = cli(config_file, out, kill_after_rows=8, interval_s=1)
+    running = []
+    code, text, _ = cli(config_file, out, kill_after_rows=8, interval_s=1, seen=running)
     assert code == -signal.SIGKILL, text[-3000:]
     killed = read_status(str(out))
     url, _ = write_report(str(out))
     killed_html = Path(url).read_text()
     final = cli(config_file, out, kill_after_rows=None, interval_s=INTERVAL)
-    return out, {"killed": (killed, killed_html), "final": final}
+    return out, {"running": running[0], "killed": (killed, killed_html), "final": final}
+
+
+def test_status_of_running_job(job):
+    _, runs = job
+    status = runs["running"]
+    assert status["state"] == "running", status["state"]
+    assert not status["lease"]["expired"] and not status["lease"]["owner_gone"]
+    assert status["current"]["state"] == "running" and status["committed"] >= 8 and status["total"] == ROWS
 
 
 def test_progress_lines_and_quiet_console(job):
@@ -140,6 +153,28 @@ class Figures(HTMLParser):
             self.figures.setdefault(attrs["data-figure"], attrs["data-value"])
         if attrs.get("id") == "decode-check":
             self.check = attrs
+
+
+def test_report_keeps_user_text_inert_and_prices_gpu_time(job, tmp_path):
+    """The page as parsed HTML (no browser needed): hostile ids and prompts stay text, and GPU-hours
+    are each run's GPU reservation x its wall time, priced."""
+    out, _ = job
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    runs = sorted((copy / "_runs").glob("*.json"))
+    for i, path in enumerate(runs):  # as if the runs had held 2 and 3 GPUs
+        path.write_text(json.dumps({**json.loads(path.read_text()), "gpus_reserved": 2 + i}))
+    url, _ = write_report(str(copy), gpu_hour_price=2.5)
+    page = Path(url).read_text()
+    parsed = Figures()
+    parsed.feed(page)
+    hours = sum((2 + i) * json.loads(p.read_text())["wall_time_s"] for i, p in enumerate(runs)) / 3600
+    assert hours > 0 and float(parsed.figures["gpu_hours"]) == pytest.approx(hours, abs=1e-4)
+    assert float(parsed.figures["dollars"]) == pytest.approx(2.5 * hours, abs=0.01)
+    assert all(attrs.get("class") == "thumb" for tag, attrs in parsed.tags if tag == "img")
+    assert sum(tag == "script" for tag, _ in parsed.tags) == 1
+    assert HOSTILE not in page and "&lt;img src=x onerror=" in page  # escaped, so never markup
+    assert "bad&lt;/td&gt;&lt;script&gt;" in page
 
 
 def test_report_in_a_browser(job, tmp_path):

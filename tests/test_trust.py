@@ -264,3 +264,27 @@ def test_status_says_partial_after_a_limited_run(job):
     summary = run_job(config, limit=12)  # a.parquet's 12 rows, all committed: nothing to compute
     assert (summary["complete"], summary["rows_computed"]) == (False, 0)
     assert read_status(str(out))["state"] == "partial (--limit 12)"
+
+
+def test_recompute_renders_rows_again_and_catches_a_lying_writer(job, capsys):
+    """`verify --recompute`: sampled and named rows rendered again from the output's own record
+    are byte-identical here; an image swapped by a writer that also fixed the index (so every
+    integrity check passes) is caught."""
+    from jobs.cli import main
+    from jobs.reproduce import recompute
+
+    _, _, out = job
+    result = recompute(str(out), 2, ["r05"])
+    assert result.expect_identical and len(result.rows) == 3 and result.ok
+    assert {r.status for r in result.rows} == {"identical"} and "r05" in {r.id for r in result.rows}
+    shard = shard_of(out, 4)
+    table = pq.read_table(shard)
+    image = table["image"].to_pylist()
+    image[1] = {**image[1], "bytes": image[2]["bytes"]}  # r05 shows r06's picture
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
+                                    pa.array(image, table.schema.field("image").type)), shard)
+    reindex(out, shard)
+    assert verify(str(out)).ok  # the lie passes every integrity check
+    assert main(["verify", str(out), "--recompute-id", "r05"]) == 1
+    err = capsys.readouterr().err
+    assert "'r05' (data/a-" in err and ": differs, max |Δ| " in err
