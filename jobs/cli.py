@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 
@@ -391,5 +392,31 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}"
 
 
+def entry() -> None:
+    """The `kandinsky-batch` command: `main`, then `leave`."""
+    leave(main())
+
+
+def leave(code: int) -> None:
+    """End the process with `code`, skipping the interpreter's own shutdown. By then every result
+    is written and printed; what shutdown would still run is native library teardown and daemon
+    threads (fsspec's event loop, tqdm's monitor, Ray's core worker), and an abort there (SIGABRT,
+    exit -6) must not replace a finished command's exit code. A local Ray cluster this process
+    started is shut down first, as Ray's own exit hook would."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 (the result stands; the cluster's processes end with this one)
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 (a closed pipe: nothing more to say)
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -135,7 +135,7 @@ def test_build_context_builds_the_wheel_the_image_installs(tmp_path):
     modules = {str(p.relative_to(ROOT)) for pkg in ("jobs", "kandinsky_engine", "pipelines")
                for p in (ROOT / pkg).glob("*.py")}
     assert modules <= names
-    assert "kandinsky-batch = jobs.cli:main" in entry_points
+    assert "kandinsky-batch = jobs.cli:entry" in entry_points
 
 
 def test_make_image_builds_this_dockerfile_from_the_root():
