@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.storage import is_object_store, redact_url, refuse_glob, remove_tree, url_to_fs
-from pipelines.output import LEASE, OWNED_ENTRIES, RUN_FILE
+from pipelines.output import LEASE, MANIFESTS, OWNED_ENTRIES, RUN_FILE
 
 log = logging.getLogger("kandinsky_engine")
 # For messages: "data/, errors/, _tmp/, _damaged/, _runs/, _SUCCESS.json, _RUN.json" (folders first).
@@ -136,13 +136,13 @@ def is_empty(fs, root: str) -> bool:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         return True
-    return all((is_object_store(fs) and _is_marker(entry, root)) or _is_lease(entry) for entry in entries)
+    return all((is_object_store(fs) and _is_marker(entry, root)) or _before_the_run(entry) for entry in entries)
 
 
-def _is_lease(entry: dict) -> bool:
-    """A run's lease, which it takes before it writes anything: a killed run can leave one in an
-    output that is otherwise empty."""
-    return entry["name"].rstrip("/").rsplit("/", 1)[-1] == LEASE
+def _before_the_run(entry: dict) -> bool:
+    """What a run writes before `_RUN.json`, so that a killed run can leave it in an output that is
+    otherwise empty: its lease, and the Parquet copies of text manifests (content-named)."""
+    return entry["name"].rstrip("/").rsplit("/", 1)[-1] in (LEASE, MANIFESTS)
 
 
 def _is_marker(entry: dict, root: str) -> bool:
@@ -151,9 +151,11 @@ def _is_marker(entry: dict, root: str) -> bool:
 
 
 def remove_owned(fs, root: str) -> list[str]:
-    """Remove this tool's entries under `root`, in OWNED_ENTRIES order, and nothing else."""
+    """Remove this tool's entries under `root`, in OWNED_ENTRIES order, and nothing else; but
+    `_manifests/`, copies of the job's input named by their content, which the run that
+    overwrites has just made (kandinsky_engine/text_manifest.py)."""
     removed = []
-    for entry in OWNED_ENTRIES:
+    for entry in (e for e in OWNED_ENTRIES if e != MANIFESTS):
         if remove_tree(fs, f"{root}/{entry}"):
             removed.append(entry)
     log.info("--overwrite: removed %s from %s", ", ".join(removed) or "nothing", redact_url(root))

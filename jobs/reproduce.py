@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from kandinsky_engine.normalize import text_ids
 from kandinsky_engine.storage import url_to_fs
 from kandinsky_engine.units import file_key
 from pipelines.output import DATA, INDEX, parse_shard, read_records
@@ -111,7 +112,7 @@ def _unit_of(row_id: str, manifest, config) -> tuple[str, int]:
     for file in manifest.files:
         fs, _ = url_to_fs(file.path, config.storage_options)
         with fs.open(file.path, "rb") as f:
-            column = pq.read_table(f, columns=["id"])["id"].to_pylist()
+            column = text_ids(pq.read_table(f, columns=["id"])["id"].combine_chunks())
         if row_id in column:
             rows_per_block = config.rows_per_block()
             return file_key(file.relpath), column.index(row_id) // rows_per_block * rows_per_block

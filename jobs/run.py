@@ -17,6 +17,7 @@ from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema,
 from kandinsky_engine.units import limit_stops
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
+from kandinsky_engine.text_manifest import publish
 from kandinsky_engine.storage import access_checked, ensure_dir, remove_file, remove_tree, url_to_fs
 from pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
 
@@ -92,6 +93,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     if path != config.output.path.rstrip("/"):
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     fs, root = url_to_fs(path, config.storage_options)
+    if not dry_run and any(f.frozen for f in planned[1]):  # CSV/JSONL copies, where every worker reads them
+        planned = (planned[0], publish(planned[1], path, config.storage_options), *planned[2:])
     ray_startup_s = connect(address or config.ray_address, console.verbose)
     from pipelines.validate import check_with_ray
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kandinsky_engine.normalize import text_ids
 from kandinsky_engine.storage import refuse_glob, url_to_fs
 from kandinsky_engine.units import file_key, limit_stops
 from pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
@@ -71,7 +72,7 @@ def _read(fs, path: str, deep: bool) -> tuple[object, list, dict | None]:
 def _manifest_ids(file, storage_options) -> list:
     fs, _ = url_to_fs(file.path, storage_options)
     with fs.open(file.path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=["id"])["id"].to_pylist()
+        return text_ids(pq.ParquetFile(f).read(columns=["id"])["id"].combine_chunks())
 
 
 def check_output(fs, root: str, config, files: list, stops: list[int], schema: pa.Schema, records: dict[str, dict],

@@ -8,10 +8,12 @@
     PATH/errors/{file}/part-{start:012d}-{digest}.parquet
                                                     rows of that unit still failing (latest attempt)
     PATH/_runs/{run}.json, {run}.parquet            one report per run that reached its end, and the
-                                                    records (rows, bytes, sha256) of its shards
+                                                    records (rows, bytes, sha256) of the shards it wrote
     PATH/_damaged/{run}/...                         shards found damaged, moved aside (never read)
     PATH/_retired/{run}/...                         shards of a manifest file that is gone, moved aside
                                                     because its ids are in the manifest again (never read)
+    PATH/_manifests/{file}-{identity}.parquet       Parquet copies of CSV/TSV/JSONL manifest files
+                                                    (kandinsky_engine/text_manifest.py)
     PATH/_files.parquet                             the manifest files whose units the output holds: folder
                                                     key, relative path, identity, rows (pipelines/sources.py)
     PATH/_index.parquet                             every shard's record, written before the summary
@@ -66,7 +68,8 @@ INDEX, LEASE = "_index.parquet", "_LEASE.json"
 # removal cut short still holds _RUN.json, so --overwrite can take it up again).
 # report.html and _logs/ (`kandinsky-batch report`, the CLI's log of each run) describe the output.
 REPORT, LOGS = "report.html", "_logs"
-OWNED_ENTRIES = (SUMMARY, INDEX, REPORT, DATA, ERRORS, TMP, DAMAGED, RETIRED, RUNS, LOGS, FILES, RUN_FILE)
+MANIFESTS = "_manifests"  # Parquet copies of CSV/TSV/JSONL manifests (kandinsky_engine/text_manifest.py)
+OWNED_ENTRIES = (SUMMARY, INDEX, REPORT, DATA, ERRORS, TMP, DAMAGED, RETIRED, RUNS, LOGS, FILES, MANIFESTS, RUN_FILE)
 DATA_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})-a(\d+)\.(parquet|tar)")
 ERRORS_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})\.parquet")
 RECORD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])

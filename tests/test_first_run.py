@@ -1,0 +1,90 @@
+"""A new user's first run: their own files and types, as pandas and editors write them.
+
+Relative input paths, pandas' natural column types, CSV/TSV/JSONL manifests, the Python API, a run
+without a config file, and what the models default to."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kandinsky_engine.manifest import ManifestError, validate_manifest
+from tests.conftest import make_config, png, write_manifest
+
+
+def test_relative_input_paths_are_relative_to_the_manifest_file(model_cache, tmp_path, monkeypatch):
+    """`imgs/red.png` next to the manifest is found from any working directory, and read as
+    `<manifest folder>/imgs/red.png`; `..` still cannot step out."""
+    from kandinsky_engine.manifest import plan_files
+    from pipelines.read import read_units
+
+    job = tmp_path / "job"
+    (job / "imgs").mkdir(parents=True)
+    (job / "imgs" / "red.png").write_bytes(png("red"))
+    rows = [{"id": "rel", "prompt": "p", "task": "img2img", "image_uri": "imgs/red.png", "strength": 0.5},
+            {"id": "mix", "prompt": "p", "task": "mix",
+             "mix": [{"text": None, "image_uri": "imgs/red.png", "image_bytes": None, "weight": 1.0}]},
+            {"id": "up", "prompt": "p", "task": "img2img", "image_uri": "../secret.png", "strength": 0.5}]
+    manifest = write_manifest(job / "m.parquet", rows)
+    monkeypatch.chdir(tmp_path.parent)  # not the manifest's folder
+    config = make_config(model_cache, manifest, str(tmp_path / "out"))
+    errors = validate_manifest(config).row_errors
+    assert set(errors) == {"up"} and "'..' segment" in errors["up"]
+    _, files, _, _ = plan_files(config)
+    unit = next(read_units(files[0], [0], {}, 8, {}))
+    assert unit["image_uri"].to_pylist()[0] == f"{job}/imgs/red.png"
+    assert unit["mix"].to_pylist()[1][0]["image_uri"] == f"{job}/imgs/red.png"
+
+
+def test_pandas_types_are_read_losslessly_and_the_rest_is_refused_with_a_fix(model_cache, tmp_path):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"id": [1, 2, 3, 4], "prompt": ["a", "b", "c", "d"],
+                          "seed": [7.0, np.nan, 2.5, float(2**63)], "width": [64.0, 64.0, 64.0, 64.0]})
+    path = tmp_path / "m.parquet"
+    frame.to_parquet(path)
+    assert pq.read_schema(path).field("id").type == pa.int64()  # what pandas wrote
+    manifest = validate_manifest(make_config(model_cache, str(path), str(tmp_path / "out")))
+    assert set(manifest.row_errors) == {"3", "4"}  # ids as text
+    assert "column 'seed' must be a whole number within int64, got 2.5" in manifest.row_errors["3"]
+    assert "got 9.223372036854776e+18" in manifest.row_errors["4"]
+    frame.assign(seed=["1", "2", "3", "4"]).to_parquet(path)
+    with pytest.raises(ManifestError, match=r"column 'seed' must be integer, got (large_)?string; write it as numbers, "
+                                            r"e.g. df\['seed'\] = pd.to_numeric"):
+        validate_manifest(make_config(model_cache, str(path), str(tmp_path / "out")))
+
+
+def test_csv_tsv_and_jsonl_manifests_are_frozen_and_run_once(ray_cluster, model_cache, tmp_path):
+    """A folder of a CSV, a TSV and a JSONL file: each is converted once into a Parquet copy named by
+    its content (`_manifests/`), every row runs once, a rerun computes nothing, and a changed source
+    is refused like a rewritten Parquet file."""
+    from jobs.run import ManifestChanged, run_job
+    from jobs.verify import verify
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    (folder / "a.csv").write_text('id,prompt,seed,note\n001,"a fox, running",7,\n002,a hen,,x\n')
+    (folder / "b.tsv").write_text("id\tprompt\tnote\n003\ta kite\ty\n")
+    (folder / "c.jsonl").write_text('{"id": "004", "prompt": "a boat", "seed": 9}\n{"id": "005", "prompt": "a bay"}\n')
+    out = tmp_path / "out"
+    config = make_config(model_cache, str(folder), str(out))
+    summary = run_job(config)
+    assert (summary["rows"], summary["failed_rows"]) == (5, 0)
+    assert [f["file"] for f in summary["files"]] == ["a.csv", "b.tsv", "c.jsonl"]
+    table = pq.read_table(out / "data")
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert set(by_id) == {"001", "002", "003", "004", "005"}  # ids stay text: leading zeros kept
+    assert by_id["001"]["prompt"] == "a fox, running" and by_id["001"]["seed"] == 7 and by_id["002"]["note"] == "x"
+    frozen = sorted(p.name for p in (out / "_manifests").iterdir())
+    assert len(frozen) == 3 and all(name.endswith(".parquet") for name in frozen)
+    assert run_job(config)["rows_computed"] == 0 and verify(str(out)).ok
+    (folder / "a.csv").write_text('id,prompt,seed,note\n001,"a fox, walking",7,\n002,a hen,,x\n')
+    with pytest.raises(ManifestChanged, match=r"a\.csv \(1 committed unit"):
+        run_job(config)
+    (folder / "d.csv").write_text('id,prompt\n006,a kite,one column too many\n')
+    with pytest.raises(ManifestError, match=r"d\.csv: cannot read as CSV"):
+        validate_manifest(config)
