@@ -18,19 +18,40 @@ def _config(args):
     return load_config(args.config, args.set or [])
 
 
-def cmd_run(args) -> int:
-    from jobs.progress import Console, quiet_ray
-    from jobs.run import run_job
+def _run_config(args):
+    """The job of `run`: the config file with --set, or without one --manifest and --output (and
+    --model), the defaults for everything else."""
+    from jobs.api import job_config
 
-    config = _config(args)
+    if args.config:
+        config = _config(args)
+        if args.manifest or args.output or args.model:
+            raise ValueError("run: give a config file or --manifest/--output/--model, not both (use --set to change "
+                             "a config file's values)")
+        return config
+    if not (args.manifest and args.output):
+        raise ValueError("run: give a config file, or --manifest M and --output O (e.g. kandinsky-batch run "
+                         "--manifest prompts.csv --output out/)")
+    model = {}
+    if args.model:  # the decoder names the family; the tiny model is every part's
+        model = {"prior": args.model, "decoder": args.model, "depth": args.model} if args.model.startswith("tiny") \
+            else {"decoder": args.model}
+    return job_config(args.manifest, args.output, None, args.set or [], {"model": model} if model else {})
+
+
+def cmd_run(args) -> int:
+    from jobs.api import generate
+    from jobs.progress import Console, quiet_ray
+
+    config = _run_config(args)
     quiet_ray(args.verbose)
     console = Console(interval_s=args.progress_interval, echo=True, log_file=True, verbose=args.verbose)
     from jobs.outcome import run_exit_code, wait_of
 
-    summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
-                      new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
-                      recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=wait_of(args),
-                      dry_run=args.dry_run, console=console)
+    summary = generate(config=config, address=args.address, overwrite=args.overwrite, limit=args.limit,
+                       new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
+                       recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=wait_of(args),
+                       dry_run=args.dry_run, console=console).summary
     if summary.get("dry_run"):
         print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
         return 0
@@ -202,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. output.path=out")
         return p
 
-    run = with_config(add("run", help="run a batch job"))
+    run = add("run", help="run a batch job (a config file, or --manifest and --output)")
+    run.add_argument("config", nargs="?", help="YAML job config (optional with --manifest and --output)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. output.path=out")
+    run.add_argument("--manifest", help="without a config file: the manifest (Parquet, CSV, TSV or JSONL; file, folder "
+                                        "or glob)")
+    run.add_argument("--output", help="without a config file: the output path")
+    run.add_argument("--model", help="without a config file: model.decoder (a hub id, a folder or URL; 'tiny' for every "
+                                     "part); default the released Kandinsky 2.2")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
     run.add_argument("--overwrite", action="store_true",
                      help="start over: remove this tool's entries (data/, errors/, _RUN.json, ...) from an output it "

@@ -70,7 +70,8 @@ def check_output(config: JobConfig, *, overwrite: bool = False, unowned: bool = 
     for what, url in protected.items():
         if not url or not within(url, path, config.storage_options):
             continue
-        entry = next((e for e in OWNED_ENTRIES if within(url, f"{path}/{e}", config.storage_options)), None)
+        removed = (e for e in OWNED_ENTRIES if e != MANIFESTS)  # what remove_owned removes
+        entry = next((e for e in removed if within(url, f"{path}/{e}", config.storage_options)), None)
         if entry:  # even --overwrite-unowned would delete it
             raise OutputRefused(f"the {what} {redact_url(url)} is inside {name}/{entry}, which --overwrite "
                                 "deletes; move it out of the output first")

@@ -45,7 +45,7 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         **({"fuse_stages": True} if config.fuse_stages else {}),
         # Recorded when not 2.2, so that 2.2 runs keep the fingerprint they had before families existed.
         **({"family": family.name} if family.name != "kandinsky22" else {}),
-        "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in family.parts},
+        "models": {p: {"source": redact_url(getattr(model, p)), "weights": digest} for p, digest in weights.items()},
         "libraries": library_versions(),
         "dtype": model.dtype,
         "device": model.device.split(":")[0],  # cuda:0 and cuda:1 compute alike

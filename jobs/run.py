@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from kandinsky_engine.columns import output_schema
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.families import resolve_family
+from kandinsky_engine.hub import pin
 from kandinsky_engine.identity import model_identity, weights_digests
 from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema, validate_manifest
 from kandinsky_engine.units import limit_stops
@@ -81,12 +82,19 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     overwrite = overwrite or overwrite_unowned
     with access_checked(config.output.path, config.storage_options, "checking output"):
         check_target(config, overwrite=overwrite, unowned=overwrite_unowned, config_file=config_file)
+    # Hub ids become repo@commit first (the decoder names the family), so the hub is asked once per id.
+    config = config.model_copy(update={"model": pin(config.model, ("decoder",))})
     # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
     check_source(config.model.decoder, "decoder", config.model.cache_dir, config.storage_options)
     config, family = resolve_family(config)  # the decoder's pipeline names it; from here on, the stages' config
-    if "prior" in family.parts:
+    parts = family.used_parts(config.model, config.storage_options)
+    config = config.model_copy(update={"model": pin(config.model, parts)})
+    if "prior" in parts:
         check_source(config.model.prior, "prior", config.model.cache_dir, config.storage_options)
-    weights = weights_digests(config.model, config.storage_options, family.parts)
+    if tiny := [p for p in parts if getattr(config.model, p).startswith("tiny")]:
+        log.warning("model.%s: the tiny random model (offline tests and the demo): its images are noise; name "
+                    "real weights for real images (the default is the released Kandinsky 2.2)", "/".join(tiny))
+    weights = weights_digests(config.model, config.storage_options, parts)
     inputs = fingerprint_inputs(config, schema_in, weights)
     with access_checked(config.output.path, config.storage_options, "checking output"):
         path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)

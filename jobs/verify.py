@@ -215,7 +215,8 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
         return Check(problems=[f"{path}/_RUN.json records no config (older version): pass --config JOB.yaml"])
     config, family = job_config(path, run, config)
     manifest = validate_manifest(config, rehash=True)  # the bytes, never the digest cache
-    weights = weights_digests(config.model, config.storage_options, family.parts, rehash=True)
+    weights = weights_digests(config.model, config.storage_options, family.used_parts(config.model, config.storage_options),
+                              rehash=True)
     inputs = fingerprint_inputs(config, manifest.schema, weights)
     problems = []
     if fingerprint(inputs) != run["fingerprint"]:

@@ -22,6 +22,7 @@ from .uri_policy import canonical
 TINY = "tiny"
 HUB_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 HUB_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
+HUB_DEPTH = "Intel/dpt-hybrid-midas"
 # Every task of every family; which ones a job's weights can run is the family's (kandinsky_engine/families/).
 TASKS = ("text2img", "img2img", "mix", "variation", "inpaint", "controlnet", "controlnet_img2img")
 # Opt-in per-row output columns (output.columns), in the order they are written.
@@ -37,33 +38,41 @@ class ModelConfig(_Strict):
     """Where the weights come from and how they run."""
 
     prior: str = Field(
-        TINY,
-        description="Prior pipeline (Kandinsky 2.x; unused by 3): 'tiny' or 'tiny-k21' (built offline), a local "
-        "diffusers-layout directory, a remote one "
-        f"(s3://..., any fsspec URL; mirrored once per node into cache_dir), or a hub id such as '{HUB_PRIOR}'.",
+        HUB_PRIOR,
+        description="Prior pipeline (Kandinsky 2.x; unused by 3): a hub id (default: the released Kandinsky 2.2 "
+        "prior; `repo@revision` pins a branch, tag or commit), a local diffusers-layout directory, a remote one "
+        "(s3://..., any fsspec URL; mirrored once per node into cache_dir), or 'tiny' / 'tiny-k21' (random "
+        "weights built offline, for tests and the demo: their images are noise).",
     )
     decoder: str = Field(
-        TINY,
+        HUB_DECODER,
         description="Decoder pipeline (U-Net + MoVQ; with Kandinsky 2.1 and 3 also the text encoder): its "
         "model_index.json names the model family. 'tiny', 'tiny-inpaint' or 'tiny-controlnet' (2.2), 'tiny-k21' "
         "or 'tiny-k21-inpaint' (2.1), 'tiny-k3' (3), 'tiny-k20' or 'tiny-k20-inpaint' (2.0), a local "
-        f"or remote directory, or a hub id such as '{HUB_DECODER}', '{HUB_DECODER}-inpaint' or "
-        "'kandinsky-community/kandinsky-2-2-controlnet-depth'.",
+        f"or remote directory, or a hub id (default '{HUB_DECODER}'; also '{HUB_DECODER}-inpaint' or "
+        "'kandinsky-community/kandinsky-2-2-controlnet-depth').",
     )
     depth: str = Field(
-        TINY,
-        description="Depth estimator for ControlNet rows without a hint: 'tiny', a local or remote transformers "
-        "directory, "
-        "or a hub id such as 'Intel/dpt-hybrid-midas'.",
+        HUB_DEPTH,
+        description=f"Depth estimator for ControlNet rows without a hint: a hub id (default '{HUB_DEPTH}'), a "
+        "local or remote transformers directory, or 'tiny'.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of every hub id that does not name its own "
+        "(`repo@revision`); default 'main'. The driver resolves it to a commit, which every actor loads and the "
+        "fingerprint and every row's *_model column record, so a job never resumes into other weights.",
     )
     family: str = Field(
         "auto", description="Model family: 'kandinsky22', 'kandinsky21', 'kandinsky3' or 'kandinsky20', or 'auto' (default): "
         "the family whose diffusers pipeline model.decoder's model_index.json names (`_class_name`). See README, "
         "Model families.",
     )
-    device: str = Field("cpu", description="torch device for every stage: 'cpu', 'cuda' or 'cuda:N'.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Weights and activations dtype. float16/bfloat16 need a GPU."
+    device: str = Field("auto", description="torch device for every stage: 'auto' (default: 'cuda' when the job's "
+                        "stages reserve GPUs, num_gpus > 0, else 'cpu'), 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights and activations dtype: 'auto' (default: bfloat16 on a GPU, float32 on a CPU; "
+        "a GPU without bfloat16 refuses to start, naming the choice), or 'float32', 'float16', 'bfloat16' (the "
+        "last two need a GPU)."
     )
     channels_last: bool = Field(
         False, description="Run the U-Net and the MoVQ in channels_last memory format (faster convolutions on "
@@ -88,7 +97,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _half_needs_gpu(self):
-        if self.dtype != "float32" and not self.device.startswith("cuda"):
+        if self.dtype in ("float16", "bfloat16") and self.device == "cpu":
             raise ValueError(f"model.dtype={self.dtype} needs a cuda device, got model.device={self.device!r}")
         return self
 
@@ -455,18 +464,23 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     cfg = JobConfig.model_validate(apply_overrides(data, list(overrides)))
-    base = path.resolve().parent
-    cfg.input.manifest = _resolve_local(cfg.input.manifest, base)
-    cfg.input.allowed_uri_prefixes = [_resolve_local(p, base) for p in cfg.input.allowed_uri_prefixes]
-    cfg.output.path = _resolve_local(cfg.output.path, base)
+    return resolve_paths(cfg, path.resolve().parent)
+
+
+def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
+    """`cfg` with its relative local paths (manifest, allowed prefixes, output, model folders)
+    taken from `base` (a config file's folder; the current folder for configs given in code)."""
+    cfg.input.manifest = resolve_local(cfg.input.manifest, base)
+    cfg.input.allowed_uri_prefixes = [resolve_local(p, base) for p in cfg.input.allowed_uri_prefixes]
+    cfg.output.path = resolve_local(cfg.output.path, base)
     for field in ("prior", "decoder"):
         value = getattr(cfg.model, field)
         if value.startswith((".", "/")):
-            setattr(cfg.model, field, _resolve_local(value, base))
+            setattr(cfg.model, field, resolve_local(value, base))
     return cfg
 
 
-def _resolve_local(value: str, base: Path) -> str:
+def resolve_local(value: str, base: Path) -> str:
     if "://" in value or Path(value).is_absolute():
         return value
     return str((base / value).resolve())

@@ -15,6 +15,8 @@ import re
 COMMIT = re.compile(r"[0-9a-f]{40}")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_TIMEOUT_S = 10.0
+OFFLINE_HINT = (" (without a network, set HF_HUB_OFFLINE=1: hub ids are then read from the local cache only, "
+                "without retries)")
 
 
 class HubUnavailable(RuntimeError):
@@ -31,6 +33,12 @@ def is_hub_id(source: str) -> bool:
     """Whether `source` reads as a hub repo id (`owner/name`, optionally `@revision`) rather than a
     path: callers check local paths and URLs first."""
     return REPO_ID.fullmatch(split_revision(source)[0]) is not None and not source.startswith((".", "/", "~"))
+
+
+def is_hub_source(source: str) -> bool:
+    """A model source that names a hub repo: not a URL, the tiny model or an existing local path."""
+    return ("://" not in source and not source.startswith("tiny") and not os.path.exists(os.path.expanduser(source))
+            and is_hub_id(source))
 
 
 def offline() -> bool:
@@ -67,6 +75,35 @@ def resolve_commit(source: str, default_revision: str | None = None) -> str:
         raise HubUnavailable(
             f"cannot tell which weights hub model {repo!r} (revision {revision!r}) names: {problem}, and the local "
             "Hugging Face cache has no snapshot of it. Give a reachable hub, download it once "
-            f"(`huggingface-cli download {repo}`), or point the model at a local "
-            "or s3:// directory")
+            f"(`huggingface-cli download {repo}`), or point the model at a local or s3:// directory"
+            + ("" if offline() else OFFLINE_HINT))
     return commit
+
+
+def pin(model, parts: tuple[str, ...]):
+    """`model` (a ModelConfig) with each hub id among `parts` as `repo@commit`: what the driver
+    fingerprints, every actor loads, and every row's *_model column names."""
+    update = {}
+    for part in parts:
+        source = getattr(model, part)
+        if is_hub_source(source):
+            update[part] = f"{split_revision(source)[0]}@{resolve_commit(source, model.revision)}"
+    return model.model_copy(update=update) if update else model
+
+
+def snapshot(source: str, weights: bool, default_revision: str | None = None) -> str:
+    """The local folder of hub id `source` at its commit, downloaded once per machine into the Hugging
+    Face cache (which locks it against concurrent downloads): the files the engine reads, safetensors
+    weights only (`weights=False`: configs, tokenizers and processors alone, for the driver)."""
+    from huggingface_hub import snapshot_download
+
+    from .model_cache import COPIED
+
+    repo, _ = split_revision(source)
+    commit = resolve_commit(source, default_revision)
+    patterns = [f"*{suffix}" for suffix in COPIED if weights or suffix != ".safetensors"]
+    try:
+        return snapshot_download(repo, revision=commit, allow_patterns=patterns)
+    except Exception as exc:
+        raise HubUnavailable(f"cannot download hub model {repo!r} at commit {commit}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}{OFFLINE_HINT}") from None

@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import ModelConfig
-from .hub import resolve_commit, split_revision
+from .hub import is_hub_source, resolve_commit, split_revision
 from .model_cache import COPIED, VERSION_FIELDS, is_remote, remote_listing
 from .storage import is_http, is_local, is_object_store, redact_url
 
@@ -145,7 +145,7 @@ def file_stamp(fs, name: str, info: dict | None = None) -> tuple:
 
 
 def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict | None = None,
-                   max_age_s: float = 86400.0, rehash: bool = False) -> str:
+                   max_age_s: float = 86400.0, rehash: bool = False, revision: str | None = None) -> str:
     """The identity of the weights behind a model source, hex sha256 (of the files, the remote
     listing, or a hub id's commit). hub.HubUnavailable when a hub id's commit cannot be had."""
     from .models import resolve_source
@@ -153,11 +153,10 @@ def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict
     if is_remote(source):
         listing = remote_listing(source, storage_options, require_index=part != "depth")
         return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-    local = resolve_source(source, part, cache_dir, storage_options)
-    if not Path(local).exists():  # resolve_source refuses missing paths: a hub id
-        repo = split_revision(source)[0]
-        return hashlib.sha256(f"hub:{repo}@{resolve_commit(source)}".encode()).hexdigest()
-    return directory_digest(local, cache_dir, max_age_s, rehash)
+    if is_hub_source(source):  # its commit names its files exactly; nothing is downloaded to say so
+        commit = resolve_commit(source, revision)
+        return hashlib.sha256(f"hub:{split_revision(source)[0]}@{commit}".encode()).hexdigest()
+    return directory_digest(resolve_source(source, part, cache_dir, storage_options), cache_dir, max_age_s, rehash)
 
 
 def weights_digests(model: ModelConfig, storage_options: dict | None = None,
@@ -165,7 +164,7 @@ def weights_digests(model: ModelConfig, storage_options: dict | None = None,
     """{part: digest} of the model parts a job's family reads (families.Family.parts). `rehash`:
     read every local file again (verify)."""
     return {part: weights_digest(getattr(model, part), part, model.cache_dir, storage_options,
-                                 model.digest_max_age_s, rehash) for part in parts}
+                                 model.digest_max_age_s, rehash, model.revision) for part in parts}
 
 
 def model_identity(model: ModelConfig, digests: dict[str, str]) -> dict[str, str]:

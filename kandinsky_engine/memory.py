@@ -119,7 +119,7 @@ def job_specs(config, family: str) -> dict:
             if is_remote(source):
                 kwargs = read_json(source, f"{subfolder}/config.json", config.storage_options)
             else:
-                folder = Path(resolve_source(source, field, config.model.cache_dir))
+                folder = Path(resolve_source(source, field, config.model.cache_dir, weights=False))
                 kwargs = json.loads((folder / subfolder / "config.json").read_text())
         except Exception:  # not readable from here: the released architecture
             kwargs = None

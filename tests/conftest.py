@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import urllib.request
 from pathlib import Path
+
+# Tests never reach the hub: hub ids are read from a Hugging Face cache of the session's own (set
+# before anything imports huggingface_hub, and before Ray starts its workers, which inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = HF_HUB_CACHE = tempfile.mkdtemp(prefix="kandinsky-tests-hub-")
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +25,9 @@ from kandinsky_engine.config import JobConfig  # noqa: E402
 from kandinsky_engine.tiny import ensure_tiny_model  # noqa: E402
 
 FAST = dict(num_inference_steps=2, prior_num_inference_steps=2, width=64, height=64, seed=7)
+# The default weights are the real ones from the hub: tests name the tiny offline model.
+TINY = {"prior": "tiny", "decoder": "tiny", "depth": "tiny"}
+TINY_YAML = "prior: tiny, decoder: tiny, depth: tiny"
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +79,7 @@ def make_config(model_cache: str, manifest: str, out: str, fuse_stages: bool = T
     data = {
         "input": {"manifest": manifest},
         "output": {"path": out},
-        "model": {"cache_dir": model_cache},
+        "model": {"cache_dir": model_cache, **TINY},
         "defaults": dict(FAST),
         "fuse_stages": fuse_stages,
     }

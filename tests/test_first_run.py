@@ -88,3 +88,40 @@ def test_csv_tsv_and_jsonl_manifests_are_frozen_and_run_once(ray_cluster, model_
     (folder / "d.csv").write_text('id,prompt\n006,a kite,one column too many\n')
     with pytest.raises(ManifestError, match=r"d\.csv: cannot read as CSV"):
         validate_manifest(config)
+
+
+def fake_hub_repo(cache: str, repo: str, folder: Path, refs: dict[str, str]) -> None:
+    """A model folder as the Hugging Face cache holds a download of `repo`: snapshots/<commit>/...
+    and refs/<branch or tag> naming the commit."""
+    import shutil
+
+    root = Path(cache) / f"models--{repo.replace('/', '--')}"
+    for commit in set(refs.values()):
+        shutil.copytree(folder, root / "snapshots" / commit, dirs_exist_ok=True)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    for ref, commit in refs.items():
+        (root / "refs" / ref).write_text(commit)
+
+
+def test_hub_ids_run_pinned_to_their_commit_and_say_so_in_every_row(ray_cluster, model_cache, tiny_root, tmp_path):
+    """The default weights are hub ids: the driver resolves each to a commit (here from the local
+    cache: tests are offline), every actor loads that commit, and every row names it."""
+    from jobs.api import generate
+    from tests.conftest import HF_HUB_CACHE
+
+    main, tag = "1" * 40, "2" * 40
+    fake_hub_repo(HF_HUB_CACHE, "test-org/prior", tiny_root / "prior", {"main": main, "v1": tag})
+    fake_hub_repo(HF_HUB_CACHE, "test-org/decoder", tiny_root / "decoder", {"main": main, "v1": tag})
+    rows = [{"id": "h0", "prompt": "a lighthouse"}]
+    common = dict(model={"prior": "test-org/prior", "decoder": "test-org/decoder", "cache_dir": model_cache},
+                  defaults={"num_inference_steps": 2, "prior_num_inference_steps": 2, "width": 64, "height": 64})
+    result = generate(rows, tmp_path / "out", **common)
+    row = result.to_table().to_pylist()[0]
+    assert row["prior_model"].startswith(f"test-org/prior@{main}@") and row["decoder_model"].startswith(
+        f"test-org/decoder@{main}@")
+    tagged = generate(rows, tmp_path / "tagged", **{**common, "model": {**common["model"], "revision": "v1"}})
+    assert tagged.to_table()["decoder_model"][0].as_py().startswith(f"test-org/decoder@{tag}@")
+    from kandinsky_engine.hub import HubUnavailable
+
+    with pytest.raises(HubUnavailable, match=r"'test-org/missing' \(revision 'main'\)"):
+        generate(rows, tmp_path / "missing", **{**common, "model": {**common["model"], "decoder": "test-org/missing"}})

@@ -31,7 +31,7 @@ from kandinsky_engine.manifest import validate_manifest
 from kandinsky_engine.rows import object_column
 from kandinsky_engine.storage import redact_url
 from kandinsky_engine.uri_policy import UriPolicy, UriRefused
-from tests.conftest import batch_of, make_config, png, put_manifest, write_manifest
+from tests.conftest import TINY, batch_of, make_config, png, put_manifest, write_manifest
 
 RULE = "refused by input.allowed_uri_prefixes"
 PASSWORD, SIGNATURE = "S3cretPW", "deadbeefcafe0123"
@@ -187,7 +187,7 @@ def test_validate_refuses_inputs_outside_the_manifest_folder(job_dir, model_cach
     # Listed prefixes widen it, on segment boundaries; relative ones resolve against the YAML's folder.
     (job_dir / "job.yaml").write_text(yaml.safe_dump({
         "input": {"manifest": "m.parquet", "allowed_uri_prefixes": [f"{base}/", "../job-secret"]},
-        "output": {"path": "out"}, "model": {"cache_dir": model_cache}, "defaults": {"num_inference_steps": 2}}))
+        "output": {"path": "out"}, "model": {"cache_dir": model_cache, **TINY}, "defaults": {"num_inference_steps": 2}}))
     config = load_config(job_dir / "job.yaml")
     assert config.input.allowed_uri_prefixes == [f"{base}/", str(job_dir.parent / "job-secret")]
     errors = validate_manifest(config).row_errors

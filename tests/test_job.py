@@ -11,7 +11,7 @@ import torch
 
 from jobs.cli import main
 from jobs.run import run_job
-from tests.conftest import make_config, write_manifest
+from tests.conftest import TINY_YAML, make_config, write_manifest
 from tests.reference import Reference, decode, max_diff
 
 pytestmark = pytest.mark.ray
@@ -145,7 +145,7 @@ def test_job_images_equal_diffusers(ray_cluster, model_cache, tiny_root, tmp_pat
 def test_cli_run_and_unschedulable_plan(ray_cluster, model_cache, tmp_path, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(3))
     (tmp_path / "job.yaml").write_text(
-        f"input: {{manifest: {manifest}}}\noutput: {{path: out}}\nmodel: {{cache_dir: {model_cache}}}\n"
+        f"input: {{manifest: {manifest}}}\noutput: {{path: out}}\nmodel: {{cache_dir: {model_cache}, {TINY_YAML}}}\n"
         "defaults: {num_inference_steps: 2, prior_num_inference_steps: 2, width: 64, height: 64}\n"
     )
     assert main(["run", str(tmp_path / "job.yaml"), "--limit", "2", "--set", "input.rows_per_block=2"]) == 0

@@ -6,7 +6,7 @@ import pytest
 
 from jobs.cli import main
 from kandinsky_engine.manifest import ManifestError, validate_manifest
-from tests.conftest import make_config, write_manifest
+from tests.conftest import TINY_YAML, make_config, write_manifest
 
 GOOD = [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}]
 
@@ -124,7 +124,7 @@ def test_cli_fails_before_any_model_loads_or_write(ray_cluster, tmp_path, capsys
     """Rows are checked by Ray tasks (one per file, streaming), before the output is touched."""
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
     (tmp_path / "job.yaml").write_text(
-        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
+        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}, {TINY_YAML}}}\n"
     )
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err
@@ -135,7 +135,7 @@ def test_cli_fails_before_any_model_loads_or_write(ray_cluster, tmp_path, capsys
 def test_cli_validate_lists_rows_that_would_fail(tmp_path, capsys, model_cache):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "width": 0}, {"id": "b", "prompt": "y"}])
     (tmp_path / "job.yaml").write_text(
-        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
+        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}, {TINY_YAML}}}\n"
     )
     assert main(["validate", str(tmp_path / "job.yaml")]) == 1
     captured = capsys.readouterr()

@@ -22,7 +22,7 @@ from kandinsky_engine.manifest import find_files
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.storage import url_to_fs
 from pipelines.output import OWNED_ENTRIES
-from tests.conftest import KEY, SECRET, make_config, put_manifest, write_manifest
+from tests.conftest import KEY, SECRET, TINY, TINY_YAML, make_config, put_manifest, write_manifest
 from tests.faultproxy import FaultProxy
 
 ROWS = [{"id": f"row-{i}", "prompt": f"a cat {i}"} for i in range(2)]
@@ -38,7 +38,7 @@ def s3_config(model_cache, s3, manifest: str, out: str):
 
 
 def write_job(folder: Path, manifest: str, out: str, model_cache: str, **model) -> Path:
-    model_yaml = ", ".join(f"{k}: {v}" for k, v in {"cache_dir": model_cache, **model}.items())
+    model_yaml = ", ".join(f"{k}: {v}" for k, v in {"cache_dir": model_cache, **TINY, **model}.items())
     path = folder / "job.yaml"
     path.write_text(f"input: {{manifest: '{manifest}', rows_per_block: 2}}\noutput: {{path: '{out}'}}\n"
                     f"model: {{{model_yaml}}}\n"
@@ -174,7 +174,7 @@ def test_missing_output_bucket_is_refused_not_created(model_cache, s3, tmp_path,
     put_manifest(fs, "kandinsky/typo/m.parquet", ROWS)
     job = tmp_path / "job.yaml"
     job.write_text(f"input: {{manifest: 's3://kandinsky/typo/m.parquet'}}\noutput: {{path: 's3://typo-bucket/out'}}\n"
-                   f"model: {{cache_dir: '{model_cache}'}}\n"
+                   f"model: {{cache_dir: '{model_cache}', {TINY_YAML}}}\n"
                    f"storage_options: {{s3: {{endpoint_url: '{options['s3']['endpoint_url']}', key: {KEY}, "
                    f"secret: {SECRET}}}}}\n")
     assert main(["run", str(job)]) == 2

@@ -13,7 +13,7 @@ from kandinsky_engine.config import JobConfig, StageConfig
 from pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, dedicated_layout, gpu_layout,
                                  memory_caps)
 
-from .conftest import FAST, make_config
+from .conftest import FAST, TINY, make_config
 
 # The issue's shares of one image's GPU time (U-Net 94%, prior 4%, MoVQ 2%), in seconds per row.
 ISSUE = {"prior": StageCost(0.04, 8), "decoder": StageCost(0.94, 8), "movq": StageCost(0.02, 8)}
@@ -104,7 +104,7 @@ def tiny_job(model_cache, tmp_path):
     path = tmp_path / "job.yaml"
     stage = {"batch_size": 2, "torch_threads": 1}
     path.write_text(yaml.safe_dump({
-        "input": {"manifest": "m.parquet"}, "output": {"path": "out"}, "model": {"cache_dir": model_cache},
+        "input": {"manifest": "m.parquet"}, "output": {"path": "out"}, "model": {"cache_dir": model_cache, **TINY},
         "defaults": dict(FAST), "prior": stage, "decoder": {**stage, "batch_size": 4}, "movq": stage}))
     return path
 

@@ -17,7 +17,7 @@ import yaml
 
 from jobs.run import run_job
 from kandinsky_engine.storage import StorageAccessError
-from tests.conftest import make_config, png, put_manifest
+from tests.conftest import TINY, make_config, png, put_manifest
 from tests.faultproxy import FaultProxy
 from tests.reference import decode
 
@@ -138,7 +138,7 @@ def test_cli_access_denied_exits_2_without_credentials(s3, proxy, tmp_path, caps
     manifest, out, cache = denied_setup(fs, tmp_path, "deny-cli")
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"input": {"manifest": manifest}, "output": {"path": out},
-                                      "model": {"cache_dir": cache}, "storage_options": options}))
+                                      "model": {"cache_dir": cache, **TINY}, "storage_options": options}))
 
     proxy.mode = "deny"
     code = main(["run", str(config)])
