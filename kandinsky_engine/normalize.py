@@ -1,7 +1,7 @@
 """Manifest rows as the engine reads them, whatever wrote them (pandas, a CSV reader, a notebook).
 
 - `id` may be an integer column (pandas' default index, a database key): it is read as text,
-  losslessly (`42` -> `"42"`).
+  losslessly (`42` -> `"42"`). Large-string columns (pandas' default) are strings.
 - Integer parameters (`seed`, `width`, `height`, the step counts) may be float columns (pandas makes
   an int column with a missing value float64): whole numbers within int64 are read as integers;
   anything else (2.5, 2**63, NaN where a value is required) is a row error at validation
@@ -49,10 +49,12 @@ def normalize(table: pa.Table, manifest_file: str) -> tuple[pa.Table, list[tuple
 
 
 def normalize_schema(schema: pa.Schema) -> pa.Schema:
-    """The schema of `normalize`'s tables: integer ids as strings, float integer parameters as int64."""
+    """The schema of `normalize`'s tables: integer ids as strings, float integer parameters as int64;
+    and large strings as strings (what pandas writes, and what other writers do not: the same rows
+    are one job whoever wrote them)."""
     fields = []
     for field in schema:
-        if field.name == "id" and pa.types.is_integer(field.type):
+        if (field.name == "id" and pa.types.is_integer(field.type)) or pa.types.is_large_string(field.type):
             field = field.with_type(pa.string())
         elif field.name in INTEGER_PARAMS and pa.types.is_floating(field.type):
             field = field.with_type(pa.int64())

@@ -125,3 +125,64 @@ def test_hub_ids_run_pinned_to_their_commit_and_say_so_in_every_row(ray_cluster,
 
     with pytest.raises(HubUnavailable, match=r"'test-org/missing' \(revision 'main'\)"):
         generate(rows, tmp_path / "missing", **{**common, "model": {**common["model"], "decoder": "test-org/missing"}})
+
+
+def test_the_python_api_takes_dataframes_tables_and_lists_and_resumes(ray_cluster, model_cache, tmp_path,
+                                                                     monkeypatch):
+    """Rows in memory are written under the output first: calling again with the same rows resumes,
+    other rows are refused like a rewritten manifest; relative input paths are the current folder's."""
+    import kandinsky_engine as ke
+    from jobs.run import ManifestChanged
+
+    pd = pytest.importorskip("pandas")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "red.png").write_bytes(png("red"))
+    monkeypatch.chdir(tmp_path)
+    frame = pd.DataFrame({"id": [1, 2], "prompt": ["a fox", "a hen"], "task": ["text2img", "img2img"],
+                          "image_uri": [None, "imgs/red.png"], "strength": [None, 0.5]})
+    settings = dict(model={"prior": "tiny", "decoder": "tiny", "cache_dir": model_cache},
+                    defaults={"num_inference_steps": 2, "prior_num_inference_steps": 2, "width": 64, "height": 64})
+    result = ke.generate(frame, "out", **settings)
+    assert (result.rows, result.failed_rows, result.complete) == (2, 0, True)
+    assert sorted(result.to_table()["id"].to_pylist()) == ["1", "2"]
+    assert result.to_table().to_pylist()[1]["image_uri"] == str(tmp_path / "imgs" / "red.png")
+    again = ke.generate(pa.Table.from_pandas(frame, preserve_index=False), "out", **settings)
+    assert again.summary["rows_computed"] == 0  # the same rows: resumed
+    night = frame.assign(prompt=["a fox, at night", "a hen"])
+    with pytest.raises(ManifestChanged, match=r"rows\.parquet"):
+        ke.generate(night, "out", **settings)
+    replaced = ke.generate(night, "out", recompute_changed=True, **settings)
+    assert replaced.rows == 2 and sorted(replaced.to_table()["prompt"].to_pylist()) == ["a fox, at night", "a hen"]
+
+
+def test_run_without_a_config_file(ray_cluster, model_cache, tmp_path, capsys, monkeypatch):
+    from jobs.cli import main
+
+    monkeypatch.setenv("KANDINSKY_CACHE", model_cache)
+    (tmp_path / "prompts.csv").write_text("id,prompt\nc1,a red kite\n")
+    fast = ["--set", "defaults.num_inference_steps=2", "--set", "defaults.prior_num_inference_steps=2",
+            "--set", "defaults.width=64", "--set", "defaults.height=64"]
+    assert main(["run", "--manifest", str(tmp_path / "prompts.csv"), "--output", str(tmp_path / "out"),
+                 "--model", "tiny", *fast]) == 0
+    captured = capsys.readouterr()
+    assert "done: 1 rows" in captured.out
+    assert captured.err.count("the tiny random model") == 1  # said once
+    assert main(["run", "--manifest", str(tmp_path / "prompts.csv")]) == 2
+    assert "give a config file, or --manifest M and --output O" in capsys.readouterr().err
+    # The default weights are the hub's: offline and not cached, one line says what to do.
+    assert main(["run", "--manifest", str(tmp_path / "prompts.csv"), "--output", str(tmp_path / "hub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hub model 'kandinsky-community/kandinsky-2-2-decoder'" in err[0], err
+    assert not (tmp_path / "hub").exists()
+
+
+def test_device_and_dtype_default_to_what_the_stages_reserve(model_cache, tmp_path):
+    from kandinsky_engine.device import resolve_auto
+
+    cpu = resolve_auto(make_config(model_cache, "m.parquet", str(tmp_path)))
+    assert (cpu.model.device, cpu.model.dtype) == ("cpu", "float32")
+    gpu = resolve_auto(make_config(model_cache, "m.parquet", str(tmp_path), decoder={"num_gpus": 1}))
+    assert (gpu.model.device, gpu.model.dtype) == ("cuda", "bfloat16")
+    pinned = resolve_auto(make_config(model_cache, "m.parquet", str(tmp_path), model={"dtype": "float16"},
+                                      decoder={"num_gpus": 1}))
+    assert (pinned.model.device, pinned.model.dtype) == ("cuda", "float16")
