@@ -9,6 +9,8 @@ import os
 import sys
 import traceback
 
+from jobs.signals import Interrupted, signal_number
+
 from jobs.outcome import add_arguments as outcome_arguments  # argparse only: light to import
 
 
@@ -48,10 +50,14 @@ def cmd_run(args) -> int:
     console = Console(interval_s=args.progress_interval, echo=True, log_file=True, verbose=args.verbose)
     from jobs.outcome import run_exit_code, wait_of
 
-    summary = generate(config=config, address=args.address, overwrite=args.overwrite, limit=args.limit,
-                       new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
-                       recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=wait_of(args),
-                       dry_run=args.dry_run, console=console).summary
+    try:
+        summary = generate(config=config, address=args.address, overwrite=args.overwrite, limit=args.limit,
+                           new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
+                           recompute_changed=args.recompute_changed, check_shards=args.check_shards,
+                           wait=wait_of(args), dry_run=args.dry_run, console=console).summary
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(interrupted(config), file=sys.stderr)
+        return 128 + signal_number(exc)
     if summary.get("dry_run"):
         print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
         return 0
@@ -75,6 +81,20 @@ def cmd_run(args) -> int:
     if message:
         print(message, file=sys.stderr)
     return code
+
+
+def interrupted(config) -> str:
+    """One line for a run stopped by a signal: how far it got, from its progress file."""
+    from jobs.status import read_status
+
+    try:
+        status = read_status(config.output.path, config.storage_options)
+    except Exception:  # nothing written yet, or unreadable: still one line
+        status = {}
+    if status.get("committed") is not None:
+        return (f"interrupted: {status['committed']}/{status['total']} rows committed; rerun the same command to "
+                "resume")
+    return "interrupted before any row was committed; rerun the same command to start"
 
 
 def _options(args) -> dict:
@@ -421,8 +441,16 @@ def describe(exc: BaseException) -> str:
 
 
 def entry() -> None:
-    """The `kandinsky-batch` command: `main`, then `leave`."""
-    leave(main())
+    """The `kandinsky-batch` command: `main`, then `leave`; SIGTERM and Ctrl-C stop it cleanly."""
+    from jobs.signals import install
+
+    install()
+    try:
+        code = main()
+    except (KeyboardInterrupt, Interrupted) as exc:  # outside a run: nothing to report but the stop
+        print("interrupted", file=sys.stderr)
+        code = 128 + signal_number(exc)
+    leave(code)
 
 
 def leave(code: int) -> None:

@@ -25,6 +25,7 @@ from pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
 from .output_guard import check_output as check_target
 from .lease import Lease
 from .progress import Console, JobLog, RunProgress
+from .signals import reinstall
 from .output_guard import remove_owned
 from .history import read_known, read_reports
 from .resume import (ForeignFiles, ManifestChanged, changed_message, choose_output, conflict_message,  # noqa: F401
@@ -51,6 +52,7 @@ def connect(address: str | None, verbose: bool = False) -> float:
         # "local" starts a fresh cluster: with no address, ray.init would attach to whatever cluster
         # was started last on this machine (`ray start`, another test), which is not what was asked.
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose)
+        reinstall()  # Ray replaced the SIGTERM handler (jobs/signals.py)
     return time.perf_counter() - start
 
 
