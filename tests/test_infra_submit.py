@@ -158,3 +158,42 @@ def test_rayjob_entrypoint_runs_and_resumes_through_ray_job_submit(ray_head, mod
     assert (summary["rows"], summary["rows_computed"], summary["rows_skipped"]) == (4, 0, 4)
     assert "0 rows computed, 4 already committed" in logs
     assert main(["verify", str(out)]) == 0
+
+
+def test_a_stopped_job_frees_the_output_for_its_retry(ray_head, model_cache, tmp_path):
+    """`ray job stop` (what deleting a RayJob or `kubectl delete` leads to) sends the driver SIGTERM:
+    it stops committing and gives the lease back, so the retry starts at once (no exit 3, no wait
+    for the lease to expire) and resumes from the committed units."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from jobs.cli import main
+
+    address, env = ray_head
+    client = JobSubmissionClient(address)
+    rows = pq.read_table(ROOT / "configs" / "demo_manifest.parquet")
+    pq.write_table(rows, tmp_path / "manifest.parquet")
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    out = tmp_path / "out"
+    config["input"]["manifest"] = str(tmp_path / "manifest.parquet")
+    config["output"]["path"] = str(out)
+    config["model"]["cache_dir"] = model_cache
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    entrypoint = load_docs(ROOT / "infra" / "k8s" / "rayjob.yaml")[0]["spec"]["entrypoint"]
+    entrypoint = entrypoint.replace(IN_POD_CONFIG, shlex.quote(str(tmp_path / "job.yaml")))
+    client.submit_job(entrypoint=entrypoint, submission_id="kandinsky-stopped")
+    deadline = time.monotonic() + 240
+    while not list((out / "data").rglob("*.parquet")) if (out / "data").exists() else True:
+        assert time.monotonic() < deadline and client.get_job_status("kandinsky-stopped") == JobStatus.RUNNING, \
+            client.get_job_logs("kandinsky-stopped")[-3000:]
+        time.sleep(0.5)
+    client.stop_job("kandinsky-stopped")
+    while client.get_job_status("kandinsky-stopped") not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        time.sleep(0.5)
+    assert client.get_job_status("kandinsky-stopped") == JobStatus.STOPPED
+    assert not (out / "_SUCCESS.json").exists()
+    started = time.monotonic()
+    logs = run_submitter(address, env, "kandinsky-retry", entrypoint)
+    assert "busy:" not in logs and time.monotonic() - started < config["output"].get("lease_ttl_s", 120)
+    summary = json.loads((out / "_SUCCESS.json").read_text())
+    assert summary["rows"] == rows.num_rows and summary["rows_skipped"] >= 4 and summary["complete"]
+    assert main(["verify", str(out)]) == 0
