@@ -159,7 +159,7 @@ def run_bench(args) -> dict:
     from jobs.run import connect, run_job
     from kandinsky_engine.config import JobConfig, apply_overrides
     from kandinsky_engine.families import resolve_family
-    from kandinsky_engine.tiny import ensure_tiny_model
+    from kandinsky_engine.families.tiny import ensure_tiny_model
 
     if args.family != "kandinsky22" and args.tasks:
         raise ValueError(f"bench --tasks runs the other tasks on Kandinsky 2.2's tiny decoders; not with --family {args.family}")

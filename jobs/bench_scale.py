@@ -87,7 +87,7 @@ def order(rows: int, steps: int, workdir: Path, cache_dir: str) -> dict:
 
 
 def run(args) -> dict:
-    from kandinsky_engine.tiny import ensure_tiny_model
+    from kandinsky_engine.families.tiny import ensure_tiny_model
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kandinsky-bench-scale-"))
     cache_dir = str(workdir / "cache")

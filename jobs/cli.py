@@ -170,7 +170,7 @@ def positive_int(text: str) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from kandinsky_engine.tiny import write_tiny_model
+    from kandinsky_engine.families.tiny import write_tiny_model
 
     root = write_tiny_model(args.dir)
     print(f"tiny model written to {root}/prior and {root}/decoder")

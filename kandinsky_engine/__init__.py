@@ -6,6 +6,7 @@
 - the rest is the shared ground: config, manifest, rows, inputs, images, storage, model cache.
 """
 
+from . import families  # noqa: F401 (the family registry: it also hands models its tiny-model builder)
 from .config import JobConfig, load_config
 from .stages.decoder import DecoderStage
 from .stages.movq import MovqStage

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .images import DEFAULT_MAX_INPUT_BYTES, DEFAULT_READ_TIMEOUT_S
+from .limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S
 from .sampling import SCHEDULERS
 from .uri_policy import canonical
 
@@ -97,7 +97,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _half_needs_gpu(self):
-        if self.dtype in ("float16", "bfloat16") and self.device == "cpu":
+        if self.dtype in ("float16", "bfloat16") and self.device.startswith("cpu"):
             raise ValueError(f"model.dtype={self.dtype} needs a cuda device, got model.device={self.device!r}")
         return self
 
@@ -201,7 +201,7 @@ class InputConfig(_Strict):
         "largest stage batch size. Smaller units let the stages overlap sooner; larger ones make fewer files.",
     )
     max_image_pixels: int = Field(
-        8192 * 8192, ge=1, description="Input images above this many pixels are refused (decompression bombs), "
+        DEFAULT_MAX_PIXELS, ge=1, description="Input images above this many pixels are refused (decompression bombs), "
         "checked from the header before decoding."
     )
     allowed_uri_prefixes: list[str] = Field(

@@ -27,15 +27,11 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S  # noqa: F401 (re-exported)
 from .storage import is_http, options_for, protocol, redact, redact_url, url_to_fs
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: the neutral "paper" colour
 MASK_BACKGROUND = (0, 0, 0)  # transparent mask pixels become 0 = keep, so nothing is repainted by accident
-DEFAULT_MAX_PIXELS = 8192 * 8192  # decompression-bomb limit; configurable per call
-# 64 MiB holds any usual JPEG and a lossless photo of about 4096x4096 (48 MiB raw RGB); it bounds
-# the memory one row's read can take, before the pixel count is known.
-DEFAULT_MAX_INPUT_BYTES = 64 << 20
-DEFAULT_READ_TIMEOUT_S = 60.0
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
                stat.S_IFSOCK: "a socket"}
 

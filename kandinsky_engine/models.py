@@ -14,7 +14,22 @@ from .config import TINY, ModelConfig
 from .device import device_name
 from .hub import is_hub_id, snapshot
 from .model_cache import is_remote, mirror, read_json, remote_listing
-from .tiny import ensure_tiny_model
+
+
+# Builds (once) and returns the tiny model's root: kandinsky_engine.families.tiny.ensure_tiny_model,
+# handed over by the family registry when it is imported (which importing kandinsky_engine does).
+_tiny_root = None
+
+
+def use_tiny_model(ensure) -> None:
+    global _tiny_root
+    _tiny_root = ensure
+
+
+def ensure_tiny_model(cache_dir: str):
+    if _tiny_root is None:
+        raise RuntimeError("the tiny model's builder is registered by kandinsky_engine.families: import it first")
+    return _tiny_root(cache_dir)
 
 
 def resolve_source(source: str, part: str, cache_dir: str, storage_options: dict | None = None,

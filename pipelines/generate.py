@@ -14,7 +14,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
-from kandinsky_engine import JobConfig
+from kandinsky_engine.config import JobConfig
 from kandinsky_engine.columns import passthrough_fields
 from kandinsky_engine.config import StageConfig
 from kandinsky_engine.device import check_devices

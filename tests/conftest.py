@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from kandinsky_engine.config import JobConfig  # noqa: E402
-from kandinsky_engine.tiny import ensure_tiny_model  # noqa: E402
+from kandinsky_engine.families.tiny import ensure_tiny_model  # noqa: E402
 
 FAST = dict(num_inference_steps=2, prior_num_inference_steps=2, width=64, height=64, seed=7)
 # The default weights are the real ones from the hub: tests name the tiny offline model.

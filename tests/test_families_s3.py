@@ -20,7 +20,7 @@ from tests.conftest import KEY, SECRET, make_config, png, put_manifest
 from tests.reference import decode
 
 MODELS = "kandinsky/models"
-PARTS = ("decoder-k3", "prior-k21", "decoder-k21")  # tiny model dirs, as kandinsky_engine/tiny.py names them
+PARTS = ("decoder-k3", "prior-k21", "decoder-k21")  # tiny model dirs, as kandinsky_engine/families/tiny.py names them
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,16 @@ def _registry() -> dict[str, Family]:
 FAMILIES = _registry()
 
 
+def _register_tiny() -> None:
+    from ..models import use_tiny_model
+    from .tiny import ensure_tiny_model
+
+    use_tiny_model(ensure_tiny_model)
+
+
+_register_tiny()
+
+
 def pipeline_class(model: ModelConfig, storage_options: dict | None = None) -> str | None:
     """`_class_name` of model.decoder's model_index.json (only that file is read)."""
     from ..model_cache import is_remote, read_json

@@ -1,5 +1,5 @@
 """Tiny, seeded, randomly initialised Kandinsky 2.0 components (written under the shared tiny root by
-kandinsky_engine/tiny.py as `decoder-k20` and `decoder-k20-inpaint`: model.decoder tiny-k20 / tiny-k20-inpaint),
+kandinsky_engine/families/tiny.py as `decoder-k20` and `decoder-k20-inpaint`: model.decoder tiny-k20 / tiny-k20-inpaint),
 in the layout convert-k20 writes, so jobs load them through the same from_pretrained path as real weights.
 
 The real classes at test sizes, shaped so that the original repository's classes can be built with the same
