@@ -77,12 +77,11 @@ RUN_OPTIONS = ("address", "overwrite", "limit", "new_run", "recompute_changed", 
 def job_config(rows_or_manifest, output, config, overrides, settings: dict):
     """The JobConfig of a `generate` call: `config` (YAML path or dict), then `settings` (sections),
     then the manifest and output given here, then `overrides` (`--set key=value` strings)."""
-    import yaml
+    from kandinsky_engine.config import apply_overrides, resolve_local, resolve_paths, validate
+    from kandinsky_engine.config_errors import read_yaml
 
-    from kandinsky_engine.config import JobConfig, apply_overrides, resolve_local, resolve_paths
-
-    base = Path(config).parent if isinstance(config, (str, os.PathLike)) else Path.cwd()
-    data = yaml.safe_load(Path(config).read_text()) or {} if isinstance(config, (str, os.PathLike)) else dict(config or {})
+    base = Path(config).resolve().parent if isinstance(config, (str, os.PathLike)) else Path.cwd()
+    data = read_yaml(Path(config)) if isinstance(config, (str, os.PathLike)) else dict(config or {})
     for section, values in settings.items():
         data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
     if output is not None:
@@ -98,7 +97,7 @@ def job_config(rows_or_manifest, output, config, overrides, settings: dict):
             given = data.get("input", {})
             data["input"] = {**given, "manifest": manifest,
                              "allowed_uri_prefixes": given.get("allowed_uri_prefixes") or [str(Path.cwd())]}
-    job = JobConfig.model_validate(apply_overrides(data, list(overrides)))
+    job = validate(apply_overrides(data, list(overrides)), "the job's settings", overrides)
     return resolve_paths(job, base)
 
 

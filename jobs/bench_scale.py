@@ -45,13 +45,13 @@ def plan(sizes: list[int], workdir: Path, cache_dir: str) -> list[dict]:
         config.write_text(json.dumps({"input": {"manifest": str(folder)}, "output": {"path": str(workdir / f"out-{rows}")},
                                       "model": {"cache_dir": cache_dir}}))
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config), "--dry-run"], capture_output=True,
-                              text=True, cwd=Path(__file__).parents[1])
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config), "--dry-run", "--json"],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[1])
         seconds = time.perf_counter() - started
-        line = next((l for l in done.stdout.splitlines() if l.startswith("dry run: ")), None)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("{")), None)
         if done.returncode or line is None:
             raise RuntimeError(f"dry run of {rows} rows failed ({done.returncode}): {done.stderr[-2000:]}")
-        report = json.loads(line[len("dry run: "):])
+        report = json.loads(line)
         results.append({"rows": rows, "files": report["files"], "read_tasks": report["read_tasks"],
                         "units": report["units_in_scope"], "driver_peak_rss_mb": report["driver_peak_rss_mb"],
                         "plan_s": round(seconds, 1), "ray_startup_s": report["ray_startup_s"]})

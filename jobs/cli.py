@@ -48,7 +48,7 @@ def cmd_run(args) -> int:
     config = _run_config(args)
     quiet_ray(args.verbose)
     console = Console(interval_s=args.progress_interval, echo=True, log_file=True, verbose=args.verbose)
-    from jobs.outcome import run_exit_code, wait_of
+    from jobs.outcome import read_failures, run_exit_code, wait_of
 
     try:
         summary = generate(config=config, address=args.address, overwrite=args.overwrite, limit=args.limit,
@@ -59,11 +59,15 @@ def cmd_run(args) -> int:
         print(interrupted(config), file=sys.stderr)
         return 128 + signal_number(exc)
     if summary.get("dry_run"):
-        print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
+        from jobs.summary import format_plan
+
+        plan = {k: v for k, v in summary.items() if k != "dry_run"}
+        print(json.dumps(plan) if args.json else format_plan(plan))
         return 0
     speed = f"{summary['images_per_s']:.2f} rows/s" if summary["images_per_s"] else "nothing left to run"
+    failed = f" ({summary['failed_rows']} failed, in errors/)" if summary["failed_rows"] else ""
     print(
-        f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s) at {summary['output']}; this run: "
+        f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s){failed} at {summary['output']}; this run: "
         f"{summary['rows_computed']} rows computed, {summary['rows_skipped']} already committed, "
         f"{summary['wall_time_s']:.1f}s ({speed}; Ray start-up {summary['ray_startup_s']:.1f}s)"
     )
@@ -77,7 +81,8 @@ def cmd_run(args) -> int:
 
         url, _ = write_report(summary["output"], config.storage_options, args.gpu_hour_price)
         print(f"report: {url}")
-    code, message = run_exit_code(summary, config.output.max_failed_fraction, args.fail_on_row_errors)
+    failures = read_failures(summary["output"], config.storage_options) if summary["failed_rows"] else None
+    code, message = run_exit_code(summary, config.output.max_failed_fraction, args.fail_on_row_errors, failures)
     if message:
         print(message, file=sys.stderr)
     return code
@@ -270,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcome_arguments(run)  # --wait-timeout, --if-busy, --fail-on-row-errors (jobs/outcome.py)
     run.add_argument("--dry-run", action="store_true",
                      help="plan, validate and compare with the output, print what a run would do; write nothing")
+    run.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     run.add_argument("--check-shards", action="store_true",
                      help="before resuming, compare every committed shard's sha256 with its record (reads the "
                           "whole output); by default sizes are compared and unrecorded shards read back")

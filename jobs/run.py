@@ -30,7 +30,7 @@ from .output_guard import remove_owned
 from .history import read_known, read_reports
 from .resume import (ForeignFiles, ManifestChanged, changed_message, choose_output, conflict_message,  # noqa: F401
                      fingerprint_inputs, foreign_message, log_gone, write_run)
-from .summary import dry_run_report, gpus_reserved, timeline, write_summary
+from .summary import dry_run_report, gpus_reserved, limit_note, timeline, write_summary
 from .verify import check_output
 from .verify import report as verify_report
 
@@ -157,6 +157,8 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
     if gone.conflicts and not recompute_changed:
         raise ManifestChanged(conflict_message(path, gone.conflicts))
     check_resources(config, manifest, ray.cluster_resources())
+    if note := limit_note(limit, stops, rows_per_block):
+        console.say(note)
     if dry_run:
         return dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s)
     if mode == "overwrite":
@@ -202,7 +204,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
                      config.output, progress=progress and progress.counter, lease_owner=lease.owner)
     ray_data_stats = None
     if state.rows_todo:
-        ds = build_generation(config, manifest, state.plans)
+        ds = build_generation(config, manifest, state.plans, progress=progress.counter)
         try:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
         except BaseException:

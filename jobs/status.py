@@ -125,8 +125,9 @@ def _index_rows(fs, root: str) -> int | None:
         return None
 
 
-def _failures(fs, root: str, max_shards: int) -> dict:
-    """Failed rows by stage and error type, with example messages, from errors/ (its small columns)."""
+def error_rows(fs, root: str, max_shards: int = MAX_ERROR_SHARDS) -> tuple[list[str], list[str], list[dict], list[str]]:
+    """(error shards, those read, their rows' id, stage, error_type and message, damaged shards):
+    at most `max_shards` shards, evenly spread over the job."""
     fs.invalidate_cache()
     try:
         shards = sorted(e for e in fs.find(f"{root}/{ERRORS}") if e.endswith(".parquet"))
@@ -146,6 +147,12 @@ def _failures(fs, root: str, max_shards: int) -> dict:
 
     with ThreadPoolExecutor(8) as pool:
         rows = [row for table in pool.map(columns, read) for row in table]
+    return shards, read, rows, damaged
+
+
+def _failures(fs, root: str, max_shards: int) -> dict:
+    """Failed rows by stage and error type, with example messages, from errors/ (its small columns)."""
+    shards, read, rows, damaged = error_rows(fs, root, max_shards)
     counts = Counter((r["stage"], r["error_type"]) for r in rows)
     groups = []
     for (stage, kind), n in counts.most_common():

@@ -13,8 +13,9 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config_errors import ConfigError, from_validation, read_yaml, unknown_key
 from .limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S
 from .sampling import SCHEDULERS
 from .uri_policy import canonical
@@ -358,20 +359,30 @@ class JobConfig(_Strict):
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings to a nested dict, each value parsed against the type of the
-    JobConfig field it sets (see `parse_value`). An unknown key is an error naming it."""
+    JobConfig field it sets (see `parse_value`). Every bad item is one line of the ConfigError raised."""
+    problems = []
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key.sub=value, got {item!r}")
-        parts = key.split(".")
-        value = parse_value(key, raw, _field_type(key, parts))
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = value
+        try:
+            _apply_override(data, item)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(problems)
     return data
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects key.sub=value, got {item!r}")
+    parts = key.split(".")
+    value = parse_value(key, raw, _field_type(key, parts))
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
 
 
 def _field_type(key: str, parts: list[str]):
@@ -381,9 +392,7 @@ def _field_type(key: str, parts: list[str]):
     for depth, part in enumerate(parts):
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if part not in annotation.model_fields:
-                where = ".".join(parts[:depth]) or "the top level"
-                raise ValueError(f"--set {key}: unknown key {part!r} in {where} "
-                                 f"(known: {', '.join(annotation.model_fields)})")
+                raise ValueError(f"--set {key}: {unknown_key(part, annotation.model_fields, JobConfig)}")
             annotation = annotation.model_fields[part].annotation
         elif annotation is dict or get_origin(annotation) is dict:
             annotation = (get_args(annotation) or (str, Any))[1]
@@ -460,11 +469,16 @@ def parse_value(key: str, raw: str, annotation):
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig:
     """Read YAML, apply overrides, validate. Relative local paths resolve against the YAML's folder."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    cfg = JobConfig.model_validate(apply_overrides(data, list(overrides)))
+    cfg = validate(apply_overrides(read_yaml(path), list(overrides)), str(path), overrides)
     return resolve_paths(cfg, path.resolve().parent)
+
+
+def validate(data: dict, where: str, overrides=()) -> JobConfig:
+    """A JobConfig from `data`; pydantic's errors become one line per key (config_errors)."""
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:  # one line per key, not pydantic's dump
+        raise from_validation(exc, JobConfig, where, {o.partition("=")[0] for o in overrides}) from None
 
 
 def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:

@@ -76,13 +76,15 @@ class Chunked:
     OOM splits are counted in the `_oom_splits` column (on the first row of the split chunk).
     """
 
-    def __init__(self, stage_class, batch_size: int, **kwargs):
+    def __init__(self, stage_class, batch_size: int, progress=None, **kwargs):
         started = time.perf_counter()
         self.stage = stage_class(**kwargs)
         self.name = stage_class.__name__
         self.batch_size = batch_size
         # Once per actor, in the worker's log (Ray's session logs; the console with --verbose).
         _actor_log().info("%s loaded in %.1f s (pid %d)", self.name, time.perf_counter() - started, os.getpid())
+        if progress is not None:  # the run's CommitCounter: "loading models: k/n stages ready"; fire and forget
+            progress.stage_loaded.remote(self.name)
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if UNIT not in block:  # an empty block (its unit was committed)
@@ -130,10 +132,10 @@ class Fused:
     constructor kwargs)]. torch's thread count is per process: the last stage's setting would win,
     so it is set once more from `threads`."""
 
-    def __init__(self, stages: list, threads: int, **kwargs):
+    def __init__(self, stages: list, threads: int, progress=None, **kwargs):
         import torch
 
-        self.stages = [Chunked(cls, batch_size, **kwargs, **extra) for cls, batch_size, extra in stages]
+        self.stages = [Chunked(cls, batch_size, progress, **kwargs, **extra) for cls, batch_size, extra in stages]
         torch.set_num_threads(threads)
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -257,8 +259,9 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
         raise ValueError(f"stage actors reserve {gpus:g} GPUs but the Ray cluster has {have_gpus:g}")
 
 
-def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan]) -> Dataset:
-    """The plan for the run's units (`plans`: per manifest file, which units, which rows)."""
+def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan], progress=None) -> Dataset:
+    """The plan for the run's units (`plans`: per manifest file, which units, which rows). `progress`:
+    the run's CommitCounter actor (pipelines/progress.py), told which stages load and when each has."""
     source = ManifestUnits(plans, config.rows_per_block(), config.storage_options)
     ds = ray.data.read_datasource(source, num_cpus=IO_CPUS, override_num_blocks=len(source.get_read_tasks(-1)))
     # A unit must reach the writer whole (see ShardSink.write); Ray splits blocks above this size.
@@ -270,19 +273,22 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
         ds = ds.map_batches(light_step(fetch_inputs), fn_kwargs={"config": config, "manifest_file": manifest.files[0].path},
                             batch_format="numpy", num_cpus=IO_CPUS)
     stages = model_stages(config, manifest)
+    if progress is not None:
+        progress.expect.remote([cls.__name__ for _, cls, _, _ in stages])
     # The MoVQ hands raw pixels on: they are encoded below, off the model actors.
     extra = lambda cls, kwargs: {**kwargs, "encode": False} if issubclass(cls, MovqStage) else kwargs  # noqa: E731
     if config.fuse_stages:
         fused = fused_config(config, stages)
         args = stage_args(None, config.decoder, fused)
         args["fn_constructor_kwargs"] = {
-            "config": fused, "threads": config.decoder.threads(),
+            "config": fused, "threads": config.decoder.threads(), "progress": progress,
             "stages": [(cls, stage.batch_size, extra(cls, kwargs)) for _, cls, stage, kwargs in stages]}
         ds = ds.map_batches(Fused, **args)
     else:
         for _, stage_class, stage, kwargs in stages:
-            ds = ds.map_batches(pool_class(stage_class),
-                                **stage_args(stage_class, stage, config, **extra(stage_class, kwargs)))
+            args = stage_args(stage_class, stage, config, **extra(stage_class, kwargs))
+            args["fn_constructor_kwargs"]["progress"] = progress
+            ds = ds.map_batches(pool_class(stage_class), **args)
     # Plain CPU tasks: an actor that holds a GPU never waits on zlib, and encoding scales with the
     # cluster's CPUs instead of the MoVQ pool's size.
     return ds.map_batches(encode_images, fn_kwargs={"output": config.output}, batch_size=None,

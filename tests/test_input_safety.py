@@ -443,8 +443,8 @@ def test_set_values_follow_the_field_type(tmp_path, override, get, expected):
     ("input.rows_per_block=off", "expected an integer or null"),
     ("input.allowed_uri_prefixes=s3://b/in", "expected YAML flow syntax"),
     ("input.allowed_uri_prefixes=['']", "an empty prefix would allow the current folder"),
-    ("decoder.batch_sise=8", "--set decoder.batch_sise: unknown key 'batch_sise' in decoder"),
-    ("inputs.manifest=m.parquet", "unknown key 'inputs' in the top level"),
+    ("decoder.batch_sise=8", "--set decoder.batch_sise: unknown key (did you mean batch_size?)"),
+    ("inputs.manifest=m.parquet", "--set inputs.manifest: unknown key (did you mean input?)"),
 ])
 def test_set_refuses_values_of_the_wrong_type_and_unknown_keys(tmp_path, override, message):
     (tmp_path / "job.yaml").write_text("input: {manifest: m.parquet}\noutput: {path: out}\n")

@@ -7,6 +7,7 @@ Each test reproduces a way the output used to end up with duplicated, missing or
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -213,10 +214,19 @@ def test_limit_is_validated_and_partial_runs_say_so(ray_cluster, model_cache, tm
             main(["run", job, "--limit", bad])
         assert exit_.value.code == 2
     assert not out.exists()
+    capsys.readouterr()
+    assert main(["run", job, "--limit", "5", "--dry-run"]) == 0  # a plan for people, and nothing written
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[:2] == ["--limit 5 covers 8 rows (whole units of 4)", "dry run: nothing was written"], plan
+    assert re.fullmatch(r"  manifest: 16 rows in 1 file\(s\), read by \d+ read task\(s\)", plan[2]), plan
+    assert "  scope: 8 rows of 16 (--limit) in 2 unit(s) of up to 4 rows" in plan and "  to run: 8 rows" in plan
+    assert not (out / "data").exists()
     assert main(["run", job, "--limit", "5"]) == 0
     summary = json.loads((out / "_SUCCESS.json").read_text())
     assert (summary["complete"], summary["limit"], summary["rows"], summary["manifest_rows"]) == (False, 5, 8, 16)
-    assert "partial: --limit 5 covered 8 of 16 rows" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "partial: --limit 5 covered 8 of 16 rows" in printed
+    assert printed.startswith("--limit 5 covers 8 rows (whole units of 4)\n"), printed  # said before it runs
     assert verify(str(out)).ok  # the units the limit covered are all there
     assert main(["run", job]) == 0
     assert json.loads((out / "_SUCCESS.json").read_text())["complete"] is True
