@@ -58,7 +58,7 @@ def test_cli_prints_one_line_per_config_problem_and_exits_2(tmp_path, capsys):
     ({"batch_size": 8}, [], "batch_size: unknown key here (batch_size is a key of prior, text_encoder, encode, "
                             "hint, decoder, movq, score)"),
     ({"outputs": {}}, [], "outputs: unknown key (did you mean output?)"),
-    ({"model": {"dtype": "float16"}}, [], "model: model.dtype=float16 needs a cuda device, got model.device='cpu'"),
+    ({"model": {"dtype": "float16", "device": "cpu"}}, [], "model: model.dtype=float16 needs a cuda device, got model.device='cpu'"),
     ({}, ["decoder.batch_size=0"], "decoder.batch_size (--set): must be at least 1, got 0"),
     ({}, ["defaults.num_inference_step=3"], "--set defaults.num_inference_step: unknown key (did you mean "
                                             "num_inference_steps?)"),
