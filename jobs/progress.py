@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from kandinsky_engine.storage import is_object_store
+from pipelines.metrics import images_per_second
 from pipelines.output import LOGS, RUNS, put_json
 
 from .native_stderr import NativeStderr
@@ -181,6 +182,8 @@ class RunProgress:
         if not self.alive():  # another run took the lease: its output is not ours to touch
             return
         now = time.time()
+        if (speed := self.figures()["images_per_s"]) is not None:
+            images_per_second(self.root, speed)
         put_json(self.fs, self.root, f"{RUNS}/{self.tag}{PROGRESS_SUFFIX}", {
             "run": self.tag, "state": state, "host": socket.gethostname(), "pid": os.getpid(),
             "started_at": _iso(self.started_at), "updated_at": _iso(now), "updated_at_epoch": now,

@@ -21,6 +21,7 @@ from kandinsky_engine.stages.hint import CONTROLNET_TASKS
 from kandinsky_engine.rows import is_null
 from kandinsky_engine.storage import redact_url, remove_file, url_to_fs
 
+from . import metrics
 from .output import DATA, ERRORS, LeaseLost, data_name, errors_name, lease_owner, put
 from .prepare import ATTEMPT, DIGEST, SPLITS, UNIT, UNIT_ROWS
 from .shards import image_path
@@ -157,10 +158,12 @@ class ShardSink(Datasink):
             committed = self._commit(fs, root, key, int(start), str(rows[DIGEST][0].as_py()),
                                      int(rows[ATTEMPT][0].as_py()), rows)
             records += committed
+            failed = rows.filter(pc.not_equal(rows["error_message"], ""))
+            kinds = dict(Counter(f"{s}: {t}" for s, t in zip(failed["error_stage"].to_pylist(),
+                                                               failed["error_type"].to_pylist())))
+            metrics.unit_committed(self.path, rows.num_rows - failed.num_rows, kinds)
             if self.progress is not None:  # fire and forget: progress is a display, never a dependency
-                failed = rows.filter(pc.not_equal(rows["error_message"], ""))
-                kinds = [f"{s}: {t}" for s, t in zip(failed["error_stage"].to_pylist(), failed["error_type"].to_pylist())]
-                self.progress.commit.remote(unit, rows.num_rows - failed.num_rows, failed.num_rows, dict(Counter(kinds)))
+                self.progress.commit.remote(unit, rows.num_rows - failed.num_rows, failed.num_rows, kinds)
         splits = int(pc.sum(table[SPLITS]).as_py() or 0) if SPLITS in table.column_names else 0
         return {"records": records, "oom_splits": splits, "committed_at": time.time()}
 
