@@ -460,3 +460,25 @@ def test_kueue_component_renders_a_valid_suspended_rayjob(k8s_copy):
     rayjob = next(d for d in render(k8s_copy) if d["kind"] == "RayJob")
     assert rayjob["spec"]["suspend"] is True and rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
     assert manifest_problems(rayjob) == []
+
+
+def test_the_monitoring_component_reads_the_metrics_the_engine_exports():
+    """The Grafana dashboard queries only metrics pipelines/metrics.py defines (or Ray's own), and the
+    PodMonitor selects the pods KubeRay labels as Ray nodes on their `metrics` port."""
+    import json
+    import re
+
+    from pipelines import metrics
+
+    folder = ROOT / "infra" / "k8s" / "components" / "monitoring"
+    dashboard = json.loads((folder / "grafana-dashboard.json").read_text())
+    queried = {re.sub(r"_(total|bucket|count|sum)$", "", m) for panel in dashboard["panels"]
+               for target in panel["targets"] for m in re.findall(r"ray_(kandinsky_\w+)", target["expr"])}
+    defined = set(re.findall(r'"(kandinsky_\w+)"', Path(metrics.__file__).read_text()))
+    assert queried and queried <= defined, queried - defined
+    monitor = load_docs(folder / "podmonitor.yaml")[0]
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    component = load_docs(folder / "kustomization.yaml")[0]
+    assert component["kind"] == "Component" and "podmonitor.yaml" in component["resources"]
