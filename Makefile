@@ -18,11 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test fuzz bench image
+.PHONY: install demo check test fuzz bench image
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/kandinsky-batch run configs/demo.yaml --overwrite --report
+
+# The quick check (a few minutes): every test that starts no Ray, and one end-to-end job.
+check: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m "(not ray and not slow and not gpu) or smoke" --durations=15
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q --durations=30

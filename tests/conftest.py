@@ -30,6 +30,29 @@ TINY = {"prior": "tiny", "decoder": "tiny", "depth": "tiny"}
 TINY_YAML = "prior: tiny, decoder: tiny, depth: tiny"
 
 
+# Marks by what a test needs, from the fixtures it uses (directly or through other fixtures), so
+# that no mark is forgotten or left behind: `make check` runs the tests that start no Ray (and the
+# one `smoke` job), `make test` all of them.
+NEEDS = {"ray": {"ray_cluster", "ray_head"}, "s3": {"s3", "moto_endpoint"}}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark, fixtures in NEEDS.items():
+            if fixtures & set(item.fixturenames):
+                item.add_marker(mark)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that sets torch's thread count (stages do, per process) leaves it as it found it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> str:
     cache = tmp_path_factory.mktemp("model-cache")
@@ -153,3 +176,4 @@ def s3(moto_endpoint):
     fs = s3fs.S3FileSystem(**options["s3"])
     fs.mkdir("kandinsky")
     yield fs, options
+    s3fs.S3FileSystem.clear_instance_cache()  # cached listings of this module's store: the next starts empty

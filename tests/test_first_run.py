@@ -155,6 +155,7 @@ def test_the_python_api_takes_dataframes_tables_and_lists_and_resumes(ray_cluste
     assert replaced.rows == 2 and sorted(replaced.to_table()["prompt"].to_pylist()) == ["a fox, at night", "a hen"]
 
 
+@pytest.mark.smoke
 def test_run_without_a_config_file(ray_cluster, model_cache, tmp_path, capsys, monkeypatch):
     from jobs.cli import main
 

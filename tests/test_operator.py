@@ -26,6 +26,8 @@ from jobs.status import read_status
 from tests.conftest import FAST, KEY, SECRET, make_config, write_manifest
 from tests.test_resume import _reap
 
+pytestmark = pytest.mark.ray  # the job runs the CLI, which starts its own Ray
+
 ROOT = Path(__file__).parents[1]
 HOSTILE = '<img src=x onerror="document.title=1">'  # must stay text on the page
 ROWS = 32  # 8 units of 4: the kill lands after the first ones
