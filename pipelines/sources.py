@@ -66,9 +66,7 @@ def read_registry(fs, root: str) -> dict[str, dict]:
     try:
         with fs.open(f"{root}/{FILES}", "rb") as f:
             return {r["key"]: r for r in pq.read_table(f).to_pylist()}
-    except FileNotFoundError:
-        return {}
-    except Exception:  # torn or foreign: renamed files are then not recognised, leftovers still checked
+    except Exception:  # none yet, or torn: renamed files are then not recognised, leftovers still checked
         return {}
 
 
