@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kandinsky_engine.device import resolve_auto
 from pipelines.placement import STAGES, Layout, StageCost, cpu_layout, gpu_layout
 
 if TYPE_CHECKING:  # the CLI builds its parser from add_arguments: this module stays light to import
@@ -138,6 +139,10 @@ def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, fr
         raise ValueError(f"plan places Kandinsky 2.2's stages; model.decoder is a {family.title} model, which it "
                          "does not place yet: size its sections by hand (README, Model families, gives each stage's "
                          "GPU memory)")
+    if config.model.device == "auto":  # 'auto' follows what is planned: GPUs -> cuda, CPU cores -> cpu
+        config = config.model_copy(update={"model": config.model.model_copy(
+            update={"device": "cuda" if gpus is not None else "cpu"})})
+    config = resolve_auto(config)
     cuda = config.model.device.startswith("cuda")
     if (gpus is not None and gpus < 1) or (cpus is not None and cpus < 2):  # before minutes of measuring
         raise ValueError(f"plan for at least 1 GPU or 2 CPU cores (one stays free for reading), got "

@@ -25,6 +25,7 @@ from kandinsky_engine.stages.movq import MovqStage, encode_images
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
 from kandinsky_engine.stages.score import ClipScoreStage
 
+from . import metrics
 from .memory_fit import check_memory
 from .reconcile import FilePlan
 from .prepare import SPLITS, UNIT, prepare_units
@@ -99,14 +100,18 @@ class Chunked:
     def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Stages mark failed rows in place: a chunk retried after an exception starts clean.
         chunk = {k: v.copy() if k in ERROR_COLUMNS or k == SPLITS else v for k, v in chunk.items()}
+        started = time.perf_counter()
         try:
-            return self.stage(chunk)
+            out = self.stage(chunk)
+            metrics.stage_batch(self.name, time.perf_counter() - started)
+            return out
         except Exception as exc:
             # Only text leaves this block: the exception's traceback holds the failed call's frames
             # and so its tensors, which must be gone before the retries (else empty_cache frees nothing).
             failure, oom = (type(exc).__name__, str(exc)), is_oom(exc)
         if oom:
             _release_memory()
+            metrics.oom_split(self.name)
         n = len(chunk["id"])
         if n == 1:
             message = f"{'out of memory at batch size 1: ' if oom else ''}{failure[1]}"

@@ -218,7 +218,8 @@ def test_a_stopped_job_frees_the_output_for_its_retry(ray_head, model_cache, tmp
     client.submit_job(entrypoint=entrypoint, submission_id="kandinsky-stopped")
     deadline = time.monotonic() + 240
     while not list((out / "data").rglob("*.parquet")) if (out / "data").exists() else True:
-        assert time.monotonic() < deadline and client.get_job_status("kandinsky-stopped") == JobStatus.RUNNING, \
+        assert time.monotonic() < deadline and client.get_job_status("kandinsky-stopped") in (
+            JobStatus.PENDING, JobStatus.RUNNING), \
             client.get_job_logs("kandinsky-stopped")[-3000:]
         time.sleep(0.5)
     client.stop_job("kandinsky-stopped")

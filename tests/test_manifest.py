@@ -31,8 +31,9 @@ def test_good_manifest(tmp_path, check):
     "rows, schema, expected",
     [
         ([{"id": "a"}], None, ["missing required column 'prompt'"]),
-        ([{"id": 1, "prompt": "x"}], None, ["column 'id' must be string", "int64"]),
-        ([{"id": "a", "prompt": "x", "seed": 1.5}], None, ["column 'seed' must be integer", "double"]),
+        # Integer ids and whole-number float seeds are cast (test_first_run); these types are not.
+        ([{"id": 1.5, "prompt": "x"}], None, ["column 'id' must be string", "double", "astype('string')"]),
+        ([{"id": "a", "prompt": "x", "seed": "7"}], None, ["column 'seed' must be integer", "string", "to_numeric"]),
         ([{"id": "a", "prompt": "x", "guidance_scale": "high"}], None, ["column 'guidance_scale' must be number"]),
         ([{"id": None, "prompt": "x"}], pa.schema([("id", pa.string()), ("prompt", pa.string())]),
          ["column 'id' is null or empty at row 0"]),

@@ -208,7 +208,7 @@ def test_errors_and_identity_hold_no_credentials(remote, tmp_path):
     digests = {"prior": "a" * 64, "decoder": "b" * 64, "depth": "c" * 64}
     identity = model_identity(ModelConfig(prior="sftp://alice:hunter22@host/models/prior", decoder="s3://b/d"), digests)
     assert identity == {"prior_model": f"sftp://***@host/models/prior@{'a' * 16}", "decoder_model": f"s3://b/d@{'b' * 16}",
-                        "depth_model": f"tiny@{'c' * 16}"}
+                        "depth_model": f"{ModelConfig().depth}@{'c' * 16}"}
 
 
 def test_any_fsspec_filesystem(tiny_root, tmp_path):

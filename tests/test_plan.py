@@ -139,7 +139,7 @@ def test_measured_plan_on_the_tiny_model_writes_sections_a_job_accepts(tiny_job,
 def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
     from jobs.cli import main
 
-    assert main(["plan", str(tiny_job), "--gpus", "1"]) == 2
+    assert main(["plan", str(tiny_job), "--gpus", "1", "--set", "model.device=cpu"]) == 2
     assert "model.device is 'cpu'" in capsys.readouterr().err
     assert main(["plan", str(tiny_job), "--cpus", "4", "--from-flops"]) == 2
     assert "use it with --gpus" in capsys.readouterr().err
