@@ -17,7 +17,7 @@ from kandinsky_engine.config import JobConfig
 from kandinsky_engine.families import family_for
 from kandinsky_engine.identity import library_versions
 from kandinsky_engine.storage import redact, redact_url, url_to_fs
-from pipelines.output import RUN_FILE
+from pipelines.output import LAYOUT_VERSION, RUN_FILE
 
 from .output_guard import OWNED_TEXT, is_empty
 
@@ -58,6 +58,7 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         **({"score": {"batch_size": config.score.batch_size, "torch_threads": config.score.threads()}}
            if "clip_score" in config.output.columns else {}),
         "rows_per_block": config.rows_per_block(),
+        "layout": LAYOUT_VERSION,  # the columns and members every shard holds
         "batch_size": {s: getattr(config, s).batch_size for s in family.sections},
         "torch_threads": {s: getattr(config, s).threads() for s in family.sections},
         "manifest": {"location": manifest_location_id(config.input.manifest),

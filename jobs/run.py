@@ -229,6 +229,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         "rows_computed": state.rows_todo,
         "rows_retried": state.rows_retried,
         "oom_splits": sink.oom_splits,
+        "compute_s": round(sink.compute_s, 3),  # model-stage seconds of the units it committed (per unit: the records)
         "cleaned": state.cleaned,
         "recomputed_units": state.recomputed,
         "damaged": state.damaged + damaged_reports,

@@ -45,18 +45,22 @@ def read_parquet_rows(fs, path: str, limit: int) -> list[dict]:
 
 def read_tar_rows(fs, path: str, limit: int) -> list[dict]:
     """The first `limit` samples of a WebDataset data shard (pipelines/shards.py): each `<key>.json`
-    and the image member that precedes it. The tar is streamed: reading stops after `limit` samples."""
+    and the image member that precedes it (the `.txt` caption between them is skipped). The tar is
+    streamed: reading stops after `limit` samples."""
     import json
     import tarfile
+
+    from pipelines.shards import EXTENSIONS
 
     rows, image = [], None
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
-            payload = tar.extractfile(member).read()
-            if not member.name.endswith(".json"):
-                image = payload
+            ext = member.name.rsplit(".", 1)[-1]
+            if ext in EXTENSIONS.values():
+                image = tar.extractfile(member).read()
+            if ext != "json":
                 continue
-            row = json.loads(payload)
+            row = json.loads(tar.extractfile(member).read())
             rows.append({**{k: row.get(k) for k in SHOWN}, "image": image})
             image = None
             if len(rows) >= limit:

@@ -89,10 +89,13 @@ def limit_note(limit: int | None, stops: list[int], rows_per_block: int) -> str 
 
 def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dict], records: list[dict], check,
                   manifest, tag: str) -> dict:
-    """`_SUCCESS.json`, written last: its presence means the output passed its check, every row of
-    the units the run covered is in data/ or errors/, and every shard in `_index.parquet` is
-    complete. Small at any scale: counts, one line per manifest file, the runs' reports.
-    `reports`: every run's, this one last."""
+    """`_SUCCESS.json`, then the dataset card and shard list (pipelines/card.py). Its presence means
+    the output passed its check, every row of the units the run covered is in data/ or errors/, and
+    every shard in `_index.parquet` is complete. Small at any scale: counts, one line per manifest
+    file, the runs' reports. `reports`: every run's, this one last."""
+    from kandinsky_engine.columns import output_schema
+    from kandinsky_engine.identity import model_identity
+    from pipelines.card import write_card
     from pipelines.output import put_json
 
     report = reports[-1]
@@ -122,4 +125,13 @@ def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dic
         "config": json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options)),
     }
     put_json(fs, root, SUMMARY, summary, tag)
+    write_card(fs, root, config, output_schema(manifest.schema, config.output.columns), summary, records,
+               model_identity(config.model, recorded_weights(fs, root)), tag)  # after the summary, never before
     return summary
+
+
+def recorded_weights(fs, root: str) -> dict[str, str]:
+    """{part: weights digest} as the output's _RUN.json records them (what its rows were made with)."""
+    from .resume import read_run
+
+    return {part: model["weights"] for part, model in read_run(fs, root)["inputs"]["models"].items()}

@@ -168,7 +168,10 @@ def weights_digests(model: ModelConfig, storage_options: dict | None = None,
 
 
 def model_identity(model: ModelConfig, digests: dict[str, str]) -> dict[str, str]:
-    """What every output row records about its weights: the source as configured (the URL, not the
-    node's cache path, without any user:password@) and the first 16 hex chars of its digest."""
-    return {f"{part}_model": f"{redact_url(getattr(model, part))}@{digests[part][:16]}"
-            for part in digests}
+    """What every output row records about its weights: per part, the source as configured (the URL,
+    not the node's cache path, without any user:password@) and the first 16 hex chars of its digest;
+    and `model_revision`, 16 hex chars of one sha256 over every part's digest: the whole model's
+    weights, whatever the sources are called (rows with equal values come from identical weights)."""
+    identity = {f"{part}_model": f"{redact_url(getattr(model, part))}@{digests[part][:16]}" for part in digests}
+    revision = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    return {**identity, "model_revision": revision}

@@ -36,7 +36,7 @@ from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401
 from .config import JobConfig
 from .families import supported_tasks
 from .identity import file_identity, file_stamp  # noqa: F401 (file_stamp: re-exported for read tasks)
-from .normalize import normalize, normalize_schema, text_ids
+from .normalize import normalize, normalize_schema, not_utf8, text_ids
 from .row_checks import check_rows, tasks_of
 from .storage import access_checked, is_http, redact, redact_url, url_to_fs
 from .text_manifest import MANIFEST_SUFFIXES, freeze, is_text
@@ -226,7 +226,7 @@ def check_file(file: ManifestFile, config: JobConfig, allowed: tuple[str, ...]) 
         offset, hashes = 0, []
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
             table = pa.Table.from_batches([batch])
-            if text := _not_utf8(name, table, offset):  # the file itself is corrupt there
+            if text := not_utf8(name, table, offset):  # the file itself is corrupt there
                 check.problems += text
                 return check
             table, unreadable = normalize(table, file.path)
@@ -242,32 +242,6 @@ def check_file(file: ManifestFile, config: JobConfig, allowed: tuple[str, ...]) 
             offset += table.num_rows
     check.hashes = np.concatenate(hashes) if hashes else check.hashes
     return check
-
-
-def _not_utf8(name: str, table: pa.Table, offset: int) -> list[str]:
-    """Problems for string cells that are not valid UTF-8 (Parquet does not check what writers put in
-    a string column): named by file, column and row number, since such an id cannot be shown."""
-    problems = []
-    for column in table.column_names:
-        values = table.column(column)
-        if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
-            continue
-        try:
-            values.validate(full=True)
-        except pa.ArrowInvalid:
-            raw = values.cast(pa.binary() if pa.types.is_string(values.type) else pa.large_binary()).to_pylist()
-            rows = [offset + r for r, v in enumerate(raw) if v is not None and not _utf8(v)]
-            problems.append(f"{name}: column '{column}' is not valid UTF-8 text at row(s) {rows[:5]} (e.g. "
-                            f"{raw[rows[0] - offset]!r}); write the file with text columns encoded as UTF-8")
-    return problems
-
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def bucket_of(hashes: np.ndarray) -> np.ndarray:

@@ -98,3 +98,29 @@ def resolve(uri, base: str):
 def _replace(table: pa.Table, name: str, column) -> pa.Table:
     i = table.schema.get_field_index(name)
     return table.set_column(i, pa.field(name, column.type), column)
+
+
+def not_utf8(name: str, table: pa.Table, offset: int) -> list[str]:
+    """Problems for string cells that are not valid UTF-8 (Parquet does not check what writers put in
+    a string column): named by file, column and row number, since such an id cannot be shown."""
+    problems = []
+    for column in table.column_names:
+        values = table.column(column)
+        if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
+            continue
+        try:
+            values.validate(full=True)
+        except pa.ArrowInvalid:
+            raw = values.cast(pa.binary() if pa.types.is_string(values.type) else pa.large_binary()).to_pylist()
+            rows = [offset + r for r, v in enumerate(raw) if v is not None and not _utf8(v)]
+            problems.append(f"{name}: column '{column}' is not valid UTF-8 text at row(s) {rows[:5]} (e.g. "
+                            f"{raw[rows[0] - offset]!r}); write the file with text columns encoded as UTF-8")
+    return problems
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

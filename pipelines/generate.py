@@ -28,7 +28,7 @@ from kandinsky_engine.stages.score import ClipScoreStage
 from . import metrics
 from .memory_fit import check_memory
 from .reconcile import FilePlan
-from .prepare import SPLITS, UNIT, prepare_units
+from .prepare import COMPUTE, CREATED, SPLITS, UNIT, prepare_units
 from .read import ManifestUnits
 
 # Reading, resolving and writing are light; giving them a fraction of a CPU keeps them
@@ -74,7 +74,11 @@ class Chunked:
 
     A chunk that raises (out of memory, or a row that makes the model fail) is split in halves and
     each half retried, down to single rows; a single row that still raises becomes a row error.
-    OOM splits are counted in the `_oom_splits` column (on the first row of the split chunk).
+    OOM splits are counted in the `_oom_splits` column (on the first row of the split chunk). The
+    seconds the stage spent on each unit, retries included, are added to `_compute_s` on the unit's
+    first row (the writer records their sum per unit: `compute_s` in the shard records), and the
+    time it finished the unit is set in `_created_at` on all its rows: after the last model stage,
+    when the unit's images were made (the rows' `created_at`, see pipelines/sink.py).
     """
 
     def __init__(self, stage_class, batch_size: int, progress=None, **kwargs):
@@ -92,10 +96,21 @@ class Chunked:
             return block
         units = block[UNIT]
         starts = [i for i in range(len(units)) if i == 0 or units[i] != units[i - 1]] + [len(units)]
-        chunks = [(i, min(i + self.batch_size, end)) for start, end in zip(starts, starts[1:])
-                  for i in range(start, end, self.batch_size)]
-        parts = [self.run({k: v[a:b] for k, v in block.items()}) for a, b in chunks]
-        return merge(parts) if parts else block
+        parts, seconds, finished = [], [], []
+        for start, end in zip(starts, starts[1:]):
+            began = time.perf_counter()
+            parts += [self.run({k: v[i:min(i + self.batch_size, end)] for k, v in block.items()})
+                      for i in range(start, end, self.batch_size)]
+            seconds.append(time.perf_counter() - began)
+            finished.append(time.time())
+        if not parts:
+            return block
+        out = merge(parts)
+        if COMPUTE in out:  # stages keep row count and order: the unit's rows are where they came in
+            out[COMPUTE] = out[COMPUTE].astype(np.float64, copy=True)
+            out[COMPUTE][starts[:-1]] += seconds  # this stage's seconds, on the unit's first row
+            out[CREATED] = np.repeat(finished, np.diff(starts)).astype(np.float64)  # the last stage's stamp stays
+        return out
 
     def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Stages mark failed rows in place: a chunk retried after an exception starts clean.

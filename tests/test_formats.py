@@ -10,6 +10,7 @@ import io
 import json
 import re
 import tarfile
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
@@ -177,7 +178,9 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     for sample in samples:
         want = by_id[sample["id"]]
         assert sample["__key__"] == sample_key(sample["id"]) and sample["image"] == want["image"]
-        assert {k: v for k, v in sample.items() if k != "__key__"} == want  # image_embeds, clip_score... alike
+        # image_embeds, clip_score... alike; created_at is when each job wrote the row (ISO 8601 in the json)
+        assert datetime.fromisoformat(sample.pop("created_at")).tzinfo is not None and want.pop("created_at")
+        assert {k: v for k, v in sample.items() if k != "__key__"} == want
         assert hashlib.sha256(sample["image"]).hexdigest() == sample["sha256"]
 
     hf_parquet = datasets.load_dataset("parquet", data_files=str(tmp_path / "parquet" / "data" / "*" / "*.parquet"),

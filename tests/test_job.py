@@ -288,4 +288,5 @@ def test_hostile_ids_never_form_paths(ray_cluster, model_cache, tmp_path):
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents and p.name != "m.parquet"]
     assert outside == []
     inside = {p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file()}
-    assert inside == {"data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_files.parquet"}
+    assert inside == {"data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_files.parquet", "README.md",
+                      "shards.txt"}
