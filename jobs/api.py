@@ -17,7 +17,7 @@ says otherwise.
 
 `settings` are config sections as dicts (`model=`, `defaults=`, `output=`, `decoder=`...), applied
 over `config` (a YAML path or a dict) if given; keyword options of the run (`limit`, `overwrite`,
-`wait`, `address`...) are those of `jobs.run.run_job`.
+`wait`, `address`...) are those of `kandinsky_engine.jobs.run.run_job`.
 """
 
 from __future__ import annotations

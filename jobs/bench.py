@@ -121,7 +121,7 @@ def stages_loop(config, rows: list[dict], batch_size: int, threads: int) -> tupl
     from kandinsky_engine.columns import passthrough_fields
     from kandinsky_engine.families import family_for
     from kandinsky_engine.rows import numpy_batch
-    from pipelines.prepare import prepare_unit
+    from kandinsky_engine.pipelines.prepare import prepare_unit
 
     start = time.perf_counter()
     stages = [cls(config, **kwargs) for _, cls, kwargs in family_for(config).stages(config, {"text2img"})]
@@ -156,7 +156,7 @@ def operator_times(stats: str | None) -> dict[str, float]:
 
 
 def run_bench(args) -> dict:
-    from jobs.run import connect, run_job
+    from kandinsky_engine.jobs.run import connect, run_job
     from kandinsky_engine.config import JobConfig, apply_overrides
     from kandinsky_engine.families import resolve_family
     from kandinsky_engine.families.tiny import ensure_tiny_model

@@ -1,4 +1,4 @@
-"""`kandinsky-batch bench --full-size` (or `python -m jobs.bench_gpu`): the stage classes on one GPU
+"""`kandinsky-batch bench --full-size` (or `python -m kandinsky_engine.jobs.bench_gpu`): the stage classes on one GPU
 with the real Kandinsky 2.2 architectures and random bf16 weights. No Ray, no download.
 
 It measures, at 768x768 with 50 decoder and 25 prior steps and classifier-free guidance on both

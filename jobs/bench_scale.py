@@ -45,7 +45,7 @@ def plan(sizes: list[int], workdir: Path, cache_dir: str) -> list[dict]:
         config.write_text(json.dumps({"input": {"manifest": str(folder)}, "output": {"path": str(workdir / f"out-{rows}")},
                                       "model": {"cache_dir": cache_dir}}))
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config), "--dry-run", "--json"],
+        done = subprocess.run([sys.executable, "-m", "kandinsky_engine.jobs.cli", "run", str(config), "--dry-run", "--json"],
                               capture_output=True, text=True, cwd=Path(__file__).parents[1])
         seconds = time.perf_counter() - started
         line = next((l for l in done.stdout.splitlines() if l.startswith("{")), None)
@@ -63,7 +63,7 @@ def order(rows: int, steps: int, workdir: Path, cache_dir: str) -> dict:
     """Images/s of one job with preserve_order on, then off (each on a fresh output)."""
     import ray
 
-    from jobs.run import connect, run_job
+    from kandinsky_engine.jobs.run import connect, run_job
     from kandinsky_engine.config import JobConfig
 
     manifest = workdir / "order.parquet"

@@ -8,9 +8,11 @@ import os
 import sys
 import traceback
 
-from jobs.commands import (cmd_run, cmd_status, cmd_report, cmd_validate, cmd_verify, cmd_push, positive_int, cmd_tiny_model, cmd_stage_model, cmd_convert_k20, cmd_bench, cmd_plan)
-from jobs.outcome import add_arguments as outcome_arguments  # argparse only: light to import
-from jobs.signals import Interrupted, signal_number
+from kandinsky_engine.jobs.commands import (cmd_bench, cmd_convert_k20, cmd_plan, cmd_push, cmd_report, cmd_run,
+                                            cmd_stage_model, cmd_status, cmd_tiny_model, cmd_validate, cmd_verify,
+                                            positive_int)
+from kandinsky_engine.jobs.outcome import add_arguments as outcome_arguments  # argparse only: light to import
+from kandinsky_engine.jobs.signals import Interrupted, signal_number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true", help="with --full-size: tiny widths, runs on a CPU in seconds")
     bench.set_defaults(func=cmd_bench)
 
-    from jobs.plan import add_arguments as plan_arguments  # light: argparse and the placement arithmetic
+    from kandinsky_engine.jobs.plan import add_arguments as plan_arguments  # light: argparse and the placement arithmetic
 
     planner = with_config(add("plan", help="measure each stage's rows/s and size the actor pools so that the "
-                                           "U-Net stays busy on N GPUs (or C CPU cores); see README, Performance"))
+                                           "U-Net stays busy on N GPUs (or C CPU cores); see docs/performance.md"))
     plan_arguments(planner)
     planner.set_defaults(func=cmd_plan)
     return parser
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
-        from jobs.lease import LeaseHeld, LeaseLost
+        from kandinsky_engine.jobs.lease import LeaseHeld, LeaseLost
 
         if isinstance(exc, LeaseLost):  # another run took over, and resumes the output
             print(f"busy: {exc}", file=sys.stderr)
@@ -238,7 +240,7 @@ def describe(exc: BaseException) -> str:
 
 def entry() -> None:
     """The `kandinsky-batch` command: `main`, then `leave`; SIGTERM and Ctrl-C stop it cleanly."""
-    from jobs.signals import install
+    from kandinsky_engine.jobs.signals import install
 
     install()
     try:

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from jobs.signals import Interrupted, signal_number
+from kandinsky_engine.jobs.signals import Interrupted, signal_number
 
 
 def _config(args):
@@ -19,7 +19,7 @@ def _config(args):
 def _run_config(args):
     """The job of `run`: the config file with --set, or without one --manifest and --output (and
     --model), the defaults for everything else."""
-    from jobs.api import job_config
+    from kandinsky_engine.jobs.api import job_config
 
     if args.config:
         config = _config(args)
@@ -38,13 +38,13 @@ def _run_config(args):
 
 
 def cmd_run(args) -> int:
-    from jobs.api import generate
-    from jobs.progress import Console, quiet_ray
+    from kandinsky_engine.jobs.api import generate
+    from kandinsky_engine.jobs.progress import Console, quiet_ray
 
     config = _run_config(args)
     quiet_ray(args.verbose)
     console = Console(interval_s=args.progress_interval, echo=True, log_file=True, verbose=args.verbose)
-    from jobs.outcome import read_failures, run_exit_code, wait_of
+    from kandinsky_engine.jobs.outcome import read_failures, run_exit_code, wait_of
 
     try:
         summary = generate(config=config, address=args.address, overwrite=args.overwrite, limit=args.limit,
@@ -55,7 +55,7 @@ def cmd_run(args) -> int:
         print(interrupted(config), file=sys.stderr)
         return 128 + signal_number(exc)
     if summary.get("dry_run"):
-        from jobs.summary import format_plan
+        from kandinsky_engine.jobs.summary import format_plan
 
         plan = {k: v for k, v in summary.items() if k != "dry_run"}
         print(json.dumps(plan) if args.json else format_plan(plan))
@@ -73,7 +73,7 @@ def cmd_run(args) -> int:
     if summary.get("log"):
         print(f"log: {summary['log']}; workers' output: {summary['worker_logs']} (--verbose: all on the console)")
     if args.report:
-        from jobs.report import write_report
+        from kandinsky_engine.jobs.report import write_report
 
         url, _ = write_report(summary["output"], config.storage_options, args.gpu_hour_price)
         print(f"report: {url}")
@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
 
 def interrupted(config) -> str:
     """One line for a run stopped by a signal: how far it got, from its progress file."""
-    from jobs.status import read_status
+    from kandinsky_engine.jobs.status import read_status
 
     try:
         status = read_status(config.output.path, config.storage_options)
@@ -104,7 +104,7 @@ def _options(args) -> dict:
 
 
 def cmd_status(args) -> int:
-    from jobs.status import format_status, read_status
+    from kandinsky_engine.jobs.status import format_status, read_status
 
     status = read_status(args.output, _options(args))
     print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
@@ -112,7 +112,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from jobs.report import write_report
+    from kandinsky_engine.jobs.report import write_report
 
     url, _ = write_report(args.output, _options(args), args.gpu_hour_price, max_rows=args.max_rows)
     print(f"report: {url}")
@@ -146,15 +146,15 @@ def cmd_validate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from jobs.verify import report, verify
+    from kandinsky_engine.jobs.verify import report, verify
 
     config = _config(args) if args.config else None
     check = verify(args.output, config=config, deep=not args.quick)
     print(report(check, args.output), file=sys.stdout if check.ok else sys.stderr)
     ok = check.ok
     if args.recompute or args.recompute_id:
-        from jobs.reproduce import recompute
-        from jobs.reproduce import report as recompute_report
+        from kandinsky_engine.jobs.reproduce import recompute
+        from kandinsky_engine.jobs.reproduce import report as recompute_report
 
         result = recompute(args.output, args.recompute, args.recompute_id or [], config=config, device=args.device,
                            tolerance=args.tolerance)
@@ -164,7 +164,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from jobs.push import push
+    from kandinsky_engine.jobs.push import push
 
     result = push(args.output, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
     partial = "" if result["complete"] else " (a partial output: rows of its manifest are still to run)"
@@ -192,7 +192,7 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_stage_model(args) -> int:
-    from jobs.stage_model import stage_model
+    from kandinsky_engine.jobs.stage_model import stage_model
 
     options = _config(args).storage_options if args.config else None
     staged = stage_model(args.src, args.dest, options)
@@ -216,16 +216,16 @@ def cmd_bench(args) -> int:
     if args.family != "kandinsky22" and (args.full_size or args.plan or args.order):
         raise SystemExit(f"bench --family {args.family}: only the Ray job vs diffusers loop comparison; "
                          "--full-size, --plan and --order run Kandinsky 2.2")
-    if args.full_size:  # the GPU benchmark: its own options (python -m jobs.bench_gpu --help)
-        from jobs.bench_gpu import main as bench_full_size
+    if args.full_size:  # the GPU benchmark: its own options (python -m kandinsky_engine.jobs.bench_gpu --help)
+        from kandinsky_engine.jobs.bench_gpu import main as bench_full_size
 
         return bench_full_size(["--smoke"] * args.smoke + (["--output", args.output] if args.output else []))
     if args.plan or args.order:
-        from jobs.bench_scale import run as run_scale
+        from kandinsky_engine.jobs.bench_scale import run as run_scale
 
         result = json.dumps(run_scale(args), indent=2)
     else:
-        from jobs.bench import run_bench
+        from kandinsky_engine.jobs.bench import run_bench
 
         result = json.dumps(run_bench(args), indent=2)
     print(result)
@@ -236,6 +236,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from jobs.plan import run as run_plan
+    from kandinsky_engine.jobs.plan import run as run_plan
 
     return run_plan(args, _config(args))

@@ -45,8 +45,8 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 from kandinsky_engine.storage import is_local, read_if_match, redact_url
-from pipelines.metrics import lease_renewed
-from pipelines.output import LEASE, LeaseLost  # noqa: F401 (LeaseLost: raised by the writer, re-exported)
+from kandinsky_engine.pipelines.metrics import lease_renewed
+from kandinsky_engine.pipelines.output import LEASE, LeaseLost  # noqa: F401 (LeaseLost: raised by the writer, re-exported)
 
 log = logging.getLogger("kandinsky_engine")
 

@@ -13,7 +13,7 @@ the manifest and the config, a bucket that does not exist. The job refuses those
 - with --overwrite, a folder that holds the manifest or the config, or that this tool did not
   write (it has files and no _RUN.json); --overwrite-unowned takes such a folder anyway.
 
-Overwriting removes the entries the layout names (pipelines.output.OWNED_ENTRIES; a README.md only
+Overwriting removes the entries the layout names (kandinsky_engine.pipelines.output.OWNED_ENTRIES; a README.md only
 if it is the tool's generated dataset card) and nothing else, never the root itself: on a versioned bucket, s3fs's recursive rm of a bucket path deletes
 every version and the bucket with its policy and lifecycle rules.
 """
@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.storage import is_object_store, redact_url, refuse_glob, remove_tree, url_to_fs
-from pipelines.output import CARD, LEASE, MANIFESTS, OWNED_ENTRIES, RUN_FILE
+from kandinsky_engine.pipelines.output import CARD, LEASE, MANIFESTS, OWNED_ENTRIES, RUN_FILE
 
 log = logging.getLogger("kandinsky_engine")
 # For messages: "data/, errors/, _tmp/, _damaged/, _runs/, _SUCCESS.json, _RUN.json" (folders first).
@@ -156,7 +156,7 @@ def remove_owned(fs, root: str) -> list[str]:
     `_manifests/`, copies of the job's input named by their content, which the run that
     overwrites has just made (kandinsky_engine/text_manifest.py), and a README.md that this tool
     did not write (pipelines/card.py)."""
-    from pipelines.card import card_is_ours
+    from kandinsky_engine.pipelines.card import card_is_ours
 
     removed = []
     for entry in (e for e in OWNED_ENTRIES if e != MANIFESTS):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kandinsky_engine.device import resolve_auto
-from pipelines.placement import STAGES, Layout, StageCost, cpu_layout, gpu_layout
+from kandinsky_engine.pipelines.placement import STAGES, Layout, StageCost, cpu_layout, gpu_layout
 
 if TYPE_CHECKING:  # the CLI builds its parser from add_arguments: this module stays light to import
     from kandinsky_engine.config import JobConfig
@@ -71,7 +71,7 @@ def synthetic_rows(config: JobConfig, n: int) -> dict:
     """n text2img rows at the job's defaults, as the prior stage receives them."""
     import numpy as np
 
-    from jobs.bench_gpu import bench_batch
+    from kandinsky_engine.jobs.bench_gpu import bench_batch
 
     d = config.defaults
     batch = bench_batch(n, d.width, d.num_inference_steps, d.prior_num_inference_steps)
@@ -87,7 +87,7 @@ def measured_costs(config: JobConfig, repeats: int) -> dict[str, StageCost]:
     other, so that its peak is its own: weights and activations, as a share of the GPU's memory."""
     import torch
 
-    from jobs.bench_gpu import copy, sync
+    from kandinsky_engine.jobs.bench_gpu import copy, sync
     from kandinsky_engine import DecoderStage, MovqStage, PriorStage
     from kandinsky_engine.memory import CUDA_CONTEXT
 
@@ -137,7 +137,7 @@ def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, fr
     family = family_for(config)
     if family.name != "kandinsky22":  # its stage costs and FLOPs are Kandinsky 2.2's prior, U-Net and MoVQ
         raise ValueError(f"plan places Kandinsky 2.2's stages; model.decoder is a {family.title} model, which it "
-                         "does not place yet: size its sections by hand (README, Model families, gives each stage's "
+                         "does not place yet: size its sections by hand (docs/models.md gives each stage's "
                          "GPU memory)")
     if config.model.device == "auto":  # 'auto' follows what is planned: GPUs -> cuda, CPU cores -> cpu
         config = config.model_copy(update={"model": config.model.model_copy(
@@ -175,7 +175,7 @@ def with_memory_model(config: JobConfig, costs: dict[str, StageCost], gpu_type: 
 
     from kandinsky_engine.families import family_for
     from kandinsky_engine.memory import GIB, estimate_job
-    from pipelines.memory_fit import GPU_MEMORY
+    from kandinsky_engine.pipelines.memory_fit import GPU_MEMORY
 
     if gpu_type not in GPU_MEMORY:
         raise ValueError(f"--gpu-type {gpu_type!r}: not one of {sorted(GPU_MEMORY)}")

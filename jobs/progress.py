@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from kandinsky_engine.storage import is_object_store
-from pipelines.metrics import images_per_second
-from pipelines.output import LOGS, RUNS, put_json
+from kandinsky_engine.pipelines.metrics import images_per_second
+from kandinsky_engine.pipelines.output import LOGS, RUNS, put_json
 
 from .native_stderr import NativeStderr
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 
-from pipelines.card import card_is_ours
-from pipelines.output import CARD, DATA, SHARD_LIST, SUMMARY
+from kandinsky_engine.pipelines.card import card_is_ours
+from kandinsky_engine.pipelines.output import CARD, DATA, SHARD_LIST, SUMMARY
 
 PUSHED = [CARD, SHARD_LIST, f"{DATA}/**"]
 HIDDEN = [".*", "**/.*"]  # .DS_Store, editors' files

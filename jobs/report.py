@@ -16,7 +16,7 @@ import time
 from html import escape
 
 from kandinsky_engine.storage import is_object_store, move_file, url_to_fs
-from pipelines.output import REPORT
+from kandinsky_engine.pipelines.output import REPORT
 
 from .samples import sample_rows
 from .status import read_status

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from kandinsky_engine.normalize import text_ids
 from kandinsky_engine.storage import url_to_fs
 from kandinsky_engine.units import file_key
-from pipelines.output import DATA, INDEX, parse_shard, read_records
+from kandinsky_engine.pipelines.output import DATA, INDEX, parse_shard, read_records
 
 from .samples import SHARD_READERS
 
@@ -120,7 +120,7 @@ def _unit_of(row_id: str, manifest, config) -> tuple[str, int]:
 
 
 def _read_ids(fs, path: str) -> list:
-    from pipelines.shards import format_of
+    from kandinsky_engine.pipelines.shards import format_of
 
     with fs.open(path, "rb") as f:
         return format_of(path).ids(f)
@@ -130,7 +130,7 @@ class _Chain:
     """The job's model stages in this process, as its actors run them."""
 
     def __init__(self, config, manifest):
-        from pipelines.generate import Chunked, Fused, fused_config, model_stages
+        from kandinsky_engine.pipelines.generate import Chunked, Fused, fused_config, model_stages
         from kandinsky_engine.stages.movq import MovqStage
 
         stages = model_stages(config, manifest)
@@ -156,9 +156,9 @@ def _check_shard(fs, root, shard: str, wanted: list[str], config, manifest, chai
     from kandinsky_engine.inputs import FETCH_TASKS, fetch_inputs
     from kandinsky_engine.rows import numpy_batch
     from kandinsky_engine.stages.movq import encode_images
-    from pipelines.generate import light_step
-    from pipelines.prepare import prepare_units
-    from pipelines.read import read_units
+    from kandinsky_engine.pipelines.generate import light_step
+    from kandinsky_engine.pipelines.prepare import prepare_units
+    from kandinsky_engine.pipelines.read import read_units
 
     found = parse_shard(f"{root}/{shard}", root, 0)
     file = next(f for f in manifest.files if file_key(f.relpath) == found.key)

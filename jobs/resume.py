@@ -17,7 +17,7 @@ from kandinsky_engine.config import JobConfig
 from kandinsky_engine.families import family_for
 from kandinsky_engine.identity import library_versions
 from kandinsky_engine.storage import redact, redact_url, url_to_fs
-from pipelines.output import LAYOUT_VERSION, RUN_FILE
+from kandinsky_engine.pipelines.output import LAYOUT_VERSION, RUN_FILE
 
 from .output_guard import OWNED_TEXT, is_empty
 
@@ -152,7 +152,7 @@ def choose_output(config: JobConfig, inputs: dict, *, overwrite: bool, new_run: 
 def write_run(fs, root: str, inputs: dict, config: JobConfig, tmp_tag: str) -> None:
     """_RUN.json, through a temporary file: the fingerprint, what it was computed from, and the job
     config (credentials removed) that `kandinsky-batch verify` recomputes it with."""
-    from pipelines.output import put_json
+    from kandinsky_engine.pipelines.output import put_json
 
     settings = json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options))
     record = {"fingerprint": fingerprint(inputs), "inputs": inputs, "config": settings,

@@ -20,7 +20,7 @@ from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
 from kandinsky_engine.text_manifest import publish
 from kandinsky_engine.storage import access_checked, ensure_dir, remove_file, remove_tree, url_to_fs
-from pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
+from kandinsky_engine.pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
 
 from .output_guard import check_output as check_target
 from .lease import Lease
@@ -106,7 +106,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     if not dry_run and any(f.frozen for f in planned[1]):  # CSV/JSONL copies, where every worker reads them
         planned = (planned[0], publish(planned[1], path, config.storage_options), *planned[2:])
     ray_startup_s = connect(address or config.ray_address, console.verbose)
-    from pipelines.validate import check_with_ray
+    from kandinsky_engine.pipelines.validate import check_with_ray
 
     # Rows are checked by Ray tasks, one per file: still before the output is touched.
     manifest = validate_manifest(config, checker=check_with_ray, planned=planned)
@@ -133,12 +133,12 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
          check_shards, dry_run, console, cleanup) -> dict:
     import ray
 
-    from pipelines.generate import IO_CPUS, build_generation, check_resources
-    from pipelines.output import put_json, put_records
-    from pipelines.progress import CommitCounter
-    from pipelines.reconcile import Inspection, inspect, reconcile, shard_records
-    from pipelines.sink import ShardSink
-    from pipelines.sources import Gone, apply_gone, plan_gone, read_registry, write_registry
+    from kandinsky_engine.pipelines.generate import IO_CPUS, build_generation, check_resources
+    from kandinsky_engine.pipelines.output import put_json, put_records
+    from kandinsky_engine.pipelines.progress import CommitCounter
+    from kandinsky_engine.pipelines.reconcile import Inspection, inspect, reconcile, shard_records
+    from kandinsky_engine.pipelines.sink import ShardSink
+    from kandinsky_engine.pipelines.sources import Gone, apply_gone, plan_gone, read_registry, write_registry
 
     rows_per_block = config.rows_per_block()
     tag = uuid.uuid4().hex[:12]  # this run: its report, temporary files, quarantine folder

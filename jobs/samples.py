@@ -13,7 +13,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.output import DATA, INDEX
+from kandinsky_engine.pipelines.output import DATA, INDEX
 
 SHOWN = ("id", "prompt", "seed", "task", "clip_score", "image_width", "image_height")
 
@@ -50,7 +50,7 @@ def read_tar_rows(fs, path: str, limit: int) -> list[dict]:
     import json
     import tarfile
 
-    from pipelines.shards import EXTENSIONS
+    from kandinsky_engine.pipelines.shards import EXTENSIONS
 
     rows, image = [], None
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 
 from kandinsky_engine.storage import access_checked, redact_url, refuse_glob, url_to_fs
-from pipelines.output import ERRORS, INDEX, LEASE, RUN_FILE, RUNS, SUMMARY
+from kandinsky_engine.pipelines.output import ERRORS, INDEX, LEASE, RUN_FILE, RUNS, SUMMARY
 
 from .lease import owner_died_here
 from .progress import PROGRESS_SUFFIX, clock

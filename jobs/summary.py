@@ -7,12 +7,12 @@ import json
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.storage import redact
-from pipelines.output import INDEX, SUMMARY
+from kandinsky_engine.pipelines.output import INDEX, SUMMARY
 
 
 def gpus_reserved(config: JobConfig, manifest) -> float:
     """GPUs the run's actor pools held: what a cluster bills for, busy or not."""
-    from pipelines.generate import model_stages
+    from kandinsky_engine.pipelines.generate import model_stages
 
     stages = [config.decoder] if config.fuse_stages else [stage for _, _, stage, _ in model_stages(config, manifest)]
     return round(sum(stage.num_gpus * stage.actors for stage in stages), 4)
@@ -34,8 +34,8 @@ def dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s
     driver's plan at scale), so the peak RSS reported is the run's."""
     import resource
 
-    from pipelines.reconcile import FilePlan
-    from pipelines.read import ManifestUnits
+    from kandinsky_engine.pipelines.reconcile import FilePlan
+    from kandinsky_engine.pipelines.read import ManifestUnits
     from kandinsky_engine.units import file_key
 
     committed = sum(len(v) for k, v in found.data.items())
@@ -95,8 +95,8 @@ def write_summary(config: JobConfig, fs, root: str, path: str, reports: list[dic
     file, the runs' reports. `reports`: every run's, this one last."""
     from kandinsky_engine.columns import output_schema
     from kandinsky_engine.identity import model_identity
-    from pipelines.card import write_card
-    from pipelines.output import put_json
+    from kandinsky_engine.pipelines.card import write_card
+    from kandinsky_engine.pipelines.output import put_json
 
     report = reports[-1]
     runs = [{k: v for k, v in r.items() if k != "records"} for r in reports]

@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 from kandinsky_engine.normalize import text_ids
 from kandinsky_engine.storage import refuse_glob, url_to_fs
 from kandinsky_engine.units import file_key, limit_stops
-from pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
-from pipelines.shards import format_of
+from kandinsky_engine.pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
+from kandinsky_engine.pipelines.shards import format_of
 
 MAX_SHOWN = 30  # problems listed; the count of the rest is given
 

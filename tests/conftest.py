@@ -116,7 +116,7 @@ def batch_of(rows: list[dict], config: JobConfig) -> dict[str, np.ndarray]:
     step on the rows as one unit, then Arrow -> numpy as Ray converts it."""
     from kandinsky_engine.columns import passthrough_fields
     from kandinsky_engine.rows import numpy_batch
-    from pipelines.prepare import prepare_unit
+    from kandinsky_engine.pipelines.prepare import prepare_unit
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])

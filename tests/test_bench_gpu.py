@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from jobs import bench_gpu
+from kandinsky_engine.jobs import bench_gpu
 from kandinsky_engine.families.kandinsky22 import fullsize
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
 def test_full_size_bench_skips_cleanly_without_cuda(capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     assert bench_gpu.main([]) == 0
     assert main(["bench", "--full-size"]) == 0

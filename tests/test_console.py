@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from jobs.cli import main
-from jobs.native_stderr import NativeStderr
-from jobs.outcome import needs_fixing, run_exit_code
-from jobs.progress import BAR_FORMAT, Console, RunProgress
-from jobs.summary import format_plan, limit_note
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.native_stderr import NativeStderr
+from kandinsky_engine.jobs.outcome import needs_fixing, run_exit_code
+from kandinsky_engine.jobs.progress import BAR_FORMAT, Console, RunProgress
+from kandinsky_engine.jobs.summary import format_plan, limit_note
 from kandinsky_engine.config import load_config
 from kandinsky_engine.config_errors import ConfigError
 from kandinsky_engine.units import limit_stops

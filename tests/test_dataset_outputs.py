@@ -23,11 +23,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from jobs.cli import main
-from jobs.push import HIDDEN, PUSHED, pushed_files
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.push import HIDDEN, PUSHED, pushed_files
 from kandinsky_engine.columns import SIGNAL_TYPES, output_schema
-from pipelines.card import MARKER, features
-from pipelines.shards import json_type
+from kandinsky_engine.pipelines.card import MARKER, features
+from kandinsky_engine.pipelines.shards import json_type
 from tests.conftest import make_config, png, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def manifest_rows(blue: Path, missing: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def outputs(ray_cluster, model_cache, tmp_path_factory):
     """(tmp, rows by id, {format: config}, started, ended): out/demo (Parquet) and out/demo-wds under tmp."""
-    from jobs.run import run_job
+    from kandinsky_engine.jobs.run import run_job
 
     tmp = tmp_path_factory.mktemp("outputs")
     (tmp / "in").mkdir()
@@ -111,7 +111,7 @@ def test_model_stages_time_and_stamp_each_unit():
 
     import numpy as np
 
-    from pipelines.generate import Chunked, concat
+    from kandinsky_engine.pipelines.generate import Chunked, concat
     from tests.test_pipeline import Recorder, block
 
     a, b = block([f"a{i}" for i in range(6)]), block([f"b{i}" for i in range(6)], unit=1)
@@ -267,13 +267,15 @@ def python_blocks(path: Path) -> list[str]:
 
 @pytest.mark.ray
 def test_documented_snippets_run_as_written(outputs, monkeypatch, tmp_path):
-    """docs/outputs.md's and the README's Python examples, in a folder where out/demo and
+    """docs/outputs.md's, docs/jobs.md's and the README's Python examples (but its quick start's), in a folder where out/demo and
     out/demo-wds are this module's outputs. The upload example needs the network: its patterns
     are compared with `push`'s instead."""
     tmp, *_ = outputs
     monkeypatch.chdir(tmp)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
-    blocks = python_blocks(REPO / "docs" / "outputs.md") + python_blocks(REPO / "README.md")
+    readme = re.sub(r"## Your own prompts\n.*?\n## ", "## ", (REPO / "README.md").read_text(), flags=re.S)  # test_readme.py
+    blocks = (python_blocks(REPO / "docs" / "outputs.md") + python_blocks(REPO / "docs" / "jobs.md")
+              + re.findall(r"```python\n(.*?)```", readme, flags=re.S))
     upload = [b for b in blocks if "upload_folder" in b]
     assert len(upload) == 1 and len(blocks) >= 7
     call = upload[0][upload[0].index("upload_folder"):]

@@ -10,8 +10,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.run import run_job
+from kandinsky_engine.jobs.verify import verify
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.families import family_of, supported_tasks
 from kandinsky_engine.model_cache import ModelSourceError

@@ -21,7 +21,7 @@ def test_relative_input_paths_are_relative_to_the_manifest_file(model_cache, tmp
     """`imgs/red.png` next to the manifest is found from any working directory, and read as
     `<manifest folder>/imgs/red.png`; `..` still cannot step out."""
     from kandinsky_engine.manifest import plan_files
-    from pipelines.read import read_units
+    from kandinsky_engine.pipelines.read import read_units
 
     job = tmp_path / "job"
     (job / "imgs").mkdir(parents=True)
@@ -62,8 +62,8 @@ def test_csv_tsv_and_jsonl_manifests_are_frozen_and_run_once(ray_cluster, model_
     """A folder of a CSV, a TSV and a JSONL file: each is converted once into a Parquet copy named by
     its content (`_manifests/`), every row runs once, a rerun computes nothing, and a changed source
     is refused like a rewritten Parquet file."""
-    from jobs.run import ManifestChanged, run_job
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.run import ManifestChanged, run_job
+    from kandinsky_engine.jobs.verify import verify
 
     folder = tmp_path / "manifest"
     folder.mkdir()
@@ -106,7 +106,7 @@ def fake_hub_repo(cache: str, repo: str, folder: Path, refs: dict[str, str]) -> 
 def test_hub_ids_run_pinned_to_their_commit_and_say_so_in_every_row(ray_cluster, model_cache, tiny_root, tmp_path):
     """The default weights are hub ids: the driver resolves each to a commit (here from the local
     cache: tests are offline), every actor loads that commit, and every row names it."""
-    from jobs.api import generate
+    from kandinsky_engine.jobs.api import generate
     from tests.conftest import HF_HUB_CACHE
 
     main, tag = "1" * 40, "2" * 40
@@ -132,7 +132,7 @@ def test_the_python_api_takes_dataframes_tables_and_lists_and_resumes(ray_cluste
     """Rows in memory are written under the output first: calling again with the same rows resumes,
     other rows are refused like a rewritten manifest; relative input paths are the current folder's."""
     import kandinsky_engine as ke
-    from jobs.run import ManifestChanged
+    from kandinsky_engine.jobs.run import ManifestChanged
 
     pd = pytest.importorskip("pandas")
     (tmp_path / "imgs").mkdir()
@@ -157,7 +157,7 @@ def test_the_python_api_takes_dataframes_tables_and_lists_and_resumes(ray_cluste
 
 @pytest.mark.smoke
 def test_run_without_a_config_file(ray_cluster, model_cache, tmp_path, capsys, monkeypatch):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     monkeypatch.setenv("KANDINSKY_CACHE", model_cache)
     (tmp_path / "prompts.csv").write_text("id,prompt\nc1,a red kite\n")

@@ -22,7 +22,7 @@ from kandinsky_engine import DecoderStage, MovqStage, PriorStage
 from kandinsky_engine.columns import HF_METADATA, SIGNAL_TYPES
 from kandinsky_engine.stages.movq import encode_images
 from kandinsky_engine.stages.score import ClipScoreStage
-from pipelines.shards import TarShards, image_path, sample_key
+from kandinsky_engine.pipelines.shards import TarShards, image_path, sample_key
 from tests.conftest import batch_of, make_config, png, put_manifest, write_manifest
 
 SIGNALS = list(SIGNAL_TYPES)
@@ -124,7 +124,7 @@ def test_signals_match_direct_computations(model_cache, tiny_root, tmp_path):
     # The plan schedules the scoring stage last among the model stages (its own pool unless fused).
     from types import SimpleNamespace
 
-    from pipelines.generate import model_stages
+    from kandinsky_engine.pipelines.generate import model_stages
 
     manifest = SimpleNamespace(tasks={"text2img"})
     assert [name for name, *_ in model_stages(config, manifest)] == ["prior", "decoder", "movq", "score"]
@@ -149,8 +149,8 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     row is in each exactly once, with the same image bytes and metadata."""
     import datasets
 
-    from jobs.run import run_job
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.run import run_job
+    from kandinsky_engine.jobs.verify import verify
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": i, "prompt": f"a lighthouse {n}", "note": n}
                                                        for n, i in enumerate(HOSTILE)])
@@ -192,7 +192,7 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     assert isinstance(hf_tar[0]["png"], Image.Image)
 
     # The report's contact sheet samples tar shards as it does Parquet ones (jobs/samples.py).
-    from jobs.samples import sample_rows
+    from kandinsky_engine.jobs.samples import sample_rows
     from kandinsky_engine.storage import url_to_fs
 
     for out in (tmp_path / "parquet", wds_out):
@@ -205,8 +205,8 @@ def test_webdataset_resumes_on_s3(ray_cluster, model_cache, s3):
     """A --limit run then the full run against the S3 API: tar shards under the layout, each row
     once, the index records every shard, verify passes. Then a row whose input was missing is retried
     (attempt 2: a `-a2.tar`), and a damaged tar is set aside and its unit recomputed."""
-    from jobs.run import run_job
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.run import run_job
+    from kandinsky_engine.jobs.verify import verify
 
     fs, options = s3
     ids = [f"r{i}" for i in range(6)]

@@ -84,8 +84,12 @@ def test_image_copies_the_package_sources_only():
     sources = {src for op, args in steps if op == "COPY" and "--from" not in args
                for src in args.split()[:-1] if not src.startswith("--")}  # the last one is the destination
     packages = {"jobs", "kandinsky_engine", "pipelines"}
-    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    assert {pattern.rstrip("*") for pattern in found["include"]} == packages  # the packages and their subpackages
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {setup["package-dir"].get(name, name.replace(".", "/")) for name in setup["packages"]}
+    assert {folder.split("/")[0] for folder in folders} == packages  # the folders the wheel is built from
+    # and every package folder of the sources is in the wheel (a folder without __init__.py would be left out)
+    assert folders == {str(p.parent.relative_to(ROOT)) for pkg in packages for p in (ROOT / pkg).rglob("*.py")
+                       if "__pycache__" not in p.parts}
     assert sources == {"pyproject.toml", PROJECT["readme"], *packages, "infra/docker/requirements.lock"}
 
 
@@ -133,10 +137,14 @@ def test_build_context_builds_the_wheel_the_image_installs(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = z.read(f"kandinsky_engine-{PROJECT['version']}.dist-info/entry_points.txt").decode()
-    modules = {str(p.relative_to(ROOT)) for pkg in ("jobs", "kandinsky_engine", "pipelines")
-               for p in (ROOT / pkg).glob("*.py")}
-    assert modules <= names
-    assert "kandinsky-batch = jobs.cli:entry" in entry_points
+    # Every module, under the one import name: jobs/ and pipelines/ as kandinsky_engine.jobs and
+    # kandinsky_engine.pipelines, nothing else at the top (the dist-info aside).
+    modules = {str(p.relative_to(ROOT)) if pkg == "kandinsky_engine" else f"kandinsky_engine/{p.relative_to(ROOT)}"
+               for pkg in ("jobs", "kandinsky_engine", "pipelines") for p in (ROOT / pkg).rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert modules <= names, sorted(modules - names)
+    assert {n.split("/")[0] for n in names} == {"kandinsky_engine", f"kandinsky_engine-{PROJECT['version']}.dist-info"}
+    assert "kandinsky-batch = kandinsky_engine.jobs.cli:entry" in entry_points
 
 
 def test_make_image_builds_this_dockerfile_from_the_root():

@@ -85,7 +85,7 @@ def test_schedules_may_overlap_and_retries_do_not_burn_clusters():
     """The lease makes overlapping runs safe: a retry waits (bounded) for a crashed attempt's lease,
     a scheduled tick that meets a live run skips with exit 0, a failed run frees its GPU workers at
     once, and the portable CronJob's pod outlives its RayJob."""
-    from jobs.cli import build_parser
+    from kandinsky_engine.jobs.cli import build_parser
     from tests.infra_rules import lease_ttl_s
 
     job = doc("rayjob.yaml", "RayJob")["spec"]
@@ -111,9 +111,9 @@ def quantity(value) -> float:
 
 def test_job_config_fits_the_gpu_group(tmp_path):
     """The shipped job.yaml's actors fit the cluster the kustomization builds, by the engine's own
-    check (pipelines.generate.check_resources), else the job would be refused at start."""
+    check (kandinsky_engine.pipelines.generate.check_resources), else the job would be refused at start."""
     from kandinsky_engine.config import load_config
-    from pipelines.generate import check_resources
+    from kandinsky_engine.pipelines.generate import check_resources
 
     config = load_config(K8S / "settings" / "job.yaml")
     assert config.model.family == "kandinsky22"  # named: the driver's checks need no model_index.json
@@ -428,7 +428,7 @@ def test_job_config_validates_with_staged_models(s3, tiny_root, tmp_path):
     """`kandinsky-batch validate infra/k8s/settings/job.yaml` as the head pod would run it (S3 from
     the environment), against moto with the tiny model staged at the config's model URLs by
     `kandinsky-batch stage-model` and a manifest under its manifest URL."""
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
     from kandinsky_engine.config import load_config
     from tests.conftest import KEY, SECRET, put_manifest
 
@@ -468,7 +468,7 @@ def test_the_monitoring_component_reads_the_metrics_the_engine_exports():
     import json
     import re
 
-    from pipelines import metrics
+    from kandinsky_engine.pipelines import metrics
 
     folder = ROOT / "infra" / "k8s" / "components" / "monitoring"
     dashboard = json.loads((folder / "grafana-dashboard.json").read_text())

@@ -126,7 +126,7 @@ def run_submitter(address: str, env: dict, job_id: str, entrypoint: str) -> str:
 def test_rayjob_entrypoint_runs_and_resumes_through_ray_job_submit(ray_head, model_cache, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     address, env, _ = ray_head
     # The demo job (configs/demo.yaml) on its first 4 rows (one unit), into a temp output.
@@ -201,7 +201,7 @@ def test_a_stopped_job_frees_the_output_for_its_retry(ray_head, model_cache, tmp
     for the lease to expire) and resumes from the committed units."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     address, env, _ = ray_head
     client = JobSubmissionClient(address)

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from jobs.cli import main
-from jobs.run import run_job
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.config import GenerationDefaults, load_config
 from kandinsky_engine.images import ImageInputError, read_uri
 from kandinsky_engine.inputs import fetch_inputs

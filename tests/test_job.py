@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.cli import main
-from jobs.run import run_job
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.run import run_job
 from tests.conftest import TINY_YAML, make_config, write_manifest
 from tests.reference import Reference, decode, max_diff
 
@@ -114,7 +114,7 @@ def test_fused_stages_on_two_actors_give_the_same_bytes(first_run):
 
 
 def test_rerun_resumes_and_a_changed_job_is_refused(first_run):
-    from jobs.resume import FingerprintMismatch
+    from kandinsky_engine.jobs.resume import FingerprintMismatch
 
     config = first_run[0]
     summary = run_job(config)  # the same command again: everything is committed, nothing runs

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from jobs.cli import main
+from kandinsky_engine.jobs.cli import main
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.families import family_of
 from kandinsky_engine.families.kandinsky20.checkpoints import UnsafeCheckpoint

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
+from kandinsky_engine.jobs.cli import main
 from kandinsky_engine.manifest import ManifestError, validate_manifest
 from tests.conftest import TINY_YAML, make_config, write_manifest
 

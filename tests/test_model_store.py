@@ -73,7 +73,7 @@ def test_job_with_s3_models_matches_local_dirs(ray_cluster, tiny_root, remote, t
     remote_cfg = make_config(str(cache), manifest, str(tmp_path / "out-s3"), model=urls)
     remote_cfg = remote_cfg.model_copy(update={"storage_options": options})
 
-    from jobs.run import run_job
+    from kandinsky_engine.jobs.run import run_job
 
     summaries = [run_job(local), run_job(remote_cfg)]
     assert [s["rows"] for s in summaries] == [2, 2]

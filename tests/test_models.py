@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from jobs.cli import main
+from kandinsky_engine.jobs.cli import main
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.models import load_module, resolve_source
 from kandinsky_engine.families.kandinsky22.tiny import build_tokenizer

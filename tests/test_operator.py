@@ -18,11 +18,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from jobs.cli import main
-from jobs.progress import rate
-from jobs.report import write_report
-from jobs.samples import image_bytes
-from jobs.status import read_status
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.progress import rate
+from kandinsky_engine.jobs.report import write_report
+from kandinsky_engine.jobs.samples import image_bytes
+from kandinsky_engine.jobs.status import read_status
 from tests.conftest import FAST, KEY, SECRET, make_config, write_manifest
 from tests.test_resume import _reap
 
@@ -45,7 +45,7 @@ def cli(config_file: Path, out: Path, kill_after_rows: int | None, interval_s: f
     `kill_after_rows` rows are committed (and `status` read into `seen` just before, while it runs).
     Returns (exit code, output, seconds)."""
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "jobs.cli", "run", str(config_file), "--progress-interval", str(interval_s), "--report"]
+    cmd = [sys.executable, "-m", "kandinsky_engine.jobs.cli", "run", str(config_file), "--progress-interval", str(interval_s), "--report"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     while kill_after_rows is not None and proc.poll() is None:
@@ -239,7 +239,7 @@ def test_status_and_report_on_s3(job, s3, tmp_path):
     elapsed = time.perf_counter() - started
     assert (status["state"], status["rows"], status["failed_rows"]) == ("complete", 31, 1)
     assert status["failures"]["groups"][0]["rows"] == 1
-    code = subprocess.run([sys.executable, "-m", "jobs.cli", "report", "s3://kandinsky/op/out", "--config", str(config)],
+    code = subprocess.run([sys.executable, "-m", "kandinsky_engine.jobs.cli", "report", "s3://kandinsky/op/out", "--config", str(config)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert code.returncode == 0 and code.stdout.strip() == "report: s3://kandinsky/op/out/report.html", code.stderr
     html = fs.cat_file("kandinsky/op/out/report.html").decode()

@@ -14,14 +14,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from jobs.output_guard import OutputRefused, check_bucket, is_empty, remove_owned
-from jobs.resume import choose_output
-from jobs.run import run_job
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.output_guard import OutputRefused, check_bucket, is_empty, remove_owned
+from kandinsky_engine.jobs.resume import choose_output
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.manifest import find_files
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.storage import url_to_fs
-from pipelines.output import OWNED_ENTRIES
+from kandinsky_engine.pipelines.output import OWNED_ENTRIES
 from tests.conftest import KEY, SECRET, TINY, TINY_YAML, make_config, put_manifest, write_manifest
 from tests.faultproxy import FaultProxy
 
@@ -92,7 +92,7 @@ def test_overwrite_on_a_versioned_bucket_removes_only_the_jobs_entries(ray_clust
 def test_remove_owned_removes_exactly_the_layout_entries(s3, tmp_path):
     """Every entry of the layout goes, nothing else; a README.md goes only while it is the tool's
     generated dataset card (it carries the marker)."""
-    from pipelines.card import MARKER
+    from kandinsky_engine.pipelines.card import MARKER
 
     fs, _ = s3
     # _manifests/ (content-named copies of the input) is the tool's but outlives --overwrite.
@@ -261,7 +261,7 @@ def test_output_path_that_is_a_file_exits_2_with_one_line(model_cache, tmp_path,
     write_manifest(tmp_path / "m.parquet", ROWS)
     (tmp_path / "out").write_text("a file")
     job = write_job(tmp_path, "m.parquet", "out", model_cache)
-    quiet = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(job)], cwd=REPO, capture_output=True,
+    quiet = subprocess.run([sys.executable, "-m", "kandinsky_engine.jobs.cli", "run", str(job)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
     assert quiet.returncode == 2
     assert quiet.stderr.splitlines() == [f"error: output.path {tmp_path}/out is a file; it must be a folder "

@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from jobs.plan import flop_costs
+from kandinsky_engine.jobs.plan import flop_costs
 from kandinsky_engine.config import JobConfig, StageConfig
-from pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, dedicated_layout, gpu_layout,
+from kandinsky_engine.pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, dedicated_layout, gpu_layout,
                                  memory_caps)
 
 from .conftest import FAST, TINY, make_config
@@ -110,7 +110,7 @@ def tiny_job(model_cache, tmp_path):
 
 
 def test_measured_plan_on_the_tiny_model_writes_sections_a_job_accepts(tiny_job, tmp_path, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     out = tmp_path / "plan.yaml"
     assert main(["plan", str(tiny_job), "--cpus", "2", "--repeats", "1", "--write", str(out), "--json"]) == 0
@@ -137,7 +137,7 @@ def test_measured_plan_on_the_tiny_model_writes_sections_a_job_accepts(tiny_job,
 
 
 def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     assert main(["plan", str(tiny_job), "--gpus", "1", "--set", "model.device=cpu"]) == 2
     assert "model.device is 'cpu'" in capsys.readouterr().err
@@ -149,7 +149,7 @@ def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
 
 def test_stage_args_pass_tasks_in_flight_only_when_set(model_cache, tmp_path):
     from kandinsky_engine import DecoderStage
-    from pipelines.generate import stage_args
+    from kandinsky_engine.pipelines.generate import stage_args
 
     config = make_config(model_cache, "m.parquet", str(tmp_path))
     pinned = stage_args(DecoderStage, StageConfig(actors=3, max_tasks_in_flight=2), config)["compute"]

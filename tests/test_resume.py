@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import run_job
+from kandinsky_engine.jobs.run import run_job
 from tests.conftest import FAST, make_config, write_manifest
 
 # Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
@@ -28,7 +28,7 @@ make_config = partial(make_config, fuse_stages=False)
 
 pytestmark = pytest.mark.ray
 
-ROWS, UNIT = 48, 4  # 12 units
+ROWS, UNIT = 24, 4  # 6 units: stops at 2 and 4
 
 
 def job_rows() -> list[dict]:
@@ -51,7 +51,7 @@ def run_cli(config_file: Path, log: Path, kill_at_units: int | None, signum: int
     out = Path(json.loads(config_file.read_text())["output"]["path"])
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     with open(log, "ab") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(config_file)], stdout=sink,
+        proc = subprocess.Popen([sys.executable, "-m", "kandinsky_engine.jobs.cli", "run", str(config_file)], stdout=sink,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=Path(__file__).parents[1])
         at_kill = None
         while proc.poll() is None:
@@ -94,7 +94,7 @@ def test_driver_stopped_by_sigterm_and_ctrl_c_then_rerun(ray_cluster, model_cach
         result = run_cli(config_file, log, kill_at_units=round(units * share), signum=signum)
         text = log.read_text()[before:]
         assert result["returncode"] == 128 + signum, text[-3000:]
-        assert re.search(r"interrupted: \d+/48 rows committed; rerun the same command to resume", text), text[-3000:]
+        assert re.search(rf"interrupted: \d+/{ROWS} rows committed; rerun the same command to resume", text), text[-3000:]
         assert "Traceback" not in text and "core_worker" not in text.split("interrupted:")[1]
         assert not (out / "_SUCCESS.json").exists() and not (out / "_LEASE.json").exists()  # given back
         history.append(result)

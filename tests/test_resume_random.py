@@ -33,10 +33,10 @@ from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
-from jobs.lease import Lease, LeaseHeld
-from jobs.resume import FingerprintMismatch
-from jobs.run import ForeignFiles, ManifestChanged, run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.lease import Lease, LeaseHeld
+from kandinsky_engine.jobs.resume import FingerprintMismatch
+from kandinsky_engine.jobs.run import ForeignFiles, ManifestChanged, run_job
+from kandinsky_engine.jobs.verify import verify
 from kandinsky_engine.storage import url_to_fs
 from tests.conftest import make_config
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.run import run_job
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.storage import StorageAccessError
 from tests.conftest import TINY, make_config, png, put_manifest
 from tests.faultproxy import FaultProxy
@@ -132,7 +132,7 @@ def test_access_denied_fails_fast_naming_the_url(s3, proxy, tmp_path):
 
 
 def test_cli_access_denied_exits_2_without_credentials(s3, proxy, tmp_path, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     fs, options = s3
     manifest, out, cache = denied_setup(fs, tmp_path, "deny-cli")

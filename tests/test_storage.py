@@ -61,7 +61,7 @@ def test_access_error_message_has_no_credentials():
 
 def test_the_fingerprint_names_a_manifest_location_the_same_however_it_is_written():
     """A trailing slash lists the same files; a presigned URL's query changes with every signing."""
-    from jobs.resume import manifest_location_id
+    from kandinsky_engine.jobs.resume import manifest_location_id
 
     assert manifest_location_id("s3://b/manifests/") == manifest_location_id("s3://b/manifests") == "s3://b/manifests"
     signed = "https://h.example/m/m.parquet?X-Amz-Date={}&X-Amz-Signature={}"

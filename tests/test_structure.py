@@ -17,6 +17,7 @@ def modules() -> dict[str, Path]:
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
+            parts = parts if package == "kandinsky_engine" else ("kandinsky_engine", *parts)  # installed names
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import ManifestChanged, run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.run import ManifestChanged, run_job
+from kandinsky_engine.jobs.verify import verify
 from tests.conftest import write_manifest
 from tests.test_integrity import config_for, data_ids, images, listing, rows
 
@@ -134,8 +134,8 @@ def test_hidden_files_are_ignored_and_foreign_ones_refused_before_any_change(job
 
 
 def test_status_and_report_name_a_damaged_error_shard_and_go_on(job):
-    from jobs.report import write_report
-    from jobs.status import format_status, read_status
+    from kandinsky_engine.jobs.report import write_report
+    from kandinsky_engine.jobs.status import format_status, read_status
 
     _, _, out = job
     (out / "errors" / "k").mkdir(parents=True)
@@ -171,7 +171,7 @@ def edit_json(path, **changes):
 
 def reindex(out, shard):
     """Record `shard`'s new bytes in _index.parquet, as a run that wrote it would have."""
-    from pipelines.output import record_of
+    from kandinsky_engine.pipelines.output import record_of
 
     index = pq.read_table(out / "_index.parquet").to_pylist()
     name = str(shard.relative_to(out))
@@ -257,7 +257,7 @@ def test_verify_fails_naming_each_kind_of_damage(job, damage):
 
 
 def test_status_says_partial_after_a_limited_run(job):
-    from jobs.status import read_status
+    from kandinsky_engine.jobs.status import read_status
 
     config, md, out = job
     write_manifest(md / "c.parquet", [{"id": "c0", "prompt": "later"}])
@@ -270,8 +270,8 @@ def test_recompute_renders_rows_again_and_catches_a_lying_writer(job, capsys):
     """`verify --recompute`: sampled and named rows rendered again from the output's own record
     are byte-identical here; an image swapped by a writer that also fixed the index (so every
     integrity check passes) is caught."""
-    from jobs.cli import main
-    from jobs.reproduce import recompute
+    from kandinsky_engine.jobs.cli import main
+    from kandinsky_engine.jobs.reproduce import recompute
 
     _, _, out = job
     result = recompute(str(out), 2, ["r05"])

@@ -73,7 +73,7 @@ class OutputConfig(_Strict):
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
     png_compress_level: int = Field(
         6, ge=0, le=9, description="zlib level of PNG encoding, 0-9 (Pillow's default 6). Lower is faster and "
-        "larger, with the same pixels: see README, Performance, for measured sizes and times.",
+        "larger, with the same pixels: see docs/performance.md, for measured sizes and times.",
     )
     size_policy: Literal["crop", "round_up", "reject"] = Field(
         "crop",
@@ -157,7 +157,7 @@ class JobConfig(_Strict):
         "num_cpus, num_gpus, torch_threads); each stage keeps its batch size. For CPU machines and single "
         "GPUs: one process per replica loads every model once and hands no blocks between pools, so start-up "
         "and fill are shorter. Images are the same bytes as with a pool per stage at the same thread counts. "
-        "See README, Benchmark.",
+        "See docs/performance.md, Benchmark.",
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to attach to; default RAY_ADDRESS, else a local cluster is started."

@@ -55,8 +55,7 @@ class ModelConfig(_Strict):
     )
     family: str = Field(
         "auto", description="Model family: 'kandinsky22', 'kandinsky21', 'kandinsky3' or 'kandinsky20', or 'auto' (default): "
-        "the family whose diffusers pipeline model.decoder's model_index.json names (`_class_name`). See README, "
-        "Model families.",
+        "the family whose diffusers pipeline model.decoder's model_index.json names (`_class_name`). See docs/models.md.",
     )
     device: str = Field("auto", description="torch device for every stage: 'auto' (default: 'cuda' when the job's "
                         "stages reserve GPUs, num_gpus > 0, else 'cpu'), 'cpu', 'cuda' or 'cuda:N'.")
@@ -67,13 +66,13 @@ class ModelConfig(_Strict):
     )
     channels_last: bool = Field(
         False, description="Run the U-Net and the MoVQ in channels_last memory format (faster convolutions on "
-        "tensor-core GPUs). Changes float results within the batch-shape tolerance; see README, Performance.",
+        "tensor-core GPUs). Changes float results within the batch-shape tolerance; see docs/performance.md.",
     )
     compile: bool = Field(
         False, description="torch.compile the U-Net and the MoVQ decode, one static graph per batch-size bucket "
         "(powers of two up to the stage's U-Net or decode batch), compiled and warmed up when an actor starts; "
         "batches are padded up to their bucket and shapes that were not warmed up run eagerly, so nothing "
-        "recompiles during the job. Changes float results within the batch-shape tolerance; see README, Performance.",
+        "recompiles during the job. Changes float results within the batch-shape tolerance; see docs/performance.md.",
     )
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("KANDINSKY_CACHE", str(Path.home() / ".cache" / "kandinsky-engine")),
@@ -169,7 +168,7 @@ class GenerationDefaults(_Strict):
         description="Decoder sampler, for the whole job: 'ddpm' (the model's own DDPMScheduler), 'ddim', 'dpmpp' "
         "(DPM-Solver++ multistep), 'unipc' or 'euler', each built from the decoder's scheduler config as "
         "diffusers swaps schedulers. The deterministic ones give comparable images in 20-30 steps instead of "
-        "100. The prior always runs its UnCLIPScheduler (see README, Performance). Kandinsky 2.0 runs its "
+        "100. The prior always runs its UnCLIPScheduler (see docs/performance.md). Kandinsky 2.0 runs its "
         "original repository's samplers: 'ddpm' (p_sampler), 'ddim' (its default) or 'plms' (docs/kandinsky20.md).",
     )
     ddim_eta: float | None = Field(
