@@ -18,14 +18,25 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench image
+.PHONY: install demo check test fuzz bench image
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/kandinsky-batch run configs/demo.yaml --overwrite --report
 
+# The quick check (a few minutes): every test that starts no Ray, and one end-to-end job.
+check: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m "(not ray and not slow and not gpu) or smoke" --durations=15
+
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q --durations=30
+
+# The randomized resume state machine with a long budget (CI plays a few short sequences);
+# FUZZ_SEED=<the printed seed> replays a sequence.
+FUZZ_EXAMPLES ?= 25
+FUZZ_STEPS ?= 10
+fuzz: $(VENV)/.installed
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_STEPS=$(FUZZ_STEPS) $(VENV)/bin/python -m pytest -q -s tests/test_resume_random.py
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/kandinsky-batch bench --rows 64 --steps 10

@@ -71,10 +71,12 @@ LOOP_PIPELINES = {
     "kandinsky22": ("KandinskyV22PriorPipeline", "KandinskyV22Pipeline", False),
     "kandinsky21": ("KandinskyPriorPipeline", "KandinskyPipeline", True),  # XLM-R text conditioning too
     "kandinsky3": (None, "Kandinsky3Pipeline", True),  # no prior: T5 text conditioning only
+    "kandinsky20": None,  # no diffusers pipeline: the loop calls the family's stage classes (stages_loop)
 }
 TINY_MODEL = {"kandinsky22": {"prior": "tiny", "decoder": "tiny"},
               "kandinsky21": {"prior": "tiny-k21", "decoder": "tiny-k21"},
-              "kandinsky3": {"decoder": "tiny-k3"}}
+              "kandinsky3": {"decoder": "tiny-k3"},
+              "kandinsky20": {"decoder": "tiny-k20"}}
 
 
 def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> tuple[float, float, float]:
@@ -89,6 +91,8 @@ def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> t
     from kandinsky_engine.models import resolve_source
     from kandinsky_engine.stages.movq import encode_image
 
+    if LOOP_PIPELINES[config.model.family] is None:
+        return stages_loop(config, rows, batch_size, threads)
     prior_class, decoder_class, decoder_reads_prompt = LOOP_PIPELINES[config.model.family]
     model, d = config.model, config.defaults
     torch.set_num_threads(threads)
@@ -114,6 +118,33 @@ def diffusers_loop(config, rows: list[dict], batch_size: int, threads: int) -> t
                          guidance_scale=d.guidance_scale, generator=generators(), output_type="np").images
         for image in images:  # (H, W, 3) floats in [0, 1]
             encode_image((image * 255).round().astype("uint8"), "png", 95)
+    return loaded - start, time.perf_counter() - loaded, time.process_time() - cpu
+
+
+def stages_loop(config, rows: list[dict], batch_size: int, threads: int) -> tuple[float, float, float]:
+    """The loop for a family without a diffusers pipeline (Kandinsky 2.0): its stage classes called in order on
+    `batch_size` rows at a time, without Ray, PNG encoding included. Returns (load s, generation s, generation
+    CPU s of the process)."""
+    import torch
+
+    from kandinsky_engine.columns import passthrough_fields
+    from kandinsky_engine.families import family_for
+    from kandinsky_engine.rows import numpy_batch
+    from kandinsky_engine.pipelines.prepare import prepare_unit
+
+    start = time.perf_counter()
+    stages = [cls(config, **kwargs) for _, cls, kwargs in family_for(config).stages(config, {"text2img"})]
+    torch.set_num_threads(threads)  # each stage set its section's count
+    loaded, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(rows), batch_size):
+        table = pa.Table.from_pylist(rows[i : i + batch_size])
+        n = table.num_rows
+        for name, value in (("_unit", "bench/0"), ("_attempt", 1), ("_digest", "0" * 16), ("_unit_rows", n)):
+            table = table.append_column(name, pa.array([value] * n))
+        batch = numpy_batch(prepare_unit(table, row_errors={}, defaults=config.defaults,
+                                         passthrough=passthrough_fields(table.schema)))
+        for stage in stages:
+            batch = stage(batch)
     return loaded - start, time.perf_counter() - loaded, time.process_time() - cpu
 
 
@@ -178,7 +209,7 @@ def job_budget(config, stages: list[str]):
     the layout the engine gives it on this cluster where it sets none (pipelines/auto_layout.py)."""
     import ray
 
-    from pipelines.auto_layout import is_unset, resolve
+    from kandinsky_engine.pipelines.auto_layout import is_unset, resolve
 
     if is_unset(config, stages):
         config = resolve(config, stages, ray.cluster_resources())
@@ -189,10 +220,10 @@ def job_budget(config, stages: list[str]):
 
 
 def run_bench(args) -> dict:
-    from jobs.run import connect, run_job
+    from kandinsky_engine.jobs.run import connect, run_job
     from kandinsky_engine.config import JobConfig, apply_overrides
     from kandinsky_engine.families import resolve_family
-    from kandinsky_engine.tiny import ensure_tiny_model
+    from kandinsky_engine.families.tiny import ensure_tiny_model
 
     if args.family != "kandinsky22" and args.tasks:
         raise ValueError(f"bench --tasks runs the other tasks on Kandinsky 2.2's tiny decoders; not with --family {args.family}")

@@ -1,4 +1,4 @@
-"""`kandinsky-batch bench --full-size` (or `python -m jobs.bench_gpu`): the stage classes on one GPU
+"""`kandinsky-batch bench --full-size` (or `python -m kandinsky_engine.jobs.bench_gpu`): the stage classes on one GPU
 with the real Kandinsky 2.2 architectures and random bf16 weights. No Ray, no download.
 
 At 768x768, 50 decoder and 25 prior steps, guidance 4 on both, `--rows` rows per stage call, it
@@ -34,9 +34,9 @@ import time
 
 import numpy as np
 
-from jobs.gpu_measure import (copy, counted, gemm_peak, idle, log, mfu, peak_memory, per_image_flops,  # noqa: F401
+from kandinsky_engine.jobs.gpu_measure import (copy, counted, gemm_peak, idle, log, mfu, peak_memory, per_image_flops,  # noqa: F401
                                spec_tflops, sync, timed)
-from jobs.gpu_modes import NEEDS_S, compile_stages, fallbacks, fp8_mode
+from kandinsky_engine.jobs.gpu_modes import NEEDS_S, compile_stages, fallbacks, fp8_mode
 
 PROMPTS = ["a red cat", "Красный кот", "一只猫", "🐱 in space", "a harbour at dawn", "abstract bauhaus poster"]
 
@@ -89,7 +89,7 @@ def chain(chunked: list, block: dict) -> dict:
 
 def measure(stages: dict, args, device, flops: float, spec, peak: float, prefetch_off: bool) -> dict:
     """One mode: per-stage times and peaks at one chunk, then two chunks end to end and profiled."""
-    from pipelines.chunked import Chunked
+    from kandinsky_engine.pipelines.chunked import Chunked
 
     rows = args.rows
     chunked = [Chunked.wrapping(stage, rows) for stage in stages.values()]

@@ -45,13 +45,13 @@ def plan(sizes: list[int], workdir: Path, cache_dir: str) -> list[dict]:
         config.write_text(json.dumps({"input": {"manifest": str(folder)}, "output": {"path": str(workdir / f"out-{rows}")},
                                       "model": {"cache_dir": cache_dir}}))
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config), "--dry-run"], capture_output=True,
-                              text=True, cwd=Path(__file__).parents[1])
+        done = subprocess.run([sys.executable, "-m", "kandinsky_engine.jobs.cli", "run", str(config), "--dry-run", "--json"],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[1])
         seconds = time.perf_counter() - started
-        line = next((l for l in done.stdout.splitlines() if l.startswith("dry run: ")), None)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("{")), None)
         if done.returncode or line is None:
             raise RuntimeError(f"dry run of {rows} rows failed ({done.returncode}): {done.stderr[-2000:]}")
-        report = json.loads(line[len("dry run: "):])
+        report = json.loads(line)
         results.append({"rows": rows, "files": report["files"], "read_tasks": report["read_tasks"],
                         "units": report["units_in_scope"], "driver_peak_rss_mb": report["driver_peak_rss_mb"],
                         "plan_s": round(seconds, 1), "ray_startup_s": report["ray_startup_s"]})
@@ -63,7 +63,7 @@ def order(rows: int, steps: int, workdir: Path, cache_dir: str) -> dict:
     """Images/s of one job with preserve_order on, then off (each on a fresh output)."""
     import ray
 
-    from jobs.run import connect, run_job
+    from kandinsky_engine.jobs.run import connect, run_job
     from kandinsky_engine.config import JobConfig
 
     manifest = workdir / "order.parquet"
@@ -87,7 +87,7 @@ def order(rows: int, steps: int, workdir: Path, cache_dir: str) -> dict:
 
 
 def run(args) -> dict:
-    from kandinsky_engine.tiny import ensure_tiny_model
+    from kandinsky_engine.families.tiny import ensure_tiny_model
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kandinsky-bench-scale-"))
     cache_dir = str(workdir / "cache")

@@ -3,168 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 import traceback
 
-from jobs.outcome import add_arguments as outcome_arguments  # argparse only: light to import
-
-
-def _config(args):
-    from kandinsky_engine.config import load_config
-
-    return load_config(args.config, args.set or [])
-
-
-def cmd_run(args) -> int:
-    from jobs.progress import Console, quiet_ray
-    from jobs.run import run_job
-
-    config = _config(args)
-    quiet_ray(args.verbose)
-    console = Console(interval_s=args.progress_interval, echo=True, log_file=True, verbose=args.verbose)
-    from jobs.outcome import run_exit_code, wait_of
-
-    summary = run_job(config, address=args.address, overwrite=args.overwrite, limit=args.limit,
-                      new_run=args.new_run, overwrite_unowned=args.overwrite_unowned, config_file=args.config,
-                      recompute_changed=args.recompute_changed, check_shards=args.check_shards, wait=wait_of(args),
-                      dry_run=args.dry_run, console=console, allow_device_change=args.allow_device_change)
-    if summary.get("dry_run"):
-        print("dry run: " + json.dumps({k: v for k, v in summary.items() if k != "dry_run"}))
-        return 0
-    speed = f"{summary['images_per_s']:.2f} rows/s" if summary["images_per_s"] else "nothing left to run"
-    print(
-        f"done: {summary['rows']} rows in {len(summary['shards'])} shard(s) at {summary['output']}; this run: "
-        f"{summary['rows_computed']} rows computed, {summary['rows_skipped']} already committed, "
-        f"{summary['wall_time_s']:.1f}s ({speed}; Ray start-up {summary['ray_startup_s']:.1f}s)"
-    )
-    if not summary["complete"]:
-        print(f"partial: --limit {summary['limit']} covered {summary['rows'] + summary['failed_rows']} of "
-              f"{summary['manifest_rows']} rows; run without --limit to complete the job")
-    if summary.get("log"):
-        print(f"log: {summary['log']}; workers' output: {summary['worker_logs']} (--verbose: all on the console)")
-    if args.report:
-        from jobs.report import write_report
-
-        url, _ = write_report(summary["output"], config.storage_options, args.gpu_hour_price)
-        print(f"report: {url}")
-    code, message = run_exit_code(summary, config.output.max_failed_fraction, args.fail_on_row_errors)
-    if message:
-        print(message, file=sys.stderr)
-    return code
-
-
-def _options(args) -> dict:
-    """Storage options of `status` and `report`: from --config if given, else the environment's."""
-    return _config(args).storage_options if args.config else {}
-
-
-def cmd_status(args) -> int:
-    from jobs.status import format_status, read_status
-
-    status = read_status(args.output, _options(args))
-    print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
-    return 0
-
-
-def cmd_report(args) -> int:
-    from jobs.report import write_report
-
-    url, _ = write_report(args.output, _options(args), args.gpu_hour_price, max_rows=args.max_rows)
-    print(f"report: {url}")
-    if args.open:
-        import tempfile
-        import webbrowser
-        from pathlib import Path
-
-        from kandinsky_engine.storage import url_to_fs
-
-        fs, local = url_to_fs(url, _options(args))
-        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            local = str(Path(tempfile.mkdtemp(prefix="kandinsky-report-")) / "report.html")  # a browser needs a file
-            fs.get_file(url_to_fs(url, _options(args))[1], local)
-        webbrowser.open(Path(local).resolve().as_uri())
-    return 0
-
-
-def cmd_validate(args) -> int:
-    from kandinsky_engine.manifest import validate_manifest
-
-    config = _config(args)
-    manifest = validate_manifest(config)
-    print(f"ok: {manifest.num_rows} rows in {len(manifest.files)} file(s); columns {', '.join(manifest.columns)}")
-    if manifest.row_errors:
-        shown = list(manifest.row_errors.values())[:20]
-        print(f"{len(manifest.row_errors)} row(s) would fail (they go to errors/, the others run):\n  "
-              + "\n  ".join(shown), file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_verify(args) -> int:
-    from jobs.verify import report, verify
-
-    config = _config(args) if args.config else None
-    check = verify(args.output, config=config, deep=not args.quick)
-    print(report(check, args.output), file=sys.stdout if check.ok else sys.stderr)
-    return 0 if check.ok else 1
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def cmd_tiny_model(args) -> int:
-    from kandinsky_engine.tiny import write_tiny_model
-
-    root = write_tiny_model(args.dir)
-    print(f"tiny model written to {root}/prior and {root}/decoder")
-    return 0
-
-
-def cmd_stage_model(args) -> int:
-    from jobs.stage_model import stage_model
-
-    options = _config(args).storage_options if args.config else None
-    staged = stage_model(args.src, args.dest, options)
-    if staged.skipped:
-        print(f"not copied (the engine reads none of them): {', '.join(staged.skipped)}")
-    print(f"staged {staged.files} files ({staged.bytes / 1e6:.1f} MB, sizes checked, {staged.index} last) to "
-          f"{args.dest}; name it in the config, e.g. model.prior: {args.dest}")
-    return 0
-
-
-def cmd_bench(args) -> int:
-    if args.family != "kandinsky22" and (args.full_size or args.plan or args.order):
-        raise SystemExit(f"bench --family {args.family}: only the Ray job vs diffusers loop comparison; "
-                         "--full-size, --plan and --order run Kandinsky 2.2")
-    if args.full_size:  # the GPU benchmark: its own options (python -m jobs.bench_gpu --help)
-        from jobs.bench_gpu import main as bench_full_size
-
-        return bench_full_size(["--smoke"] * args.smoke + (["--output", args.output] if args.output else []))
-    if args.plan or args.order:
-        from jobs.bench_scale import run as run_scale
-
-        result = json.dumps(run_scale(args), indent=2)
-    else:
-        from jobs.bench import run_bench
-
-        result = json.dumps(run_bench(args), indent=2)
-    print(result)
-    if args.output:  # Ray's worker logs share stdout: a file holds the figures alone
-        with open(args.output, "w") as f:
-            f.write(result + "\n")
-    return 0
-
-
-def cmd_plan(args) -> int:
-    from jobs.plan import run as run_plan
-
-    return run_plan(args, _config(args))
+from kandinsky_engine.jobs.commands import (cmd_bench, cmd_convert_k20, cmd_plan, cmd_push, cmd_report, cmd_run,
+                                            cmd_stage_model, cmd_status, cmd_tiny_model, cmd_validate, cmd_verify,
+                                            positive_int)
+from kandinsky_engine.jobs.outcome import add_arguments as outcome_arguments  # argparse only: light to import
+from kandinsky_engine.jobs.signals import Interrupted, signal_number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. output.path=out")
         return p
 
-    run = with_config(add("run", help="run a batch job"))
+    run = add("run", help="run a batch job (a config file, or --manifest and --output)")
+    run.add_argument("config", nargs="?", help="YAML job config (optional with --manifest and --output)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. output.path=out")
+    run.add_argument("--manifest", help="without a config file: the manifest (Parquet, CSV, TSV or JSONL; file, folder "
+                                        "or glob)")
+    run.add_argument("--output", help="without a config file: the output path")
+    run.add_argument("--model", help="without a config file: model.decoder (a hub id, a folder or URL; 'tiny' for every "
+                                     "part); default the released Kandinsky 2.2")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
     run.add_argument("--overwrite", action="store_true",
                      help="start over: remove this tool's entries (data/, errors/, _RUN.json, ...) from an output it "
@@ -203,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcome_arguments(run)  # --wait-timeout, --if-busy, --fail-on-row-errors (jobs/outcome.py)
     run.add_argument("--dry-run", action="store_true",
                      help="plan, validate and compare with the output, print what a run would do; write nothing")
+    run.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     run.add_argument("--allow-device-change", action="store_true",
                      help="resume an output computed on another GPU model or CUDA/cuDNN/cuBLAS build (refused by "
                           "default: float rounding may differ); the change is recorded in _RUN.json")
@@ -233,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-rows", type=int, default=200, help="thumbnails on the contact sheet (default 200)")
     report.set_defaults(func=cmd_report)
 
+    push = add("push", help="publish a finished output as a Hugging Face dataset repository: README.md (the dataset "
+                            "card), shards.txt and data/ only (needs huggingface_hub's token: HF_TOKEN or hf auth login)")
+    push.add_argument("output", help="the output folder (local)")
+    push.add_argument("repo_id", help="dataset repository, e.g. me/kandinsky-cats (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to commit to (default: main)")
+    push.add_argument("--dry-run", action="store_true", help="check the folder and list what would be uploaded")
+    push.set_defaults(func=cmd_push)
+
     validate = with_config(add("validate", help="check the config and manifest without running"))
     validate.set_defaults(func=cmd_validate)
 
@@ -241,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="the job config (for storage options); default: the one in PATH/_RUN.json")
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
     check.add_argument("--quick", action="store_true", help="compare shard sizes only, not their sha256")
+    check.add_argument("--recompute", type=int, default=0, metavar="N",
+                       help="also render N sampled rows again on this machine, from the output's own record, and "
+                            "compare their images with the stored ones (see jobs/reproduce.py)")
+    check.add_argument("--recompute-id", action="append", metavar="ID", help="also render the row with this id again")
+    check.add_argument("--device", help="with --recompute: render on this torch device (e.g. cpu for a GPU run: "
+                                        "float32, compared within --tolerance)")
+    check.add_argument("--tolerance", type=int, default=1, metavar="K",
+                       help="with --recompute: largest per-channel difference accepted, in /255 (default 1)")
     check.set_defaults(func=cmd_verify)
 
     tiny = add("tiny-model", help="write the tiny random model (DIR/prior, DIR/decoder)")
@@ -255,9 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
     stage.set_defaults(func=cmd_stage_model)
 
+    k20 = add("convert-k20", help="convert the original Kandinsky 2.0 files (ai-forever/Kandinsky-2: U-Net .pt, vae.ckpt, "
+                                  "text_encoder1/, text_encoder2/) to a safetensors model directory; see docs/kandinsky20.md")
+    k20.add_argument("src", help="folder of the original files, local or URL (e.g. s3://bucket/kandinsky-2-0/)")
+    k20.add_argument("dest", help="new local directory to write")
+    k20.add_argument("--task", choices=["text2img", "inpainting"], default="text2img",
+                     help="which U-Net: Kandinsky-2-0.pt (text2img and img2img) or Kandinsky-2-0-inpainting.pt")
+    k20.add_argument("--head-channels", type=int, default=64, help="channels per attention head (the original's "
+                     "num_head_channels, 64; the weights do not show it)")
+    k20.add_argument("--config", help="a job config whose storage_options to use for SRC (default: the environment)")
+    k20.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of --config")
+    k20.set_defaults(func=cmd_convert_k20)
+
     bench = add("bench", help="Ray job vs a plain diffusers loop on the same rows")
     bench.add_argument("--rows", type=int, default=32)
-    bench.add_argument("--family", default="kandinsky22", choices=["kandinsky22", "kandinsky21", "kandinsky3"],
+    bench.add_argument("--family", default="kandinsky22", choices=["kandinsky22", "kandinsky21", "kandinsky3", "kandinsky20"],
                        help="the model family: its tiny model in the Ray job, its diffusers pipelines in the loop")
     bench.add_argument("--steps", type=int, default=10, help="decoder steps")
     bench.add_argument("--prior-steps", type=int, default=None, help="prior steps (default: --steps)")
@@ -283,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true", help="with --full-size: tiny widths, runs on a CPU in seconds")
     bench.set_defaults(func=cmd_bench)
 
-    from jobs.plan import add_arguments as plan_arguments  # light: argparse and the placement arithmetic
+    from kandinsky_engine.jobs.plan import add_arguments as plan_arguments  # light: argparse and the placement arithmetic
 
     planner = with_config(add("plan", help="measure each stage's rows/s and size the actor pools so that the "
-                                           "U-Net stays busy on N GPUs (or C CPU cores); see README, Performance"))
+                                           "U-Net stays busy on N GPUs (or C CPU cores); see docs/performance.md"))
     plan_arguments(planner)
     planner.set_defaults(func=cmd_plan)
     return parser
@@ -321,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
-        from jobs.lease import LeaseHeld, LeaseLost
+        from kandinsky_engine.jobs.lease import LeaseHeld, LeaseLost
 
         if isinstance(exc, LeaseLost):  # another run took over, and resumes the output
             print(f"busy: {exc}", file=sys.stderr)
@@ -357,5 +242,39 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}"
 
 
+def entry() -> None:
+    """The `kandinsky-batch` command: `main`, then `leave`; SIGTERM and Ctrl-C stop it cleanly."""
+    from kandinsky_engine.jobs.signals import install
+
+    install()
+    try:
+        code = main()
+    except (KeyboardInterrupt, Interrupted) as exc:  # outside a run: nothing to report but the stop
+        print("interrupted", file=sys.stderr)
+        code = 128 + signal_number(exc)
+    leave(code)
+
+
+def leave(code: int) -> None:
+    """End the process with `code`, skipping the interpreter's own shutdown. By then every result
+    is written and printed; what shutdown would still run is native library teardown and daemon
+    threads (fsspec's event loop, tqdm's monitor, Ray's core worker), and an abort there (SIGABRT,
+    exit -6) must not replace a finished command's exit code. A local Ray cluster this process
+    started is shut down first, as Ray's own exit hook would."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 (the result stands; the cluster's processes end with this one)
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 (a closed pipe: nothing more to say)
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from jobs.gpu_measure import copy, log, timed
+from kandinsky_engine.jobs.gpu_measure import copy, log, timed
 
 # Seconds a phase needs on one H100 at the full size (estimates; a phase starts only with this left).
 NEEDS_S = {"compiled": 240, "fp8": 45, "fp8_compiled": 150}

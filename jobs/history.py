@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from pipelines.output import RUNS, read_records
+from kandinsky_engine.pipelines.output import RUNS, read_records
 
 
 def read_reports(fs, root: str) -> tuple[list[dict], list[str]]:

@@ -45,7 +45,8 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 from kandinsky_engine.storage import is_local, read_if_match, redact_url
-from pipelines.output import LEASE, LeaseLost  # noqa: F401 (LeaseLost: raised by the writer, re-exported)
+from kandinsky_engine.pipelines.metrics import lease_renewed
+from kandinsky_engine.pipelines.output import LEASE, LeaseLost  # noqa: F401 (LeaseLost: raised by the writer, re-exported)
 
 log = logging.getLogger("kandinsky_engine")
 
@@ -214,6 +215,7 @@ class Lease:
             self.lost = True
             log.error("output %s: this run lost its lease to another run; it stops committing", redact_url(self.name))
             return False
+        lease_renewed(self.name)
         return True
 
     def release(self) -> None:

@@ -13,8 +13,8 @@ the manifest and the config, a bucket that does not exist. The job refuses those
 - with --overwrite, a folder that holds the manifest or the config, or that this tool did not
   write (it has files and no _RUN.json); --overwrite-unowned takes such a folder anyway.
 
-Overwriting removes the entries the layout names (pipelines.output.OWNED_ENTRIES) and nothing
-else, never the root itself: on a versioned bucket, s3fs's recursive rm of a bucket path deletes
+Overwriting removes the entries the layout names (kandinsky_engine.pipelines.output.OWNED_ENTRIES; a README.md only
+if it is the tool's generated dataset card) and nothing else, never the root itself: on a versioned bucket, s3fs's recursive rm of a bucket path deletes
 every version and the bucket with its policy and lifecycle rules.
 """
 
@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.storage import is_object_store, redact_url, refuse_glob, remove_tree, url_to_fs
-from pipelines.output import LEASE, OWNED_ENTRIES, RUN_FILE
+from kandinsky_engine.pipelines.output import CARD, LEASE, MANIFESTS, OWNED_ENTRIES, RUN_FILE
 
 log = logging.getLogger("kandinsky_engine")
 # For messages: "data/, errors/, _tmp/, _damaged/, _runs/, _SUCCESS.json, _RUN.json" (folders first).
@@ -70,7 +70,8 @@ def check_output(config: JobConfig, *, overwrite: bool = False, unowned: bool = 
     for what, url in protected.items():
         if not url or not within(url, path, config.storage_options):
             continue
-        entry = next((e for e in OWNED_ENTRIES if within(url, f"{path}/{e}", config.storage_options)), None)
+        removed = (e for e in OWNED_ENTRIES if e != MANIFESTS)  # what remove_owned removes
+        entry = next((e for e in removed if within(url, f"{path}/{e}", config.storage_options)), None)
         if entry:  # even --overwrite-unowned would delete it
             raise OutputRefused(f"the {what} {redact_url(url)} is inside {name}/{entry}, which --overwrite "
                                 "deletes; move it out of the output first")
@@ -136,13 +137,13 @@ def is_empty(fs, root: str) -> bool:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         return True
-    return all((is_object_store(fs) and _is_marker(entry, root)) or _is_lease(entry) for entry in entries)
+    return all((is_object_store(fs) and _is_marker(entry, root)) or _before_the_run(entry) for entry in entries)
 
 
-def _is_lease(entry: dict) -> bool:
-    """A run's lease, which it takes before it writes anything: a killed run can leave one in an
-    output that is otherwise empty."""
-    return entry["name"].rstrip("/").rsplit("/", 1)[-1] == LEASE
+def _before_the_run(entry: dict) -> bool:
+    """What a run writes before `_RUN.json`, so that a killed run can leave it in an output that is
+    otherwise empty: its lease, and the Parquet copies of text manifests (content-named)."""
+    return entry["name"].rstrip("/").rsplit("/", 1)[-1] in (LEASE, MANIFESTS)
 
 
 def _is_marker(entry: dict, root: str) -> bool:
@@ -151,9 +152,16 @@ def _is_marker(entry: dict, root: str) -> bool:
 
 
 def remove_owned(fs, root: str) -> list[str]:
-    """Remove this tool's entries under `root`, in OWNED_ENTRIES order, and nothing else."""
+    """Remove this tool's entries under `root`, in OWNED_ENTRIES order, and nothing else; but
+    `_manifests/`, copies of the job's input named by their content, which the run that
+    overwrites has just made (kandinsky_engine/text_manifest.py), and a README.md that this tool
+    did not write (pipelines/card.py)."""
+    from kandinsky_engine.pipelines.card import card_is_ours
+
     removed = []
-    for entry in OWNED_ENTRIES:
+    for entry in (e for e in OWNED_ENTRIES if e != MANIFESTS):
+        if entry == CARD and not card_is_ours(fs, root):
+            continue
         if remove_tree(fs, f"{root}/{entry}"):
             removed.append(entry)
     log.info("--overwrite: removed %s from %s", ", ".join(removed) or "nothing", redact_url(root))

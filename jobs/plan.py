@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.placement import STAGES, Layout, StageCost, cpu_layout, gpu_layout
+from kandinsky_engine.device import resolve_auto
+from kandinsky_engine.pipelines.placement import STAGES, Layout, StageCost, cpu_layout, gpu_layout
 
 if TYPE_CHECKING:  # the CLI builds its parser from add_arguments: this module stays light to import
     from kandinsky_engine.config import JobConfig
@@ -38,7 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--from-flops", action="store_true", help="estimate the stage times from the reference "
                         "FLOPs of the full-size models instead of measuring (GPUs only)")
     parser.add_argument("--from-measured", metavar="FILE", help="take the stage times (and memory) that "
-                        "`python -m jobs.bench_gpu --output FILE` measured on the GPU, scaled to the job's size and "
+                        "`python -m kandinsky_engine.jobs.bench_gpu --output FILE` measured on the GPU, scaled to the job's size and "
                         "steps (GPUs only)")
     parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="with --from-flops: effective TFLOP/s "
                         f"of one GPU on these models (default {DEFAULT_TFLOPS:g}: the issue's 1.8 images/s target)")
@@ -90,7 +91,7 @@ def file_costs(config: JobConfig, path: str) -> tuple[dict[str, StageCost], str]
     data = json.loads(Path(path).read_text())
     if "stage_costs" not in data:
         raise ValueError(f"--from-measured {path}: no `stage_costs` in it; write it with "
-                         "`python -m jobs.bench_gpu --output FILE` on the GPU (scripts/gpu_check.sh does)")
+                         "`python -m kandinsky_engine.jobs.bench_gpu --output FILE` on the GPU (scripts/gpu_check.sh does)")
     s = data["settings"]
     factor = scale(config, s["size"], s["decoder_steps"], s["prior_steps"], s["guidance"])
     costs = {}
@@ -108,7 +109,7 @@ def synthetic_rows(config: JobConfig, n: int) -> dict:
     """n text2img rows at the job's defaults, as the prior stage receives them."""
     import numpy as np
 
-    from jobs.bench_gpu import bench_batch
+    from kandinsky_engine.jobs.bench_gpu import bench_batch
 
     d = config.defaults
     batch = bench_batch(n, d.width, d.num_inference_steps, d.prior_num_inference_steps)
@@ -124,7 +125,7 @@ def measured_costs(config: JobConfig, repeats: int) -> dict[str, StageCost]:
     other, so that its peak is its own: weights and activations, as a share of the GPU's memory."""
     import torch
 
-    from jobs.bench_gpu import copy, sync
+    from kandinsky_engine.jobs.bench_gpu import copy, sync
     from kandinsky_engine import DecoderStage, MovqStage, PriorStage
     from kandinsky_engine.memory import CUDA_CONTEXT
 
@@ -175,8 +176,12 @@ def plan(config: JobConfig, gpus: int | None = None, cpus: int | None = None, fr
     family = family_for(config)
     if family.name != "kandinsky22":  # its stage costs and FLOPs are Kandinsky 2.2's prior, U-Net and MoVQ
         raise ValueError(f"plan places Kandinsky 2.2's stages; model.decoder is a {family.title} model, which it "
-                         "does not place yet: size its sections by hand (README, Model families, gives each stage's "
+                         "does not place yet: size its sections by hand (docs/models.md gives each stage's "
                          "GPU memory)")
+    if config.model.device == "auto":  # 'auto' follows what is planned: GPUs -> cuda, CPU cores -> cpu
+        config = config.model_copy(update={"model": config.model.model_copy(
+            update={"device": "cuda" if gpus is not None else "cpu"})})
+    config = resolve_auto(config)
     cuda = config.model.device.startswith("cuda")
     if (gpus is not None and gpus < 1) or (cpus is not None and cpus < 2):  # before minutes of measuring
         raise ValueError(f"plan for at least 1 GPU or 2 CPU cores (one stays free for reading), got "
@@ -213,7 +218,7 @@ def with_memory_model(config: JobConfig, costs: dict[str, StageCost], gpu_type: 
 
     from kandinsky_engine.families import family_for
     from kandinsky_engine.memory import GIB, estimate_job
-    from pipelines.memory_fit import GPU_MEMORY
+    from kandinsky_engine.pipelines.memory_fit import GPU_MEMORY
 
     if gpu_type not in GPU_MEMORY:
         raise ValueError(f"--gpu-type {gpu_type!r}: not one of {sorted(GPU_MEMORY)}")

@@ -23,12 +23,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from kandinsky_engine.storage import is_object_store
-from pipelines.output import LOGS, RUNS, put_json
+from kandinsky_engine.pipelines.metrics import images_per_second
+from kandinsky_engine.pipelines.output import LOGS, RUNS, put_json
+
+from .native_stderr import NativeStderr
 
 log = logging.getLogger("kandinsky_engine")
 PROGRESS_SUFFIX = ".progress"  # _runs/{run}.progress, JSON; not *.json, which are the runs' reports
 RATE_WINDOW_S = 60.0  # images/s "over the last minute"
 MAX_SAMPLES = 240  # points of the throughput history kept in the progress file (the report's chart)
+# tqdm prefixes a postfix with ", " itself: `[00:11, 5 committed, 1 failed, ...]`, as its own default format.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
 @dataclass
@@ -40,6 +45,13 @@ class Console:
     echo: bool = False  # progress lines (or a bar on a terminal) on stdout
     log_file: bool = False  # the driver's log, Ray Data's included, in OUTPUT/_logs/{run}.log
     verbose: bool = False  # Ray's operator dumps and workers' output on the console too
+
+    def say(self, text: str) -> None:
+        """A line for the operator: on stdout when echoing, else in the engine's log."""
+        if self.echo:
+            print(text, flush=True)
+        else:
+            log.info("%s", text)
 
 
 def progress_path(root: str, tag: str) -> str:
@@ -74,7 +86,7 @@ class RunProgress:
         self.fs, self.root, self.tag, self.console = fs, root, tag, console
         self.total, self.done, self.counter, self.log_path, self.alive = total, done, counter, log_path, alive
         self.started_at, self.t0 = time.time(), time.perf_counter()
-        self.snapshot = {"units": 0, "rows": 0, "failed": 0, "failures": {}}
+        self.snapshot = {"units": 0, "rows": 0, "failed": 0, "failures": {}, "stages": 0, "stages_ready": 0}
         self.recent: collections.deque = collections.deque()  # (t, rows) for the rate window
         self.history: list[list[float]] = [[0.0, 0]]  # (t, rows) every `stride` polls, for the chart
         self.stride, self.polls = 1, 0
@@ -89,19 +101,38 @@ class RunProgress:
         return self.snapshot["rows"] + self.snapshot["failed"]
 
     def figures(self) -> dict:
+        """`committed` (the progress file's, read by `status`): rows of the scope done, in data/ or
+        errors/; `rows`: of those, in data/; `failed`: in errors/ (this run's)."""
         now = time.perf_counter() - self.t0
         speed = rate(self.recent, now, self.processed)
         left = self.total - self.done - self.processed
-        return {"committed": self.done + self.processed, "total": self.total, "failed": self.snapshot["failed"],
-                "images_per_s": None if speed is None else round(speed, 4),
+        return {"committed": self.done + self.processed, "rows": self.done + self.snapshot["rows"], "total": self.total,
+                "failed": self.snapshot["failed"], "images_per_s": None if speed is None else round(speed, 4),
                 "eta_s": None if not speed else round(max(left, 0) / speed, 1), "elapsed_s": round(now, 3)}
+
+    def loading(self) -> str | None:
+        """`loading models: k/n stages ready` until this run's first commit (actors load their models
+        first, for up to minutes), or None."""
+        snap = self.snapshot
+        if snap["units"] or not snap.get("stages"):
+            return None
+        if snap["stages_ready"] < snap["stages"]:
+            return f"loading models: {snap['stages_ready']}/{snap['stages']} stages ready"
+        return f"models loaded ({snap['stages']}/{snap['stages']} stages), first unit on its way"
+
+    def status(self) -> str:
+        """What follows the count: the loading phase, or committed and failed rows, rate and ETA."""
+        f = self.figures()
+        phase = self.loading()
+        if phase:
+            return phase
+        speed = "?" if f["images_per_s"] is None else f"{f['images_per_s']:.2f}"
+        return f"{f['rows']} committed, {f['failed']} failed, {speed} images/s over the last minute, ETA {clock(f['eta_s'])}"
 
     def line(self) -> str:
         f = self.figures()
         share = f"{100 * f['committed'] / f['total']:.0f}%" if f["total"] else "-"
-        speed = "?" if f["images_per_s"] is None else f"{f['images_per_s']:.2f}"
-        return (f"progress: {f['committed']}/{f['total']} rows committed ({share}), {f['failed']} failed, "
-                f"{speed} images/s over the last minute, ETA {clock(f['eta_s'])}")
+        return f"progress: {f['committed']}/{f['total']} rows processed ({share}): {self.status()}"
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -110,7 +141,7 @@ class RunProgress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.done, unit="img", file=sys.stdout, dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+                            bar_format=BAR_FORMAT)
         self.write("running")
         self._thread = threading.Thread(target=self._loop, name="kandinsky-progress", daemon=True)
         self._thread.start()
@@ -144,15 +175,15 @@ class RunProgress:
             if len(self.history) > MAX_SAMPLES:  # halve the resolution: bounded for any run length
                 self.history, self.stride = self.history[::2], self.stride * 2
         if self.bar is not None:
-            f = self.figures()
-            self.bar.n = f["committed"]
-            speed = "?" if f["images_per_s"] is None else f"{f['images_per_s']:.2f}"
-            self.bar.set_postfix_str(f"{f['failed']} failed, {speed} img/s (1 min), ETA {clock(f['eta_s'])}")
+            self.bar.n = self.figures()["committed"]
+            self.bar.set_postfix_str(self.status().replace(" images/s over the last minute", " img/s (1 min)"))
 
     def write(self, state: str) -> None:
         if not self.alive():  # another run took the lease: its output is not ours to touch
             return
         now = time.time()
+        if (speed := self.figures()["images_per_s"]) is not None:
+            images_per_second(self.root, speed)
         put_json(self.fs, self.root, f"{RUNS}/{self.tag}{PROGRESS_SUFFIX}", {
             "run": self.tag, "state": state, "host": socket.gethostname(), "pid": os.getpid(),
             "started_at": _iso(self.started_at), "updated_at": _iso(now), "updated_at_epoch": now,
@@ -214,7 +245,8 @@ def quiet_ray(verbose: bool) -> None:
 
 class JobLog:
     """The driver's log of one run in OUTPUT/_logs/{run}.log: our records and Ray Data's (operator
-    status, execution plan, stats). An object store gets it uploaded when the run ends; meanwhile
+    status, execution plan, stats), and the core worker's notice about actor arguments
+    (jobs/native_stderr.py). An object store gets it uploaded when the run ends; meanwhile
     it is in Ray's session log folder. Workers' output (model loading, weight-loading bars) stays
     in Ray's session logs unless `--verbose` sends it to the console."""
 
@@ -237,8 +269,10 @@ class JobLog:
         self.worker_logs = _session_logs() or "Ray's session logs on the cluster's nodes"
         self.handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "workers' output (model loading): %s",
                                            (self.worker_logs,), None))  # in the file only
+        self.native = NativeStderr(self.handler)  # Ray's core worker notice about actor arguments: here only
 
     def close(self) -> None:
+        self.native.close()
         for name in self.LOGGERS:
             logging.getLogger(name).removeHandler(self.handler)
         self.handler.close()

@@ -16,7 +16,7 @@ import time
 from html import escape
 
 from kandinsky_engine.storage import is_object_store, move_file, url_to_fs
-from pipelines.output import REPORT
+from kandinsky_engine.pipelines.output import REPORT
 
 from .samples import sample_rows
 from .status import read_status
@@ -163,6 +163,7 @@ CPU-only runs reserve no GPU.{' Pass --gpu-hour-price for dollars.' if price is 
 <h2>Throughput</h2>{chart(status['progress'])}
 <h2>Failures</h2>{f'<table><tr><th>stage</th><th>error type</th><th>rows</th><th>examples</th></tr>{failure_rows}</table>{escape(sampled)}'
                   if failures['groups'] else '<p>None.</p>'}
+{''.join(f'<p class="muted">Unreadable error shard, skipped: <code>{escape(name)}</code></p>' for name in failures['damaged'])}
 <h2>Contact sheet</h2><p class="muted">{len(figures)} rows sampled from {len({r['shard'] for r in rows})} shard(s).
 <span id="decode-check" data-decoded="" data-total="{len(figures)}"></span></p>
 <div class="sheet">{''.join(figures)}</div>

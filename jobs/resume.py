@@ -17,7 +17,7 @@ from kandinsky_engine.config import JobConfig
 from kandinsky_engine.families import family_for
 from kandinsky_engine.identity import library_versions
 from kandinsky_engine.storage import redact, redact_url, url_to_fs
-from pipelines.output import RUN_FILE
+from kandinsky_engine.pipelines.output import LAYOUT_VERSION, RUN_FILE
 
 from .output_guard import OWNED_TEXT, is_empty
 
@@ -49,7 +49,7 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         **({"fuse_stages": True} if config.fuse_stages else {}),
         # Recorded when not 2.2, so that 2.2 runs keep the fingerprint they had before families existed.
         **({"family": family.name} if family.name != "kandinsky22" else {}),
-        "models": {p: {"source": redact_url(getattr(model, p)), "weights": weights[p]} for p in family.parts},
+        "models": {p: {"source": redact_url(getattr(model, p)), "weights": digest} for p, digest in weights.items()},
         "libraries": library_versions(),
         "dtype": model.dtype,
         "device": model.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
@@ -62,6 +62,7 @@ def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> di
         **({"score": {"batch_size": config.score.batch_size, "torch_threads": config.score.threads()}}
            if "clip_score" in config.output.columns else {}),
         "rows_per_block": config.rows_per_block(),
+        "layout": LAYOUT_VERSION,  # the columns and members every shard holds
         "batch_size": {s: getattr(config, s).batch_size for s in family.sections},
         "torch_threads": {s: getattr(config, s).threads() for s in family.sections},
         "manifest": {"location": manifest_location_id(config.input.manifest),
@@ -82,6 +83,8 @@ def defaults_of(config: JobConfig) -> dict:
     defaults = config.defaults.model_dump(mode="json")
     if not defaults["task_defaults"]:  # as before per-task defaults existed (Kandinsky 2.2 has none)
         del defaults["task_defaults"]
+    if defaults["ddim_eta"] is None:  # Kandinsky 2.0's alone: the other families' fingerprints stay as they were
+        del defaults["ddim_eta"]
     return defaults
 
 
@@ -191,7 +194,7 @@ def note_device(fs, root: str, inputs: dict, tmp_tag: str) -> None:
     """On a resume: record in _RUN.json (`device_changes`) a GPU that differs from the one the output
     was last computed on (allowed by check_device, or a driver change)."""
     from kandinsky_engine import gpu_identity
-    from pipelines.output import put_json
+    from kandinsky_engine.pipelines.output import put_json
 
     run, gpu = read_run(fs, root), inputs.get("gpu")
     if run is None or gpu is None:
@@ -210,7 +213,7 @@ def note_device(fs, root: str, inputs: dict, tmp_tag: str) -> None:
 def write_run(fs, root: str, inputs: dict, config: JobConfig, tmp_tag: str) -> None:
     """_RUN.json, through a temporary file: the fingerprint, what it was computed from, and the job
     config (credentials removed) that `kandinsky-batch verify` recomputes it with."""
-    from pipelines.output import put_json
+    from kandinsky_engine.pipelines.output import put_json
 
     config = config._as_written or config  # as written: a layout the engine chose is resolved on each run
     settings = json.loads(redact(json.dumps(config.model_dump(mode="json")), config.storage_options))

@@ -12,23 +12,26 @@ from datetime import datetime, timezone
 from kandinsky_engine.columns import output_schema
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.families import resolve_family
+from kandinsky_engine.hub import pin
 from kandinsky_engine.identity import model_identity, weights_digests
 from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema, validate_manifest
 from kandinsky_engine.units import limit_stops
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.models import check_source
+from kandinsky_engine.text_manifest import publish
 from kandinsky_engine.storage import access_checked, ensure_dir, remove_file, remove_tree, url_to_fs
-from pipelines.auto_layout import auto_layout
-from pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
+from kandinsky_engine.pipelines.auto_layout import auto_layout
+from kandinsky_engine.pipelines.output import INDEX, RUNS, SUMMARY, TMP, LeaseLost, lease_owner
 
 from .output_guard import check_output as check_target
 from .lease import Lease
 from .progress import Console, JobLog, RunProgress
+from .signals import reinstall
 from .output_guard import remove_owned
 from .history import read_known, read_reports
 from .resume import (ForeignFiles, ManifestChanged, changed_message, choose_output, conflict_message,  # noqa: F401
                      fingerprint_inputs, foreign_message, log_gone, note_device, with_gpu, write_run)
-from .summary import dry_run_report, gpus_reserved, timeline, write_summary
+from .summary import dry_run_report, gpus_reserved, limit_note, timeline, write_summary
 from .verify import check_output
 from .verify import report as verify_report
 
@@ -50,6 +53,7 @@ def connect(address: str | None, verbose: bool = False) -> float:
         # "local" starts a fresh cluster: with no address, ray.init would attach to whatever cluster
         # was started last on this machine (`ray start`, another test), which is not what was asked.
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=verbose)
+        reinstall()  # Ray replaced the SIGTERM handler (jobs/signals.py)
     return time.perf_counter() - start
 
 
@@ -82,21 +86,30 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     overwrite = overwrite or overwrite_unowned
     with access_checked(config.output.path, config.storage_options, "checking output"):
         check_target(config, overwrite=overwrite, unowned=overwrite_unowned, config_file=config_file)
+    # Hub ids become repo@commit first (the decoder names the family), so the hub is asked once per id.
+    config = config.model_copy(update={"model": pin(config.model, ("decoder",))})
     # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
     check_source(config.model.decoder, "decoder", config.model.cache_dir, config.storage_options)
     config, family = resolve_family(config)  # the decoder's pipeline names it; from here on, the stages' config
-    if "prior" in family.parts:
+    parts = family.used_parts(config.model, config.storage_options)
+    config = config.model_copy(update={"model": pin(config.model, parts)})
+    if "prior" in parts:
         check_source(config.model.prior, "prior", config.model.cache_dir, config.storage_options)
-    weights = weights_digests(config.model, config.storage_options, family.parts)
+    if tiny := [p for p in parts if getattr(config.model, p).startswith("tiny")]:
+        log.warning("model.%s: the tiny random model (offline tests and the demo): its images are noise; name "
+                    "real weights for real images (the default is the released Kandinsky 2.2)", "/".join(tiny))
+    weights = weights_digests(config.model, config.storage_options, parts)
     inputs = fingerprint_inputs(config, schema_in, weights)
     with access_checked(config.output.path, config.storage_options, "checking output"):
         path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
     if path != config.output.path.rstrip("/"):
         log.info("this job differs from the run in %s: writing it beside, to %s", config.output.path, path)
     fs, root = url_to_fs(path, config.storage_options)
+    if not dry_run and any(f.frozen for f in planned[1]):  # CSV/JSONL copies, where every worker reads them
+        planned = (planned[0], publish(planned[1], path, config.storage_options), *planned[2:])
     ray_startup_s = connect(address or config.ray_address, console.verbose)
     inputs = with_gpu(config, inputs)  # the GPU the job computes on (CUDA jobs), compared on resume
-    from pipelines.validate import check_with_ray
+    from kandinsky_engine.pipelines.validate import check_with_ray
 
     # Rows are checked by Ray tasks, one per file: still before the output is touched.
     manifest = validate_manifest(config, checker=check_with_ray, planned=planned)
@@ -125,12 +138,12 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
          check_shards, dry_run, console, cleanup) -> dict:
     import ray
 
-    from pipelines.generate import IO_CPUS, build_generation, check_resources
-    from pipelines.output import put_json, put_records
-    from pipelines.progress import CommitCounter
-    from pipelines.reconcile import Inspection, inspect, reconcile, shard_records
-    from pipelines.sink import ShardSink
-    from pipelines.sources import Gone, apply_gone, plan_gone, read_registry, write_registry
+    from kandinsky_engine.pipelines.generate import IO_CPUS, build_generation, check_resources
+    from kandinsky_engine.pipelines.output import put_json, put_records
+    from kandinsky_engine.pipelines.progress import CommitCounter
+    from kandinsky_engine.pipelines.reconcile import Inspection, inspect, reconcile, shard_records
+    from kandinsky_engine.pipelines.sink import ShardSink
+    from kandinsky_engine.pipelines.sources import Gone, apply_gone, plan_gone, read_registry, write_registry
 
     rows_per_block = config.rows_per_block()
     tag = uuid.uuid4().hex[:12]  # this run: its report, temporary files, quarantine folder
@@ -149,6 +162,8 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
     if gone.conflicts and not recompute_changed:
         raise ManifestChanged(conflict_message(path, gone.conflicts))
     check_resources(config, manifest, ray.cluster_resources())
+    if note := limit_note(limit, stops, rows_per_block):
+        console.say(note)
     if dry_run:
         return dry_run_report(config, manifest, stops, found, rows_per_block, ray_startup_s)
     if mode == "overwrite":
@@ -196,7 +211,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
                      config.output, progress=progress and progress.counter, lease_owner=lease.owner)
     ray_data_stats = None
     if state.rows_todo:
-        ds = build_generation(config, manifest, state.plans)
+        ds = build_generation(config, manifest, state.plans, progress=progress.counter)
         try:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
         except BaseException:
@@ -221,6 +236,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
         "rows_computed": state.rows_todo,
         "rows_retried": state.rows_retried,
         "oom_splits": sink.oom_splits,
+        "compute_s": round(sink.compute_s, 3),  # model-stage seconds of the units it committed (per unit: the records)
         "cleaned": state.cleaned,
         "recomputed_units": state.recomputed,
         "damaged": state.damaged + damaged_reports,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.output import DATA, INDEX
+from kandinsky_engine.pipelines.output import DATA, INDEX
 
 SHOWN = ("id", "prompt", "seed", "task", "clip_score", "image_width", "image_height")
 
@@ -45,18 +45,22 @@ def read_parquet_rows(fs, path: str, limit: int) -> list[dict]:
 
 def read_tar_rows(fs, path: str, limit: int) -> list[dict]:
     """The first `limit` samples of a WebDataset data shard (pipelines/shards.py): each `<key>.json`
-    and the image member that precedes it. The tar is streamed: reading stops after `limit` samples."""
+    and the image member that precedes it (the `.txt` caption between them is skipped). The tar is
+    streamed: reading stops after `limit` samples."""
     import json
     import tarfile
+
+    from kandinsky_engine.pipelines.shards import EXTENSIONS
 
     rows, image = [], None
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
-            payload = tar.extractfile(member).read()
-            if not member.name.endswith(".json"):
-                image = payload
+            ext = member.name.rsplit(".", 1)[-1]
+            if ext in EXTENSIONS.values():
+                image = tar.extractfile(member).read()
+            if ext != "json":
                 continue
-            row = json.loads(payload)
+            row = json.loads(tar.extractfile(member).read())
             rows.append({**{k: row.get(k) for k in SHOWN}, "image": image})
             image = None
             if len(rows) >= limit:
@@ -84,7 +88,7 @@ def pick_shards(fs, root: str, count: int) -> list[str]:
                      if name.startswith(f"{DATA}/")]
         if files:
             return _spread(files, count)
-    except FileNotFoundError:
+    except Exception:  # missing (no run finished yet) or damaged: the folders are listed instead
         pass
     # No index yet (the first run is running, or was killed): list a few per-file folders.
     try:
@@ -108,5 +112,8 @@ def sample_rows(fs, root: str, max_rows: int = 200, max_shards: int = 16) -> lis
         if reader is None:
             continue
         share = -(-(max_rows - len(rows)) // (len(shards) - i))  # what is left, over the shards left
-        rows += [{**row, "shard": shard} for row in reader(fs, f"{root}/{shard}", share)]
+        try:
+            rows += [{**row, "shard": shard} for row in reader(fs, f"{root}/{shard}", share)]
+        except Exception:  # a damaged or vanished shard: `verify` names it; the sheet shows the others
+            continue
     return rows[:max_rows]

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 
 from kandinsky_engine.storage import access_checked, redact_url, refuse_glob, url_to_fs
-from pipelines.output import ERRORS, INDEX, LEASE, RUN_FILE, RUNS, SUMMARY
+from kandinsky_engine.pipelines.output import ERRORS, INDEX, LEASE, RUN_FILE, RUNS, SUMMARY
 
 from .lease import owner_died_here
 from .progress import PROGRESS_SUFFIX, clock
@@ -125,8 +125,9 @@ def _index_rows(fs, root: str) -> int | None:
         return None
 
 
-def _failures(fs, root: str, max_shards: int) -> dict:
-    """Failed rows by stage and error type, with example messages, from errors/ (its small columns)."""
+def error_rows(fs, root: str, max_shards: int = MAX_ERROR_SHARDS) -> tuple[list[str], list[str], list[dict], list[str]]:
+    """(error shards, those read, their rows' id, stage, error_type and message, damaged shards):
+    at most `max_shards` shards, evenly spread over the job."""
     fs.invalidate_cache()
     try:
         shards = sorted(e for e in fs.find(f"{root}/{ERRORS}") if e.endswith(".parquet"))
@@ -134,19 +135,32 @@ def _failures(fs, root: str, max_shards: int) -> dict:
         shards = []
     read = shards[:: max(1, -(-len(shards) // max_shards))][:max_shards]  # evenly spread over the job
 
+    damaged = []
+
     def columns(name):
-        with fs.open(name, "rb") as f:
-            return pq.read_table(f, columns=["id", "stage", "error_type", "message"]).to_pylist()
+        try:
+            with fs.open(name, "rb") as f:
+                return pq.read_table(f, columns=["id", "stage", "error_type", "message"]).to_pylist()
+        except Exception as exc:  # torn, foreign or vanished: named, and the others are still read
+            damaged.append(f"{name.removeprefix(root + '/')} ({type(exc).__name__}: {printable(exc, 120)})")
+            return []
 
     with ThreadPoolExecutor(8) as pool:
         rows = [row for table in pool.map(columns, read) for row in table]
+    return shards, read, rows, damaged
+
+
+def _failures(fs, root: str, max_shards: int) -> dict:
+    """Failed rows by stage and error type, with example messages, from errors/ (its small columns)."""
+    shards, read, rows, damaged = error_rows(fs, root, max_shards)
     counts = Counter((r["stage"], r["error_type"]) for r in rows)
     groups = []
     for (stage, kind), n in counts.most_common():
         examples = [{"id": r["id"], "message": r["message"]} for r in rows
                     if (r["stage"], r["error_type"]) == (stage, kind)][:EXAMPLES]
         groups.append({"stage": stage, "error_type": kind, "rows": n, "examples": examples})
-    return {"error_shards": len(shards), "error_shards_read": len(read), "rows_read": len(rows), "groups": groups}
+    return {"error_shards": len(shards), "error_shards_read": len(read), "rows_read": len(rows), "groups": groups,
+            "damaged": sorted(damaged)}
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -189,6 +203,8 @@ def format_status(s: dict) -> str:
             example = g["examples"][0]
             lines.append(f"  {g['stage']}: {g['error_type']}: {g['rows']} row(s), e.g. id {printable(example['id'], 60)}: "
                          f"{printable(example['message'])}")
+    for name in failures["damaged"]:
+        lines.append(f"unreadable error shard (skipped; a rerun rewrites it): {name}")
     for r in s["runs"]:
         speed = "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.2f}"
         lines.append(f"run {r['run']} finished {r['finished_at']}: {r['rows_computed']} computed, {r['rows_skipped']} "

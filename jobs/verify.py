@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kandinsky_engine.normalize import text_ids
 from kandinsky_engine.storage import refuse_glob, url_to_fs
 from kandinsky_engine.units import file_key, limit_stops
-from pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
-from pipelines.shards import format_of
+from kandinsky_engine.pipelines.output import DATA, ERRORS, INDEX, SUMMARY, entries, expected_digest, parse_shard, read_records, record_of
+from kandinsky_engine.pipelines.shards import format_of
 
 MAX_SHOWN = 30  # problems listed; the count of the rest is given
 
@@ -71,7 +72,7 @@ def _read(fs, path: str, deep: bool) -> tuple[object, list, dict | None]:
 def _manifest_ids(file, storage_options) -> list:
     fs, _ = url_to_fs(file.path, storage_options)
     with fs.open(file.path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=["id"])["id"].to_pylist()
+        return text_ids(pq.ParquetFile(f).read(columns=["id"])["id"].combine_chunks())
 
 
 def check_output(fs, root: str, config, files: list, stops: list[int], schema: pa.Schema, records: dict[str, dict],
@@ -199,8 +200,6 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     """Every invariant of the output at `path`. The job config comes from its `_RUN.json`, or from
     `config` (whose storage options then reach the manifest, output and models)."""
     from kandinsky_engine.columns import output_schema
-    from kandinsky_engine.config import JobConfig
-    from kandinsky_engine.families import resolve_family
     from kandinsky_engine.identity import weights_digests
     from kandinsky_engine.manifest import validate_manifest
 
@@ -212,14 +211,12 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     run = read_run(fs, root)
     if run is None:
         return Check(problems=[f"{path}: no _RUN.json: not the output of a job run by this tool (or not started)"])
-    if config is None:
-        if "config" not in run:
-            return Check(problems=[f"{path}/_RUN.json records no config (older version): pass --config JOB.yaml"])
-        config = JobConfig.model_validate({**run["config"], "storage_options": {}})
-    config = config.model_copy(update={"output": config.output.model_copy(update={"path": path})})
-    config, family = resolve_family(config)
+    if config is None and "config" not in run:
+        return Check(problems=[f"{path}/_RUN.json records no config (older version): pass --config JOB.yaml"])
+    config, family = job_config(path, run, config)
     manifest = validate_manifest(config, rehash=True)  # the bytes, never the digest cache
-    weights = weights_digests(config.model, config.storage_options, family.parts, rehash=True)
+    weights = weights_digests(config.model, config.storage_options, family.used_parts(config.model, config.storage_options),
+                              rehash=True)
     inputs = fingerprint_inputs(config, manifest.schema, weights)
     problems = []
     if fingerprint(inputs) != run["fingerprint"]:
@@ -242,6 +239,18 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
         if summary.get("complete") and not all(f["complete"] for f in check.files):
             check.problems.append(f"{SUMMARY}: says complete, but not every unit is committed")
     return check
+
+
+def job_config(path: str, run: dict, config=None):
+    """(config, family) of the output at `path`: `config` if given, else the one its _RUN.json
+    records, with output.path set to `path` (the output may have moved)."""
+    from kandinsky_engine.config import JobConfig
+    from kandinsky_engine.families import resolve_family
+
+    if config is None:
+        config = JobConfig.model_validate({**run["config"], "storage_options": {}})
+    config = config.model_copy(update={"output": config.output.model_copy(update={"path": path})})
+    return resolve_family(config)
 
 
 def _read_summary(fs, root: str, problems: list[str]) -> dict:

@@ -15,6 +15,8 @@ and are joined back by id in the writer, so their values and types come out as t
 from __future__ import annotations
 
 import json
+from functools import lru_cache
+from importlib import metadata
 
 import pyarrow as pa
 
@@ -68,7 +70,8 @@ SIGNAL_TYPES: dict[str, pa.DataType] = {
 
 # The engine's output columns, in order. Parameters are the resolved values (row value or job
 # default); URIs are written with credentials redacted; *_sha256 identify the input bytes used
-# (inline or fetched); *_model identify the weights (source @ weights digest, see models.py).
+# (inline or fetched); *_model identify the weights (source @ weights digest, see models.py);
+# model_revision, engine_version and created_at say what made the row and when (below).
 OUTPUT_TYPES: dict[str, pa.DataType] = {
     "id": pa.string(),
     "task": pa.string(),
@@ -95,7 +98,15 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "prior_model": pa.string(),
     "decoder_model": pa.string(),
     "depth_model": pa.string(),
+    "model_revision": pa.string(),
+    "engine_version": pa.string(),
+    "created_at": pa.timestamp("us", tz="UTC"),
 }
+# The provenance columns. model_revision: one digest of every part's weights (the job's whole model:
+# rows with equal values come from identical weights; identity.model_identity); engine_version: this
+# package's version; created_at: when the last model stage finished the row's unit, the same for every
+# row of a unit's attempt (pipelines/sink.py).
+
 # Columns the stages add and drop on the way; a manifest column of the same name would be
 # overwritten by them.
 STAGE_COLUMNS = ("error_stage", "error_type", "error_message", "image_embeds", "negative_image_embeds", "latents",
@@ -104,6 +115,15 @@ STAGE_COLUMNS = ("error_stage", "error_type", "error_message", "image_embeds", "
 # Internal bookkeeping columns start with "_" (see pipelines/sink.py): the prefix is reserved.
 RESERVED_PREFIX = "_"
 PASSTHROUGH_BLOB = "_passthrough"
+
+
+@lru_cache(maxsize=1)
+def engine_version() -> str:
+    """The installed kandinsky-engine's version (the `engine_version` of every row)."""
+    try:
+        return metadata.version("kandinsky-engine")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def reserved_reason(name: str) -> str | None:

@@ -39,7 +39,8 @@ def stage_device(model: ModelConfig, stage: StageConfig):
     (under Ray, the one Ray assigned), with the process's CUDA memory capped to its share."""
     import torch
 
-    device = torch.device(model.device)
+    device = torch.device(device_name(model))
+    check_dtype(model, device)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -47,3 +48,35 @@ def stage_device(model: ModelConfig, stage: StageConfig):
         if fraction < 1:
             torch.cuda.set_per_process_memory_fraction(fraction, device)
     return device
+
+
+def device_name(model: ModelConfig) -> str:
+    """model.device, with 'auto' (left so by a stage built outside a job) as this process sees it."""
+    if model.device != "auto":
+        return model.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_auto(config: JobConfig) -> JobConfig:
+    """`model.device` and `model.dtype` of 'auto' made concrete, the same way on every machine (the
+    fingerprint records them): 'cuda' when the stages that run reserve GPUs, else 'cpu'; bfloat16 on
+    'cuda', float32 on 'cpu'. Whether the GPU has bfloat16 is checked where it runs (`check_dtype`)."""
+    model = config.model
+    if model.device != "auto" and model.dtype != "auto":
+        return config
+    scheduling = [config.decoder] if config.fuse_stages else [config.prior, config.text_encoder, config.decoder,
+                                                               config.movq]
+    device = model.device if model.device != "auto" else ("cuda" if any(s.num_gpus > 0 for s in scheduling) else "cpu")
+    dtype = model.dtype if model.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    return config.model_copy(update={"model": model.model_copy(update={"device": device, "dtype": dtype})})
+
+
+def check_dtype(model: ModelConfig, device) -> None:
+    """Refuse bfloat16 on a GPU that lacks it (before Ampere), naming the setting to change."""
+    import torch
+
+    if model.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"model.dtype is bfloat16 (the default on a GPU), but {torch.cuda.get_device_name(device)} "
+                           "has no bfloat16: set model.dtype: float16 (or float32)")

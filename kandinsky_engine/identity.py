@@ -8,7 +8,8 @@ models; the weights digest also goes into every output row (`prior_model` etc.).
   hashed once a day, not on every run.
 - A remote directory: its listing with ETags / checksums (model_cache.remote_listing), which is
   what the per-node mirror is verified against; nothing is downloaded.
-- A hub id: the snapshot in the local Hugging Face cache if there is one, else the id alone.
+- A hub id: the commit its branch or tag names now (kandinsky_engine/hub.py), from the hub or the
+  local Hugging Face cache; one that can be had from neither is an error, never a guess.
 
 Manifest files are identified here too (`file_identity`): the ETag on object stores (no read),
 ETag / Content-MD5 / Last-Modified with Content-Length over http(s), the sha256 of the bytes on
@@ -32,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import ModelConfig
+from .hub import is_hub_source, resolve_commit, split_revision
 from .model_cache import COPIED, VERSION_FIELDS, is_remote, remote_listing
 from .storage import is_http, is_local, is_object_store, redact_url
 
@@ -142,30 +144,19 @@ def file_stamp(fs, name: str, info: dict | None = None) -> tuple:
     return info.get("size"), next((str(info[k]) for k in fields if info.get(k) not in (None, "")), "")
 
 
-def _hub_snapshot(repo_id: str) -> str | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # not cached, not a repo id: nothing local to hash
-        return None
-
-
 def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict | None = None,
-                   max_age_s: float = 86400.0, rehash: bool = False) -> str:
-    """The identity of the weights behind a model source: hex sha256, or 'unresolved' for a hub id
-    that is not in the local Hugging Face cache."""
+                   max_age_s: float = 86400.0, rehash: bool = False, revision: str | None = None) -> str:
+    """The identity of the weights behind a model source, hex sha256 (of the files, the remote
+    listing, or a hub id's commit). hub.HubUnavailable when a hub id's commit cannot be had."""
     from .models import resolve_source
 
     if is_remote(source):
         listing = remote_listing(source, storage_options, require_index=part != "depth")
         return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-    local = resolve_source(source, part, cache_dir, storage_options)
-    if not Path(local).exists():
-        local = _hub_snapshot(local)
-        if local is None:
-            return "unresolved"
-    return directory_digest(local, cache_dir, max_age_s, rehash)
+    if is_hub_source(source):  # its commit names its files exactly; nothing is downloaded to say so
+        commit = resolve_commit(source, revision)
+        return hashlib.sha256(f"hub:{split_revision(source)[0]}@{commit}".encode()).hexdigest()
+    return directory_digest(resolve_source(source, part, cache_dir, storage_options), cache_dir, max_age_s, rehash)
 
 
 def weights_digests(model: ModelConfig, storage_options: dict | None = None,
@@ -173,11 +164,14 @@ def weights_digests(model: ModelConfig, storage_options: dict | None = None,
     """{part: digest} of the model parts a job's family reads (families.Family.parts). `rehash`:
     read every local file again (verify)."""
     return {part: weights_digest(getattr(model, part), part, model.cache_dir, storage_options,
-                                 model.digest_max_age_s, rehash) for part in parts}
+                                 model.digest_max_age_s, rehash, model.revision) for part in parts}
 
 
 def model_identity(model: ModelConfig, digests: dict[str, str]) -> dict[str, str]:
-    """What every output row records about its weights: the source as configured (the URL, not the
-    node's cache path, without any user:password@) and the first 16 hex chars of its digest."""
-    return {f"{part}_model": f"{redact_url(getattr(model, part))}@{digests[part][:16]}"
-            for part in digests}
+    """What every output row records about its weights: per part, the source as configured (the URL,
+    not the node's cache path, without any user:password@) and the first 16 hex chars of its digest;
+    and `model_revision`, 16 hex chars of one sha256 over every part's digest: the whole model's
+    weights, whatever the sources are called (rows with equal values come from identical weights)."""
+    identity = {f"{part}_model": f"{redact_url(getattr(model, part))}@{digests[part][:16]}" for part in digests}
+    revision = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    return {**identity, "model_revision": revision}

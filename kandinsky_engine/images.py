@@ -27,15 +27,11 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .storage import redact, redact_url, url_to_fs
+from .limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S  # noqa: F401 (re-exported)
+from .storage import is_http, options_for, protocol, redact, redact_url, url_to_fs
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white: the neutral "paper" colour
 MASK_BACKGROUND = (0, 0, 0)  # transparent mask pixels become 0 = keep, so nothing is repainted by accident
-DEFAULT_MAX_PIXELS = 8192 * 8192  # decompression-bomb limit; configurable per call
-# 64 MiB holds any usual JPEG and a lossless photo of about 4096x4096 (48 MiB raw RGB); it bounds
-# the memory one row's read can take, before the pixel count is known.
-DEFAULT_MAX_INPUT_BYTES = 64 << 20
-DEFAULT_READ_TIMEOUT_S = 60.0
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
                stat.S_IFSOCK: "a socket"}
 
@@ -57,28 +53,72 @@ class ImageInputError(ValueError):
 
 
 def read_uri(uri: str, storage_options: dict | None = None, *, max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
-             timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
+             timeout_s: float = DEFAULT_READ_TIMEOUT_S, redirect_check=None) -> bytes:
     """The file at a local path or fsspec URL (file://, s3://, ...) as bytes, if it holds at most
     `max_bytes` and arrives within `timeout_s`. Which URIs may be read at all is the caller's
-    business (uri_policy); messages show the URI redacted (storage.redact_url)."""
+    business (uri_policy); messages show the URI redacted (storage.redact_url).
+
+    `redirect_check(url)`, for http(s): called with every URL a redirect leads to, before it is
+    followed; an exception from it ends the read (it is how the input policy sees each hop)."""
     shown = redact_url(uri)
     try:
-        fs, path = url_to_fs(uri, storage_options)
+        fs, path = _http_fs(uri, storage_options, redirect_check) if redirect_check else url_to_fs(uri, storage_options)
         if isinstance(fs, LocalFileSystem) and (kind := _special_file(path)):
             raise ImageInputError(f"cannot read {shown}: {kind}, not a regular file")
         data = _within(timeout_s, lambda: _read_at_most(fs, path, max_bytes))
     except ImageInputError:
         raise
-    except FileNotFoundError:
-        raise ImageInputError(f"file not found: {shown}") from None
+    except FileNotFoundError as exc:  # fsspec also turns any error of its http HEAD into this
+        raise _refused_redirect(exc) or ImageInputError(f"file not found: {shown}") from None
     except TimeoutError:  # before OSError, its base class; fsspec's FSTimeoutError is one too
         raise ImageInputError(f"cannot read {shown}: no answer within input.read_timeout_s={timeout_s:g}") from None
     except (OSError, ValueError, ImportError) as exc:
         # ImportError/ValueError: unknown protocol or missing backend (e.g. s3fs not installed).
-        raise ImageInputError(f"cannot read {shown}: {type(exc).__name__}: {redact(str(exc), storage_options)}") from None
+        raise _refused_redirect(exc) or ImageInputError(
+            f"cannot read {shown}: {type(exc).__name__}: {redact(str(exc), storage_options)}") from None
     if data is None:
         raise ImageInputError(f"{shown} is larger than input.max_input_bytes={max_bytes}")
     return data
+
+
+class RedirectRefused(ImageInputError):
+    """An http(s) input redirected to a URL its reader may not read."""
+
+
+def _refused_redirect(exc: BaseException) -> RedirectRefused | None:
+    """The RedirectRefused behind `exc`, if a redirect check ended the read (fsspec wraps it)."""
+    while exc is not None:
+        if isinstance(exc, RedirectRefused):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _http_fs(uri: str, storage_options: dict | None, check):
+    """(filesystem, path) for `uri`, an http(s) filesystem whose client calls `check` on every
+    redirect before following it (an aiohttp trace hook, so that every request fsspec makes, the
+    HEAD for the size and each GET, is covered); any other URI as url_to_fs gives it."""
+    fs, path = url_to_fs(uri, storage_options)
+    if not is_http(fs):
+        return fs, path
+    import aiohttp
+    import fsspec
+    from yarl import URL
+
+    async def on_redirect(session, context, params):
+        target = str(params.url.join(URL(params.response.headers.get("Location", ""))))
+        try:
+            check(target)
+        except Exception as exc:
+            params.response.close()
+            raise RedirectRefused(f"{redact_url(str(params.url))} redirects to {redact_url(target)}: {exc}") from None
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(on_redirect)
+    options = options_for(uri, storage_options)
+    client = dict(options.get("client_kwargs") or {})
+    client["trace_configs"] = [*client.get("trace_configs", []), trace]
+    return fsspec.filesystem(protocol(uri), skip_instance_cache=True, **{**options, "client_kwargs": client}), path
 
 
 def _special_file(path: str) -> str | None:

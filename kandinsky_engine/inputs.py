@@ -56,7 +56,9 @@ class InputReader:
             target = self.policy.check(uri)  # again here: the worker reads what validation allowed, no more
         except UriRefused as exc:
             raise ImageInputError(str(exc)) from None
-        return read_uri(target, self.storage_options, max_bytes=self.max_bytes, timeout_s=self.timeout_s)
+        # A redirect is checked hop by hop: an allowed URL must not lead outside the policy.
+        return read_uri(target, self.storage_options, max_bytes=self.max_bytes, timeout_s=self.timeout_s,
+                        redirect_check=self.policy.check)
 
 
 def fetch_inputs(batch: dict[str, np.ndarray], config: JobConfig, manifest_file: str) -> dict[str, np.ndarray]:

@@ -36,8 +36,10 @@ from .columns import MIX_ITEM, OPTIONAL, REQUIRED, reserved_reason  # noqa: F401
 from .config import JobConfig
 from .families import supported_tasks
 from .identity import file_identity, file_stamp  # noqa: F401 (file_stamp: re-exported for read tasks)
+from .normalize import normalize, normalize_schema, not_utf8, text_ids
 from .row_checks import check_rows, tasks_of
 from .storage import access_checked, is_http, redact, redact_url, url_to_fs
+from .text_manifest import MANIFEST_SUFFIXES, freeze, is_text
 from .units import Unit, file_units
 
 MAX_REPORTED = 20  # problems listed in one error; the count of the rest is given
@@ -57,6 +59,7 @@ class ManifestFile:
     size: int
     num_rows: int
     stamp: tuple = ()  # what a read task compares to be sure the file did not change (file_stamp)
+    frozen: bool = False  # `path` is the Parquet copy of a CSV/TSV/JSONL source (text_manifest.py)
 
 
 @dataclass
@@ -90,20 +93,29 @@ class FileCheck:
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # one per non-null id
 
 
-def _type_ok(kind: str, t: pa.DataType) -> bool:
+def _type_ok(kind: str, t: pa.DataType, column: str = "") -> bool:
+    """Whether a column of type `t` can be read as `kind` (kandinsky_engine/normalize.py: integer ids
+    are text, whole-number floats are integers)."""
     if kind == "string":
-        return pa.types.is_string(t) or pa.types.is_large_string(t)
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or (column == "id" and pa.types.is_integer(t))
     if kind == "list":
         return pa.types.is_list(t) and pa.types.is_struct(t.value_type) and "weight" in [f.name for f in t.value_type]
     if kind == "binary":
         return pa.types.is_binary(t) or pa.types.is_large_binary(t)
-    if kind == "integer":
-        return pa.types.is_integer(t)
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t)  # "integer" too: whole numbers are checked per row
+
+
+# How to fix a column of a type the engine cannot read, with pandas (how most manifests are made).
+FIXES = {"string": "write it as text, e.g. df[{c!r}] = df[{c!r}].astype('string')",
+         "integer": "write it as numbers, e.g. df[{c!r}] = pd.to_numeric(df[{c!r}]).astype('Int64')",
+         "number": "write it as numbers, e.g. df[{c!r}] = pd.to_numeric(df[{c!r}])",
+         "binary": "write the encoded bytes (PNG/JPEG), e.g. df[{c!r}] = [open(p, 'rb').read() for p in paths]",
+         "list": "write a list of {{text, image_uri, image_bytes, weight}} items per row"}
 
 
 def find_files(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """A file, a directory (every *.parquet below it) or a glob -> sorted list of files.
+    """A file, a directory (every *.parquet, *.csv, *.tsv, *.jsonl and *.ndjson below it) or a glob
+    -> sorted list of files.
 
     An http(s) URL is one file (a signed URL's query is part of it, never shown: redact_url).
     A path that exists is taken as given, even with glob characters in it (`run[1]/m.parquet`).
@@ -118,7 +130,7 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
                 raise ManifestError(f"manifest {redact_url(location)}: no such file (HTTP HEAD found nothing)")
             return fs, [location]
         if fs.isdir(path):
-            files = [f for f in fs.find(path) if f.endswith(".parquet")
+            files = [f for f in fs.find(path) if f.lower().endswith(MANIFEST_SUFFIXES)
                      and not any(part.startswith(("_", ".")) for part in PurePosixPath(f).relative_to(path).parts)]
         elif fs.exists(path):
             files = [path]
@@ -127,7 +139,8 @@ def find_files(location: str, storage_options: dict | None = None) -> tuple[fssp
         else:
             raise ManifestError(f"manifest {redact_url(location)}: no such file or directory")
     if not files:
-        raise ManifestError(f"manifest {redact_url(location)}: no Parquet files found")
+        raise ManifestError(f"manifest {redact_url(location)}: no manifest files found (*.parquet, *.csv, *.tsv, "
+                            "*.jsonl, *.ndjson)")
     return fs, sorted(fs.unstrip_protocol(f) if "://" in location else f for f in files)
 
 
@@ -173,17 +186,23 @@ def plan_files(config: JobConfig, rehash: bool = False
         try:
             with access_checked(name, config.storage_options, "reading manifest"):
                 info = fs.info(name)
-                with fs.open(name, "rb") as f:
-                    meta = pq.ParquetFile(f)  # the footer only
-                    schemas[name], rows = meta.schema_arrow, meta.metadata.num_rows
                 identity = file_identity(fs, name, info, config.model.cache_dir, config.model.digest_max_age_s, rehash)
+                path, read_fs = name, fs
+                if is_text(name):  # a CSV/TSV/JSONL source: its Parquet copy is what runs (text_manifest.py)
+                    path, read_fs = freeze(fs, name, relpath, identity, config.model.cache_dir), url_to_fs("/")[0]
+                    info = read_fs.info(path)
+                with read_fs.open(path, "rb") as f:
+                    meta = pq.ParquetFile(f)  # the footer only
+                    schemas[name], rows = normalize_schema(meta.schema_arrow), meta.metadata.num_rows
         except PermissionError:  # a storage (credentials) problem, not a manifest one: stop here
             raise
         except Exception as exc:  # unreadable / not Parquet (e.g. a local file still being written)
-            problems.append(f"{redact_url(name)}: cannot read as Parquet ({type(exc).__name__}: "
-                            f"{redact(str(exc), config.storage_options)})")
+            reason = (str(exc) if is_text(name) and isinstance(exc, ValueError) else
+                      f"cannot read as Parquet ({type(exc).__name__}: {exc})")
+            problems.append(f"{redact_url(name)}: {redact(reason, config.storage_options)}")
             continue
-        planned.append(ManifestFile(name, relpath, identity, int(info.get("size") or 0), rows, file_stamp(fs, name, info)))
+        planned.append(ManifestFile(path, relpath, identity, int(info.get("size") or 0), rows,
+                                    file_stamp(read_fs, path, info), frozen=path != name))
     return fs, planned, schemas, problems
 
 
@@ -207,11 +226,17 @@ def check_file(file: ManifestFile, config: JobConfig, allowed: tuple[str, ...]) 
         offset, hashes = 0, []
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
             table = pa.Table.from_batches([batch])
+            if text := not_utf8(name, table, offset):  # the file itself is corrupt there
+                check.problems += text
+                return check
+            table, unreadable = normalize(table, file.path)
             ids = table.column("id").to_pylist()
             check.problems += [f"{name}: column 'id' is null or empty at row {offset + r}"
                                for r, i in enumerate(ids) if i is None or i == ""][:MAX_REPORTED]
             hashes.append(id_hashes(ids))
             bad = check_rows(name, table, config, ids, allowed)
+            for r, problem in unreadable:
+                bad.setdefault(ids[r], f"{name}: {problem} at id {ids[r]!r}")
             check.row_errors.update(bad)
             check.tasks.update(t for i, t in zip(ids, tasks_of(table, config)) if i not in bad)
             offset += table.num_rows
@@ -249,7 +274,7 @@ def duplicate_problems(files: list[ManifestFile], collisions: np.ndarray, config
         fs, _ = url_to_fs(file.path, config.storage_options)
         with fs.open(file.path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
-                ids = [i for i in batch.column(0).to_pylist() if i is not None]
+                ids = [i for i in text_ids(batch.column(0)) if i is not None]
                 for row_id, h in zip(ids, id_hashes(ids)):
                     if int(h) not in wanted:
                         continue
@@ -306,6 +331,7 @@ def _check_schema(name: str, schema: pa.Schema) -> list[str]:
     """Manifest-level problems: the job cannot run (or cannot name its rows) until they are fixed."""
     problems = [f"{name}: missing required column '{column}'" for column in REQUIRED if column not in schema.names]
     for column, kind in {**REQUIRED, **OPTIONAL}.items():
-        if column in schema.names and not _type_ok(kind, schema.field(column).type):
-            problems.append(f"{name}: column '{column}' must be {kind}, got {schema.field(column).type}")
+        if column in schema.names and not _type_ok(kind, schema.field(column).type, column):
+            problems.append(f"{name}: column '{column}' must be {kind}, got {schema.field(column).type}; "
+                            + FIXES[kind].format(c=column))
     return problems

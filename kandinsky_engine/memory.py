@@ -119,7 +119,7 @@ def job_specs(config, family: str) -> dict:
             if is_remote(source):
                 kwargs = read_json(source, f"{subfolder}/config.json", config.storage_options)
             else:
-                folder = Path(resolve_source(source, field, config.model.cache_dir))
+                folder = Path(resolve_source(source, field, config.model.cache_dir, weights=False))
                 kwargs = json.loads((folder / subfolder / "config.json").read_text())
         except Exception:  # not readable from here: the released architecture
             kwargs = None
@@ -330,7 +330,10 @@ def estimate_stage(stage: str, family: str, specs: dict, *, dtype: str, batch_si
 def estimate_job(config, family: str, stages: list[str], specs: dict | None = None) -> dict[str, StageMemory]:
     """Each of `stages` of a job config (whose family is resolved) at its batch size and the job's
     default size and steps."""
+    from kandinsky_engine.device import resolve_auto
+
     d = config.defaults
+    config = resolve_auto(config)  # dtype 'auto': what the stages would load (bf16 on GPUs, fp32 on CPU)
     specs = specs if specs is not None else reference_specs(family)
     tasks = set(config.tasks or ["text2img"])
     return {name: estimate_stage(name, family, specs, dtype=config.model.dtype,

@@ -11,14 +11,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import TINY, ModelConfig
+from .device import device_name
+from .hub import is_hub_id, snapshot
 from .model_cache import is_remote, mirror, read_json, remote_listing
-from .tiny import ensure_tiny_model
 
 
-def resolve_source(source: str, part: str, cache_dir: str, storage_options: dict | None = None) -> str:
+# Builds (once) and returns the tiny model's root: kandinsky_engine.families.tiny.ensure_tiny_model,
+# handed over by the family registry when it is imported (which importing kandinsky_engine does).
+_tiny_root = None
+
+
+def use_tiny_model(ensure) -> None:
+    global _tiny_root
+    _tiny_root = ensure
+
+
+def ensure_tiny_model(cache_dir: str):
+    if _tiny_root is None:
+        raise RuntimeError("the tiny model's builder is registered by kandinsky_engine.families: import it first")
+    return _tiny_root(cache_dir)
+
+
+def resolve_source(source: str, part: str, cache_dir: str, storage_options: dict | None = None,
+                   weights: bool = True) -> str:
     """`part` is 'prior', 'decoder' or 'depth'. 'tiny' names the tiny model's directory for that
     part; 'tiny-inpaint' and 'tiny-controlnet' its other decoders. A remote URL is mirrored into
-    `cache_dir` (downloaded once per node, verified on every call) and the local copy returned."""
+    `cache_dir` (downloaded once per node, verified on every call) and the local copy returned; a hub
+    id is downloaded at its commit into the Hugging Face cache (hub.snapshot; `weights=False`: its
+    configs only, for the driver's checks)."""
     if is_remote(source):
         return mirror(source, cache_dir, storage_options, require_index=part != "depth").path
     if source.startswith("file://"):
@@ -35,7 +55,9 @@ def resolve_source(source: str, part: str, cache_dir: str, storage_options: dict
         if part != "depth" and not (path / "model_index.json").exists():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
         return str(path)
-    return source  # a hub id; from_pretrained resolves it (needs network or a warm HF cache)
+    if not is_hub_id(source):  # a path that is not there: not a hub id to look up either
+        raise FileNotFoundError(f"model.{part}: no such directory: {source}")
+    return snapshot(source, weights)
 
 
 def check_source(source: str, part: str, cache_dir: str, storage_options: dict | None = None) -> None:
@@ -44,12 +66,14 @@ def check_source(source: str, part: str, cache_dir: str, storage_options: dict |
     if is_remote(source):
         remote_listing(source, storage_options, require_index=part != "depth")
     else:
-        resolve_source(source, part, cache_dir)  # builds 'tiny' once, checks local dirs
+        resolve_source(source, part, cache_dir, weights=False)  # builds 'tiny' once, checks local dirs, hub configs
 
 
 def torch_dtype(name: str):
     import torch
 
+    if name == "auto":  # resolved by the driver (device.resolve_auto); a stage used alone decides here
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -63,7 +87,7 @@ def load_module(cls, model: ModelConfig, part: str, subfolder: str, storage_opti
     module = cls.from_pretrained(
         source, subfolder=subfolder, torch_dtype=torch_dtype(model.dtype), use_safetensors=True
     )
-    module = module.to(device or model.device).eval()
+    module = module.to(device or device_name(model)).eval()
     if model.channels_last and subfolder in ("unet", "movq"):
         module = module.to(memory_format=torch.channels_last)
     return module
@@ -82,4 +106,5 @@ def unet_config(model: ModelConfig, storage_options: dict | None = None) -> dict
 
     if is_remote(model.decoder):
         return read_json(model.decoder, "unet/config.json", storage_options)
-    return UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir), subfolder="unet")
+    return UNet2DConditionModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, weights=False),
+                                            subfolder="unet")

@@ -215,7 +215,7 @@ class Schedule:
             self.ancestral = AncestralSteps(scheduler, self.timesteps, unclip=isinstance(scheduler, UnCLIPScheduler))
         if hasattr(scheduler, "is_scale_input_called"):
             # Euler: diffusers' Kandinsky pipelines never call scale_model_input, and the engine runs
-            # as they do (README, Performance); this only keeps diffusers from warning at every step.
+            # as they do (docs/performance.md); this only keeps diffusers from warning at every step.
             scheduler.is_scale_input_called = True
 
     @property

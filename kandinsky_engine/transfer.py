@@ -73,11 +73,10 @@ def draw_host(spec: NoiseSpec, pin: bool):
     """(draws, rows * shape[0], ...) on the CPU, row r's draws from its own generator in order."""
     import torch
 
-    from .rows import generators
-
     dtype = getattr(torch, spec.dtype)
+    # One CPU generator per row, seeded with the row's seed (rows.generators, not imported: rows reads the config)
     rows = [torch.stack([torch.randn(spec.shape, generator=g, dtype=dtype) for _ in range(spec.draws)])
-            for g in generators(spec.seeds)]
+            for g in (torch.Generator("cpu").manual_seed(int(s)) for s in spec.seeds)]
     noise = torch.cat(rows, dim=1)
     return noise.pin_memory() if pin else noise
 

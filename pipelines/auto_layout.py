@@ -60,15 +60,15 @@ def cpu_fields(config: JobConfig, stages: list[str], cluster: dict) -> dict:
 def gpu_update(config: JobConfig, stages: list[str], cluster: dict) -> dict | None:
     """The config update of the GPU layout, or None where the model cannot place this job."""
     from kandinsky_engine.families import family_for
-    from pipelines.memory_fit import GPU_MEMORY, gpu_type
+    from kandinsky_engine.pipelines.memory_fit import GPU_MEMORY, gpu_type
 
     gpus = int(cluster.get("GPU", 0))
     if gpus < 1:
         return None  # no GPU yet: check_resources says so
     kind = gpu_type(cluster)
     if family_for(config).name == "kandinsky22" and set(stages) <= {"prior", "decoder", "movq"}:
-        from jobs.plan import DEFAULT_TFLOPS, flop_costs, with_memory_model
-        from pipelines.placement import gpu_layout
+        from kandinsky_engine.jobs.plan import DEFAULT_TFLOPS, flop_costs, with_memory_model
+        from kandinsky_engine.pipelines.placement import gpu_layout
 
         costs = flop_costs(config, DEFAULT_TFLOPS)
         if kind is not None:
@@ -82,7 +82,7 @@ def gpu_update(config: JobConfig, stages: list[str], cluster: dict) -> dict | No
                 **{name: getattr(config, name).model_copy(update=fields) for name, fields in overrides.items()}}
     if kind is not None:  # other families, or extra stages: fused where one GPU holds them
         from kandinsky_engine.memory import CUDA_CONTEXT, GIB, WORKSPACE
-        from pipelines.placement import MEMORY_BUDGET
+        from kandinsky_engine.pipelines.placement import MEMORY_BUDGET
 
         if actor_memory(config, stages) + CUDA_CONTEXT + WORKSPACE > MEMORY_BUDGET * GPU_MEMORY[kind] * GIB:
             return None
@@ -93,7 +93,7 @@ def gpu_update(config: JobConfig, stages: list[str], cluster: dict) -> dict | No
 def auto_layout(config: JobConfig, manifest, cluster: dict | None = None) -> JobConfig:
     """`config` with the engine's layout for `cluster` (default: the connected Ray cluster's resources)
     where it sets none for the stages `manifest`'s tasks use."""
-    from pipelines.generate import model_stages
+    from kandinsky_engine.pipelines.generate import model_stages
 
     stages = [name for name, _, _, _ in model_stages(config, manifest)]
     if not is_unset(config, stages):

@@ -30,7 +30,8 @@ import numpy as np
 
 from kandinsky_engine.rows import ERROR_COLUMNS, object_column
 
-from .prepare import SPLITS, UNIT
+from . import metrics
+from .prepare import COMPUTE, CREATED, SPLITS, UNIT
 
 # A chunk that killed its actor this many times with a fatal device error is split (a row: failed).
 FATAL_LIMIT = 2
@@ -112,7 +113,11 @@ class Chunked:
     A chunk that raises is handled by the kind of failure (module docstring): out of memory and a
     row that makes the model raise are split in halves down to single rows (a single row that still
     raises becomes a row error); a fatal device error stops the actor (`fatal_scope` set) or raises.
-    OOM splits are counted in the `_oom_splits` column (on the first row of the split chunk).
+    OOM splits are counted in the `_oom_splits` column (on the first row of the split chunk). The
+    seconds the stage spent on each unit, retries included, are added to `_compute_s` on the unit's
+    first row (the writer records their sum per unit: `compute_s` in the shard records), and the
+    time it finished the unit is set in `_created_at` on all its rows: after the last model stage,
+    when the unit's images were made (the rows' `created_at`, see pipelines/sink.py).
 
     A stage with a `prefetch(chunk)` method is told about the next chunk before the current one
     runs, so that it prepares that chunk's inputs (the decoders draw its noise on a background
@@ -121,7 +126,7 @@ class Chunked:
 
     exit_for_restart = staticmethod(_exit_for_restart)  # tests replace it: it ends the process
 
-    def __init__(self, stage_class, batch_size: int, fatal_scope: str | None = None, **kwargs):
+    def __init__(self, stage_class, batch_size: int, fatal_scope: str | None = None, progress=None, **kwargs):
         started = time.perf_counter()
         self.stage = stage_class(**kwargs)
         self.name = stage_class.__name__
@@ -129,6 +134,8 @@ class Chunked:
         self.ledger = CrashLedger(fatal_scope) if fatal_scope else None
         # Once per actor, in the worker's log (Ray's session logs; the console with --verbose).
         _actor_log().info("%s loaded in %.1f s (pid %d)", self.name, time.perf_counter() - started, os.getpid())
+        if progress is not None:  # the run's CommitCounter: "loading models: k/n stages ready"; fire and forget
+            progress.stage_loaded.remote(self.name)
 
     @classmethod
     def wrapping(cls, stage, batch_size: int) -> Chunked:
@@ -142,15 +149,25 @@ class Chunked:
             return block
         units = block[UNIT]
         starts = [i for i in range(len(units)) if i == 0 or units[i] != units[i - 1]] + [len(units)]
-        chunks = [{k: v[a:b] for k, v in block.items()} for start, end in zip(starts, starts[1:])
+        chunks = [(u, {k: v[a:b] for k, v in block.items()}) for u, (start, end) in enumerate(zip(starts, starts[1:]))
                   for a, b in ((i, min(i + self.batch_size, end)) for i in range(start, end, self.batch_size))]
-        parts = []
-        for k, chunk in enumerate(chunks):
-            for ahead in chunks[k : k + 2] if k == 0 else chunks[k + 1 : k + 2]:
+        parts, seconds, finished = [], [0.0] * (len(starts) - 1), [0.0] * (len(starts) - 1)
+        for k, (unit, chunk) in enumerate(chunks):
+            for _, ahead in chunks[k : k + 2] if k == 0 else chunks[k + 1 : k + 2]:
                 self._prefetch(ahead)
+            began = time.perf_counter()
             parts.append(self.run(chunk))
+            seconds[unit] += time.perf_counter() - began
+            finished[unit] = time.time()
         self._prefetch(None)  # drop what a retried or split chunk left unused
-        return merge(parts) if parts else block
+        if not parts:
+            return block
+        out = merge(parts)
+        if COMPUTE in out:  # stages keep row count and order: the unit's rows are where they came in
+            out[COMPUTE] = out[COMPUTE].astype(np.float64, copy=True)
+            out[COMPUTE][starts[:-1]] += seconds  # this stage's seconds, on the unit's first row
+            out[CREATED] = np.repeat(finished, np.diff(starts)).astype(np.float64)  # the last stage's stamp stays
+        return out
 
     def _prefetch(self, chunk) -> None:
         """Tell the stage about a chunk ahead (None: the block is done). Only an optimisation: a chunk
@@ -174,8 +191,11 @@ class Chunked:
                 return self._fail_row(chunk, "FatalDeviceError",
                                       f"fatal device error at batch size 1 ({crashes} actor restarts): {last}")
             return self._halves(chunk, oom=False)
+        started = time.perf_counter()
         try:
-            return self.stage(chunk)
+            out = self.stage(chunk)
+            metrics.stage_batch(self.name, time.perf_counter() - started)
+            return out
         except Exception as exc:
             # Only text leaves this block: the exception's traceback holds the failed call's frames
             # and so its tensors, which must be gone before the retries (else empty_cache frees nothing).
@@ -188,6 +208,7 @@ class Chunked:
             raise RuntimeError(f"{self.name}: fatal device error, the actor did not exit")  # unreachable under Ray
         if oom:
             _release_memory()
+            metrics.oom_split(self.name)
         if n == 1:
             return self._fail_row(chunk, failure[0], f"{'out of memory at batch size 1: ' if oom else ''}{failure[1]}")
         return self._halves(chunk, oom)
@@ -218,10 +239,10 @@ class Fused:
     constructor kwargs)]. torch's thread count is per process: the last stage's setting would win,
     so it is set once more from `threads`."""
 
-    def __init__(self, stages: list, threads: int, fatal_scope: str | None = None, **kwargs):
+    def __init__(self, stages: list, threads: int, fatal_scope: str | None = None, progress=None, **kwargs):
         import torch
 
-        self.stages = [Chunked(cls, batch_size, fatal_scope=fatal_scope, **kwargs, **extra)
+        self.stages = [Chunked(cls, batch_size, fatal_scope=fatal_scope, progress=progress, **kwargs, **extra)
                        for cls, batch_size, extra in stages]
         torch.set_num_threads(threads)
 

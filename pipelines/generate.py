@@ -12,7 +12,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
-from kandinsky_engine import JobConfig
+from kandinsky_engine.config import JobConfig
 from kandinsky_engine.columns import passthrough_fields
 from kandinsky_engine.config import StageConfig
 from kandinsky_engine.device import check_devices
@@ -133,8 +133,9 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
         raise ValueError(f"stage actors reserve {gpus:g} GPUs but the Ray cluster has {have_gpus:g}")
 
 
-def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan]) -> Dataset:
-    """The plan for the run's units (`plans`: per manifest file, which units, which rows)."""
+def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan], progress=None) -> Dataset:
+    """The plan for the run's units (`plans`: per manifest file, which units, which rows). `progress`:
+    the run's CommitCounter actor (pipelines/progress.py), told which stages load and when each has."""
     source = ManifestUnits(plans, config.rows_per_block(), config.storage_options)
     ds = ray.data.read_datasource(source, num_cpus=IO_CPUS, override_num_blocks=len(source.get_read_tasks(-1)))
     # A unit must reach the writer whole (see ShardSink.write); Ray splits blocks above this size.
@@ -147,19 +148,22 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
                             batch_format="numpy", num_cpus=IO_CPUS)
     stages = model_stages(config, manifest)
     scope = uuid.uuid4().hex  # this plan's crash ledger: chunks that broke an actor's CUDA context
+    if progress is not None:
+        progress.expect.remote([cls.__name__ for _, cls, _, _ in stages])
     # The MoVQ hands raw pixels on: they are encoded below, off the model actors.
-    extra = lambda cls, kwargs: {**kwargs, "encode": False} if cls is MovqStage else kwargs  # noqa: E731
+    extra = lambda cls, kwargs: {**kwargs, "encode": False} if issubclass(cls, MovqStage) else kwargs  # noqa: E731
     if config.fuse_stages:
         fused = fused_config(config, stages)
         args = stage_args(None, config.decoder, fused)
         args["fn_constructor_kwargs"] = {
-            "config": fused, "threads": config.decoder.threads(), "fatal_scope": scope,
+            "config": fused, "threads": config.decoder.threads(), "fatal_scope": scope, "progress": progress,
             "stages": [(cls, stage.batch_size, extra(cls, kwargs)) for _, cls, stage, kwargs in stages]}
         ds = ds.map_batches(Fused, **args)
     else:
         for _, stage_class, stage, kwargs in stages:
-            ds = ds.map_batches(pool_class(stage_class), **stage_args(stage_class, stage, config, fatal_scope=scope,
-                                                                      **extra(stage_class, kwargs)))
+            args = stage_args(stage_class, stage, config, fatal_scope=scope, **extra(stage_class, kwargs))
+            args["fn_constructor_kwargs"]["progress"] = progress
+            ds = ds.map_batches(pool_class(stage_class), **args)
     # Plain CPU tasks: an actor that holds a GPU never waits on zlib, and encoding scales with the
     # cluster's CPUs instead of the MoVQ pool's size.
     return ds.map_batches(encode_images, fn_kwargs={"output": config.output}, batch_size=None,

@@ -8,14 +8,19 @@
     PATH/errors/{file}/part-{start:012d}-{digest}.parquet
                                                     rows of that unit still failing (latest attempt)
     PATH/_runs/{run}.json, {run}.parquet            one report per run that reached its end, and the
-                                                    records (rows, bytes, sha256) of its shards
+                                                    records (rows, bytes, sha256) of the shards it wrote
     PATH/_damaged/{run}/...                         shards found damaged, moved aside (never read)
     PATH/_retired/{run}/...                         shards of a manifest file that is gone, moved aside
                                                     because its ids are in the manifest again (never read)
+    PATH/_manifests/{file}-{identity}.parquet       Parquet copies of CSV/TSV/JSONL manifest files
+                                                    (kandinsky_engine/text_manifest.py)
     PATH/_files.parquet                             the manifest files whose units the output holds: folder
                                                     key, relative path, identity, rows (pipelines/sources.py)
     PATH/_index.parquet                             every shard's record, written before the summary
-    PATH/_SUCCESS.json                              written last, after the output passed its check
+    PATH/_SUCCESS.json                              written after the output passed its check
+    PATH/README.md, PATH/shards.txt                 the dataset card (Hugging Face `datasets` configs and
+                                                    features) and the list of data shards, rewritten after
+                                                    each _SUCCESS.json (pipelines/card.py)
 
 A unit is a row range of one manifest file (kandinsky_engine/units.py); `{file}` is that file's
 folder key and `digest` covers the file's identity and the range, so a shard names the exact rows
@@ -27,7 +32,17 @@ data shard (attempt K >= 2, one more than the latest attempt in the unit's data 
 writes the rows that now succeed, then replaces or removes the errors shard). Every file (metadata
 included) is written under _tmp/ and moved into place, so readers never see a torn file, and names
 depend on the unit, its digest and the attempt only, so a retried write task rewrites the same
-file with the same bytes instead of adding a duplicate.
+file, with the same rows, instead of adding a duplicate.
+
+A retried write task gets the same blocks and so writes the same bytes. The bytes of a unit's
+shard can differ only where the unit itself was computed twice (its rows' `created_at` is when its
+images were made, pipelines/sink.py): a block Ray had to recompute, or processes of a killed run
+still writing a unit that the rerun computes too. Nothing relies on the bytes being the same: the
+sink's records come from the task that succeeded, which wrote last (a move replaces the file whole);
+a shard that a killed run left without a record is read back and hashed; and a data shard whose
+bytes differ from its record (a late write after the unit was recorded) is found by size at the next
+run, or by sha256 with `verify` and `run --check-shards`, and its unit is computed again: its rows,
+the same ones, are neither lost nor doubled.
 
 How a run resumes from what it finds is in pipelines/reconcile.py.
 
@@ -66,10 +81,21 @@ INDEX, LEASE = "_index.parquet", "_LEASE.json"
 # removal cut short still holds _RUN.json, so --overwrite can take it up again).
 # report.html and _logs/ (`kandinsky-batch report`, the CLI's log of each run) describe the output.
 REPORT, LOGS = "report.html", "_logs"
-OWNED_ENTRIES = (SUMMARY, INDEX, REPORT, DATA, ERRORS, TMP, DAMAGED, RETIRED, RUNS, LOGS, FILES, RUN_FILE)
+MANIFESTS = "_manifests"  # Parquet copies of CSV/TSV/JSONL manifests (kandinsky_engine/text_manifest.py)
+# The dataset card and the shard list (pipelines/card.py): the card only while it carries the tool's
+# marker, so a README.md a user wrote there is never removed or replaced.
+CARD, SHARD_LIST = "README.md", "shards.txt"
+OWNED_ENTRIES = (SUMMARY, CARD, SHARD_LIST, INDEX, REPORT, DATA, ERRORS, TMP, DAMAGED, RETIRED, RUNS, LOGS, FILES,
+                 MANIFESTS, RUN_FILE)
+# The output layout's version, in the fingerprint: an output of another version is another job.
+# 2: rows carry model_revision, engine_version and created_at; WebDataset samples a .txt caption.
+LAYOUT_VERSION = 2
 DATA_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})-a(\d+)\.(parquet|tar)")
 ERRORS_SHARD = re.compile(r"part-(\d{12})-([0-9a-f]{16})\.parquet")
-RECORD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+# compute_s: the model-stage seconds of the unit's attempt that wrote the shard (null where unknown:
+# a shard read back, an errors shard beside its data shard).
+RECORD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
+                           ("compute_s", pa.float64())])
 
 
 class LeaseLost(RuntimeError):

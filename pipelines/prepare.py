@@ -17,9 +17,12 @@ from kandinsky_engine.rows import ERROR_COLUMNS, resolve_params
 
 # Internal columns, set by the read (pipelines/read.py): the unit's name (file key/start row), its
 # attempt, the digest of its rows (part of every shard name), the rows the unit must reach the
-# writer with; then OOM splits (Chunked) and the pass-through blob.
+# writer with; then, set by the model stages (Chunked), OOM splits and model-stage seconds (both
+# counted on a unit's first row) and when the last stage finished the unit (epoch seconds, every
+# row: the rows' `created_at`); and the pass-through blob.
 UNIT, ATTEMPT, DIGEST, UNIT_ROWS, SPLITS = "_unit", "_attempt", "_digest", "_unit_rows", "_oom_splits"
-INTERNAL = (UNIT, ATTEMPT, DIGEST, UNIT_ROWS, SPLITS, PASSTHROUGH_BLOB)
+COMPUTE, CREATED = "_compute_s", "_created_at"
+INTERNAL = (UNIT, ATTEMPT, DIGEST, UNIT_ROWS, SPLITS, COMPUTE, CREATED, PASSTHROUGH_BLOB)
 # Engine input columns as the stages get them (a manifest may lack any of the optional ones).
 STAGE_INPUT_TYPES = {"id": pa.string(), "prompt": pa.string(), **{
     name: {"string": pa.string(), "binary": pa.binary()}[kind]
@@ -69,6 +72,8 @@ def prepare_unit(table: pa.Table, *, row_errors: dict[str, str], defaults: Gener
     columns.update({name: pa.array(values, pa.string()) for name, values in errors.items()})
     columns.update({name: table[name] for name in (UNIT, ATTEMPT, DIGEST, UNIT_ROWS)})
     columns[SPLITS] = pa.array([0] * n, pa.int64())
+    columns[COMPUTE] = pa.array([0.0] * n, pa.float64())
+    columns[CREATED] = pa.array([0.0] * n, pa.float64())
     # One blob for the unit, on its first row: the writer joins it back by id.
     columns[PASSTHROUGH_BLOB] = pa.array([blob] + [None] * (n - 1), pa.binary())
     return pa.table(columns)

@@ -18,6 +18,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from kandinsky_engine.manifest import file_stamp
+from kandinsky_engine.normalize import normalize
 from kandinsky_engine.storage import redact_url, url_to_fs
 from kandinsky_engine.units import file_key, unit_digest
 
@@ -127,6 +128,7 @@ def _bounds(meta) -> list[int]:
 
 
 def _unit_table(table: pa.Table, file, key: str, start: int, stop: int, retry) -> pa.Table:
+    table, _ = normalize(table, file.path)  # what validation read: its row errors name what it could not
     attempt = 1
     if retry is not None:
         attempt, done = retry

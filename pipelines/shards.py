@@ -5,16 +5,21 @@ when reading (so verify and resume need no config to read a shard):
 
 - `ParquetShards`: the unit's table as one Parquet file, the `image` column a Hugging Face Image
   struct{bytes, path} (kandinsky_engine/columns.py);
-- `TarShards`: a WebDataset shard, one tar per unit; per row `<key>.<ext>` (the encoded image) then
-  `<key>.json` (every other column of the Parquet row, the exact id included).
+- `TarShards`: a WebDataset shard, one tar per unit; per row `<key>.<ext>` (the encoded image),
+  `<key>.txt` (the prompt, UTF-8: the caption member img2dataset writes) and `<key>.json` (every
+  other column of the Parquet row, the exact id included). Every json has every column of the
+  job's output schema, null included, and each column one JSON type in every shard: NaN and
+  infinite floats are null (strict JSON has no such numbers), binary base64, times ISO 8601 and
+  decimals strings (`json_type`), so readers that infer types from the first samples see the same
+  keys and types as any later ones.
 
 A sample key must be a tar member name that webdataset and `datasets` split correctly (they cut
 the basename at its first dot), that no extraction turns into a path outside its folder, and that
 is unique per id even where ids differ only in case or in characters a sanitizer replaces. So it
 is a readable prefix of the id (ASCII letters, digits, '_' and '-'; at most 48 characters) and
 16 hex digits of the id's sha256: `../x` -> `x-<hash>`, `.` -> `<hash>`. The tar is written with
-fixed member metadata (mtime 0, uid/gid 0, mode 0644, no user names) so that a rerun writes the same
-bytes, which the commit protocol relies on (a retried write task rewrites the same file).
+fixed member metadata (mtime 0, uid/gid 0, mode 0644, no user names) so that the same rows give the
+same bytes (a row's `created_at` aside, see pipelines/output.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import decimal
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 
@@ -90,7 +96,8 @@ class TarShards:
                     raise RuntimeError(f"sample key {key} of id {row['id']!r} is taken by another id of its unit")
                 keys.add(key)
                 _add(tar, f"{key}.{ext}", image["bytes"])
-                _add(tar, f"{key}.json", json.dumps(row, default=_json_value).encode())
+                _add(tar, f"{key}.txt", (row.get("prompt") or "").encode("utf-8", "surrogatepass"))
+                _add(tar, f"{key}.json", json.dumps(_finite(row), default=_json_value, allow_nan=False).encode())
         return buf.getvalue()
 
     def ids(self, f) -> list:
@@ -99,11 +106,15 @@ class TarShards:
     def scan(self, f) -> tuple[list, list]:
         """(ids, layout) from an open file, reading only the json members: the tar reader seeks past
         the images, so on S3 this fetches little more than the metadata. The layout is each
-        sample's column names and whether its image member is there."""
+        sample's column names and the extensions of its other members."""
         tar = tarfile.open(fileobj=f, mode="r:")
         rows = list(_metadata(tar))
-        images = {m.name.split(".", 1)[0] for m in tar.getmembers() if not m.name.endswith(".json")}
-        return [row["id"] for row in rows], [(list(row), sample_key(row["id"]) in images) for row in rows]
+        members: dict[str, set] = {}
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, set()).add(ext)
+        return [row["id"] for row in rows], [(list(row), members.get(sample_key(row["id"]), set()) - {"json"})
+                                             for row in rows]
 
     def decode(self, payload: bytes) -> tuple[int, list, object]:
         """(rows, ids, layout) of a whole shard, every member read."""
@@ -115,12 +126,14 @@ class TarShards:
 
     def schema_problem(self, found: list, want: pa.Schema) -> str | None:
         expected = [n for n in want.names if n != "image"]
-        for columns, has_image in found:
+        for columns, others in found:
             if columns != expected:
                 missing, extra = set(expected) - set(columns), set(columns) - set(expected)
                 return f"json members hold other columns (missing {sorted(missing)}, extra {sorted(extra)})"
-            if not has_image:
+            if not others & set(EXTENSIONS.values()):
                 return "a sample has no image member"
+            if "txt" not in others:
+                return "a sample has no .txt caption member"
         return None
 
 
@@ -145,6 +158,34 @@ def _metadata(tar: tarfile.TarFile):
     for member in tar:
         if member.name.endswith(".json"):
             yield json.loads(tar.extractfile(member).read())
+
+
+def _finite(value):
+    """`value` with every NaN or infinite float (pass-through columns, float signals) as None:
+    JSON has no such numbers, and Python's `NaN` literal is refused by most JSON parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_type(type_: pa.DataType) -> pa.DataType:
+    """The Arrow type a column has once its values went through the json member and back (what a
+    reader parsing it sees): `_json_value`'s strings for binary, times and decimals, the same type
+    for the rest, nested types member by member."""
+    if pa.types.is_struct(type_):
+        return pa.struct([f.with_type(json_type(f.type)) for f in type_])
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_):
+        return pa.list_(json_type(type_.value_type))
+    if pa.types.is_dictionary(type_):
+        return json_type(type_.value_type)
+    if (pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_fixed_size_binary(type_)
+            or pa.types.is_large_string(type_) or pa.types.is_temporal(type_) or pa.types.is_decimal(type_)):
+        return pa.string()
+    return type_
 
 
 def _json_value(value):

@@ -2,6 +2,12 @@
 
 The layout and the commit protocol are in pipelines/output.py. A write task may get several
 units; it commits them one by one. A unit always reaches the writer whole (see `write`).
+
+Each row records when it was made: `created_at`, when the last model stage finished its unit (set
+by pipelines/generate.py's Chunked, one value for every row of a unit's attempt). The stamp travels
+in the block, so a write task that Ray retries on the same blocks writes the same bytes; only a
+unit computed again (by a later run, or a block Ray had to recompute) carries a new time. Why other
+bytes under a shard's name are safe: pipelines/output.py.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from typing import Iterable
 
 import pyarrow as pa
@@ -16,13 +23,15 @@ import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from kandinsky_engine.columns import IMAGE_TYPE, OUTPUT_TYPES, PASSTHROUGH_BLOB, SIGNAL_TYPES, unpack_passthrough
+from kandinsky_engine.columns import (IMAGE_TYPE, OUTPUT_TYPES, PASSTHROUGH_BLOB, SIGNAL_TYPES, engine_version,
+                                      unpack_passthrough)
 from kandinsky_engine.stages.hint import CONTROLNET_TASKS
 from kandinsky_engine.rows import is_null
 from kandinsky_engine.storage import redact_url, remove_file, url_to_fs
 
+from . import metrics
 from .output import DATA, ERRORS, LeaseLost, data_name, errors_name, lease_owner, put
-from .prepare import ATTEMPT, DIGEST, SPLITS, UNIT, UNIT_ROWS
+from .prepare import ATTEMPT, COMPUTE, CREATED, DIGEST, SPLITS, UNIT, UNIT_ROWS
 from .shards import image_path
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
@@ -56,12 +65,14 @@ def mix_recipe(items) -> list[dict] | None:
 
 
 def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blobs: list[bytes],
-               image_format: str = "png") -> pa.Table:
+               image_format: str = "png", created_at: datetime | None = None) -> pa.Table:
     """The rows that succeeded, in the job's output schema: engine columns with their fixed types,
-    URIs redacted, model identities, then the pass-through columns joined back by id from the
-    unit's `blobs` (taken before failed rows were dropped: the blob rides on the unit's first row,
-    which may be a failed one)."""
+    URIs redacted, model identities and provenance (`created_at`: when the unit's images were made,
+    now if None), then the pass-through columns joined back by id from the unit's `blobs` (taken before
+    failed rows were dropped: the blob rides on the unit's first row, which may be a failed one)."""
     n = rows.num_rows
+    provenance = {"model_revision": identity.get("model_revision"), "engine_version": engine_version(),
+                  "created_at": created_at or datetime.now(timezone.utc)}
     columns = {}
     for name, type_ in OUTPUT_TYPES.items():
         if name in URI_COLUMNS:
@@ -76,6 +87,8 @@ def data_table(rows: pa.Table, schema: pa.Schema, identity: dict[str, str], blob
                                       for i, b in zip(rows["id"].to_pylist(), images)], IMAGE_TYPE)
         elif name in ("prior_model", "decoder_model"):  # null where the family has no such part (Kandinsky 3: no prior)
             columns[name] = pa.array([identity.get(name)] * n, type_)
+        elif name in provenance:
+            columns[name] = pa.array([provenance[name]] * n, type_)
         elif name == "depth_model":
             # Only rows whose hint was estimated depend on the depth model.
             tasks = rows["task"].to_pylist()
@@ -126,6 +139,7 @@ class ShardSink(Datasink):
         self.tmp_tag = tmp_tag or uuid.uuid4().hex[:12]
         self.records: list[dict] = []
         self.oom_splits = 0
+        self.compute_s = 0.0  # model-stage seconds of the units this run committed
         self.committed_at: list[float] = []  # epoch seconds of each write task's last commit: the run's timeline
         self.progress = progress  # a CommitCounter actor (pipelines/progress.py) told of each commit, or None
         # The run's lease owner id (jobs/lease.py): checked before each commit, so that a run whose
@@ -157,17 +171,22 @@ class ShardSink(Datasink):
             committed = self._commit(fs, root, key, int(start), str(rows[DIGEST][0].as_py()),
                                      int(rows[ATTEMPT][0].as_py()), rows)
             records += committed
+            failed = rows.filter(pc.not_equal(rows["error_message"], ""))
+            kinds = dict(Counter(f"{s}: {t}" for s, t in zip(failed["error_stage"].to_pylist(),
+                                                               failed["error_type"].to_pylist())))
+            metrics.unit_committed(self.path, rows.num_rows - failed.num_rows, kinds)
             if self.progress is not None:  # fire and forget: progress is a display, never a dependency
-                failed = rows.filter(pc.not_equal(rows["error_message"], ""))
-                kinds = [f"{s}: {t}" for s, t in zip(failed["error_stage"].to_pylist(), failed["error_type"].to_pylist())]
-                self.progress.commit.remote(unit, rows.num_rows - failed.num_rows, failed.num_rows, dict(Counter(kinds)))
+                self.progress.commit.remote(unit, rows.num_rows - failed.num_rows, failed.num_rows, kinds)
         splits = int(pc.sum(table[SPLITS]).as_py() or 0) if SPLITS in table.column_names else 0
         return {"records": records, "oom_splits": splits, "committed_at": time.time()}
 
     def _commit(self, fs, root: str, key: str, start: int, digest: str, attempt: int, rows: pa.Table) -> list[dict]:
         failed = pc.not_equal(rows["error_message"], "")
         blobs = [b for b in rows[PASSTHROUGH_BLOB].to_pylist() if b is not None]
-        data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity, blobs, self.image_format)
+        made = rows[CREATED][0].as_py() if CREATED in rows.column_names else None
+        created_at = datetime.fromtimestamp(made, timezone.utc) if made else None  # 0: no model stage ran
+        data = data_table(rows.filter(pc.invert(failed)), self.schema, self.identity, blobs, self.image_format,
+                          created_at)
         errors = errors_table(rows.filter(failed), attempt)
         data_file, errors_file = data_name(key, start, digest, attempt, self.format), errors_name(key, start, digest)
         records = []
@@ -178,18 +197,24 @@ class ShardSink(Datasink):
             if errors.num_rows:
                 records.append(put(fs, root, ERRORS, errors_file, errors, self.tmp_tag))
             records.append(put(fs, root, DATA, data_file, data, self.tmp_tag))
-            return records
-        if data.num_rows:
-            records.append(put(fs, root, DATA, data_file, data, self.tmp_tag))
-        if errors.num_rows:
-            records.append(put(fs, root, ERRORS, errors_file, errors, self.tmp_tag))
         else:
-            remove_file(fs, f"{root}/{ERRORS}/{errors_file}")
+            if data.num_rows:
+                records.append(put(fs, root, DATA, data_file, data, self.tmp_tag))
+            if errors.num_rows:
+                records.append(put(fs, root, ERRORS, errors_file, errors, self.tmp_tag))
+            else:
+                remove_file(fs, f"{root}/{ERRORS}/{errors_file}")
+        if records and COMPUTE in rows.column_names:
+            # The unit's model-stage seconds, on the record of its data shard (or of its errors shard when
+            # every row of a retry failed again): summed over the records, each unit's attempt counts once.
+            target = next((r for r in records if r["file"].startswith(f"{DATA}/")), records[0])
+            target["compute_s"] = round(float(pc.sum(rows[COMPUTE]).as_py() or 0.0), 3)
         return records
 
     def on_write_complete(self, write_result) -> None:
         for result in write_result.write_returns:
             self.records += result["records"]
             self.oom_splits += result["oom_splits"]
+            self.compute_s += sum(r.get("compute_s") or 0.0 for r in result["records"])
             if result["committed_at"] is not None:
                 self.committed_at.append(result["committed_at"])

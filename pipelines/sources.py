@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kandinsky_engine.normalize import text_ids
 from kandinsky_engine.storage import copy_file, is_local, move_file, remove_file, url_to_fs
 from kandinsky_engine.units import file_key, unit_digest
 
@@ -65,9 +66,7 @@ def read_registry(fs, root: str) -> dict[str, dict]:
     try:
         with fs.open(f"{root}/{FILES}", "rb") as f:
             return {r["key"]: r for r in pq.read_table(f).to_pylist()}
-    except FileNotFoundError:
-        return {}
-    except Exception:  # torn or foreign: renamed files are then not recognised, leftovers still checked
+    except Exception:  # none yet, or torn: renamed files are then not recognised, leftovers still checked
         return {}
 
 
@@ -145,7 +144,7 @@ def _shared_ids(fs, leftover: dict[str, list[Shard]], files: list, storage_optio
         mfs, _ = url_to_fs(file.path, storage_options)
         with mfs.open(file.path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=["id"]):
-                for row_id in batch.column(0).to_pylist():
+                for row_id in text_ids(batch.column(0)):
                     key = owner.get(_hash(row_id)) if row_id is not None else None
                     if key is not None and file.relpath not in shared[key]:
                         shared[key].append(file.relpath)

@@ -4,7 +4,7 @@
 its file (kandinsky_engine.manifest.check_file) and returns its findings plus its id hashes split
 into buckets, each bucket a separate object; each bucket task gets that bucket from every file and
 returns the hashes seen twice. The hashes never reach the driver, which only holds references:
-its memory stays flat in the manifest's rows (see the README's scale figures).
+its memory stays flat in the manifest's rows (see docs/jobs.md, Scale).
 """
 
 from __future__ import annotations

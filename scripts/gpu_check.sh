@@ -8,7 +8,7 @@
 #
 # 1. If .whl/ is there (scripts/gpu_wheels.sh), installs those wheels into /tmp/kandinsky-site
 #    (no index, no dependencies) and puts it first on PYTHONPATH; nothing else is installed.
-# 2. The full-size benchmark (python -m jobs.bench_gpu): eager, compiled and fp8 modes, each stage's
+# 2. The full-size benchmark (python -m kandinsky_engine.jobs.bench_gpu): eager, compiled and fp8 modes, each stage's
 #    time and peak memory, end-to-end and GPU-only images/s, the GPU's idle time from the profiler,
 #    MFU against the datasheet and a measured GEMM peak, fp8's distance from bf16, and the stage
 #    costs that `kandinsky-batch plan --from-measured` reads -> OUT_DIR/bench.json (+ bench.log),
@@ -40,7 +40,7 @@ if command -v nvidia-smi >/dev/null; then
 else
     : > "$OUT/gpu.txt"
 fi
-timeout "$BENCH_TIMEOUT_S" "$PYTHON" -m jobs.bench_gpu "${SMOKE[@]}" --budget-s "$BENCH_BUDGET_S" \
+timeout "$BENCH_TIMEOUT_S" "$PYTHON" -m kandinsky_engine.jobs.bench_gpu "${SMOKE[@]}" --budget-s "$BENCH_BUDGET_S" \
     --output "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 bench=$?
 bench_s=$(( $(date +%s) - start ))

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import urllib.request
 from pathlib import Path
+
+# Tests never reach the hub: hub ids are read from a Hugging Face cache of the session's own (set
+# before anything imports huggingface_hub, and before Ray starts its workers, which inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = HF_HUB_CACHE = tempfile.mkdtemp(prefix="kandinsky-tests-hub-")
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +22,35 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from kandinsky_engine.config import JobConfig  # noqa: E402
-from kandinsky_engine.tiny import ensure_tiny_model  # noqa: E402
+from kandinsky_engine.families.tiny import ensure_tiny_model  # noqa: E402
 
 FAST = dict(num_inference_steps=2, prior_num_inference_steps=2, width=64, height=64, seed=7)
+# The default weights are the real ones from the hub: tests name the tiny offline model.
+TINY = {"prior": "tiny", "decoder": "tiny", "depth": "tiny"}
+TINY_YAML = "prior: tiny, decoder: tiny, depth: tiny"
+
+
+# Marks by what a test needs, from the fixtures it uses (directly or through other fixtures), so
+# that no mark is forgotten or left behind: `make check` runs the tests that start no Ray (and the
+# one `smoke` job), `make test` all of them.
+NEEDS = {"ray": {"ray_cluster", "ray_head"}, "s3": {"s3", "moto_endpoint"}}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark, fixtures in NEEDS.items():
+            if fixtures & set(item.fixturenames):
+                item.add_marker(mark)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that sets torch's thread count (stages do, per process) leaves it as it found it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +102,7 @@ def make_config(model_cache: str, manifest: str, out: str, fuse_stages: bool = T
     data = {
         "input": {"manifest": manifest},
         "output": {"path": out},
-        "model": {"cache_dir": model_cache},
+        "model": {"cache_dir": model_cache, **TINY},
         "defaults": dict(FAST),
         "fuse_stages": fuse_stages,
     }
@@ -84,7 +116,7 @@ def batch_of(rows: list[dict], config: JobConfig) -> dict[str, np.ndarray]:
     step on the rows as one unit, then Arrow -> numpy as Ray converts it."""
     from kandinsky_engine.columns import passthrough_fields
     from kandinsky_engine.rows import numpy_batch
-    from pipelines.prepare import prepare_unit
+    from kandinsky_engine.pipelines.prepare import prepare_unit
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
@@ -144,3 +176,4 @@ def s3(moto_endpoint):
     fs = s3fs.S3FileSystem(**options["s3"])
     fs.mkdir("kandinsky")
     yield fs, options
+    s3fs.S3FileSystem.clear_instance_cache()  # cached listings of this module's store: the next starts empty

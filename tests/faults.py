@@ -40,7 +40,7 @@ def ids_in(folder: str) -> list[str]:
     """Every row id in the shards folder/*/*.{parquet,tar} (a folder per manifest file), read by the
     shard format's own reader (pipelines/shards.py), duplicates kept (hidden .tmp- files are not
     matched, as for any reader)."""
-    from pipelines.shards import format_of
+    from kandinsky_engine.pipelines.shards import format_of
 
     paths = sorted(glob.glob(f"{folder}/*/*.parquet") + glob.glob(f"{folder}/*/*.tar"))
     ids = []

@@ -465,7 +465,7 @@ def policy_problems(obj: dict) -> list[str]:
 
 def entrypoint_problems(job: dict, cluster: dict) -> list[str]:
     """The entrypoint is our CLI, and the config it names is where the head mounts one."""
-    from jobs.cli import build_parser
+    from kandinsky_engine.jobs.cli import build_parser
 
     tokens = shlex.split(job.get("entrypoint", ""))
     if not tokens or tokens[0] != "kandinsky-batch":

@@ -21,7 +21,7 @@ import ray  # noqa: E402
 from ray._private.state import actors  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from jobs.run import run_job  # noqa: E402
+from kandinsky_engine.jobs.run import run_job  # noqa: E402
 from tests.conftest import make_config, write_manifest  # noqa: E402
 from tests.faults import Background, decoder_busy, stage_actors, title  # noqa: E402
 

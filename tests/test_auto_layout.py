@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kandinsky_engine.config import JobConfig
-from pipelines.auto_layout import is_unset, resolve
+from kandinsky_engine.pipelines.auto_layout import is_unset, resolve
 from tests.conftest import FAST
 
 USED = ["prior", "decoder", "movq"]
@@ -55,7 +55,7 @@ def test_gpu_default_comes_from_the_stage_cost_model(model_cache):
 
 @pytest.mark.ray
 def test_a_job_without_a_layout_runs_fused_on_every_core(ray_cluster, model_cache, tmp_path):
-    from jobs.run import run_job
+    from kandinsky_engine.jobs.run import run_job
     from tests.conftest import write_manifest
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": "a cat"} for i in range(4)])
@@ -65,7 +65,7 @@ def test_a_job_without_a_layout_runs_fused_on_every_core(ray_cluster, model_cach
     assert "MapBatches(Fused)" in summary["ray_data_stats"]
     # _RUN.json keeps the config as written (the layout is resolved on each run): verify recomputes the
     # same fingerprint from it.
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.verify import verify
 
     assert "fuse_stages" not in json.loads((tmp_path / "o" / "_RUN.json").read_text())["inputs"]
     check = verify(str(tmp_path / "o"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from jobs.bench import operator_times, steady_rate
+from kandinsky_engine.jobs.bench import operator_times, steady_rate
 
 
 def test_steady_window_counts_the_units_committed_between_the_first_and_third_quarter(tmp_path):

@@ -10,13 +10,13 @@ import os
 import pytest
 import torch
 
-from jobs import bench_gpu
+from kandinsky_engine.jobs import bench_gpu
 from kandinsky_engine.families.kandinsky22 import fullsize
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
 def test_full_size_bench_skips_cleanly_without_cuda(capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     assert bench_gpu.main([]) == 0
     assert main(["bench", "--full-size"]) == 0
@@ -31,7 +31,7 @@ def test_gpu_check_smoke_runs_every_mode_and_writes_what_plan_reads(tmp_path, ca
     import sys
     from pathlib import Path
 
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", str(tmp_path)], cwd=root, capture_output=True,
@@ -68,7 +68,7 @@ def test_gpu_check_smoke_runs_every_mode_and_writes_what_plan_reads(tmp_path, ca
 
 
 def test_the_gpu_idle_time_is_the_complement_of_its_busy_intervals():
-    from jobs.gpu_measure import union
+    from kandinsky_engine.jobs.gpu_measure import union
 
     busy, gaps, window = union([(0, 10), (5, 20), (25, 30), (40, 45)])  # microseconds
     assert (busy, gaps, window) == (30, [5, 10], 45)  # idle fraction 1 - 30 / 45

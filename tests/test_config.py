@@ -36,7 +36,7 @@ def test_set_overrides_parse_against_field_types(tmp_path):
     [
         (["decoder.batch_sise=8"], "batch_sise"),  # typo: extra keys are errors
         (["decoder.batch_size=0"], "batch_size"),
-        (["model.dtype=float16"], "needs a cuda device"),
+        (["model.dtype=float16", "model.device=cpu"], "needs a cuda device"),
         (["output.image_format=gif"], "image_format"),
         (["defaults.num_inference_steps=0"], "num_inference_steps"),
         (["decoder"], "key.sub=value"),

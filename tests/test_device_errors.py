@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.chunked import FATAL_LIMIT, Chunked, CrashLedger, is_fatal_device_error, is_oom
+from kandinsky_engine.pipelines.chunked import FATAL_LIMIT, Chunked, CrashLedger, is_fatal_device_error, is_oom
 from tests.test_pipeline import block
 
 ILLEGAL = "CUDA error: an illegal memory access was encountered"
@@ -96,7 +96,7 @@ def test_ray_restarts_the_actor_and_retries_the_unit(ray_cluster, tmp_path):
     import ray
 
     from kandinsky_engine.config import StageConfig
-    from pipelines.generate import pool_class, stage_args
+    from kandinsky_engine.pipelines.generate import pool_class, stage_args
     from tests.conftest import make_config
     from tests.faults import stage_actors
 

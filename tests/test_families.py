@@ -63,7 +63,7 @@ def test_per_task_defaults_apply_to_that_tasks_rows_without_the_column():
 
 def test_kandinsky22_fingerprint_has_no_family_or_per_task_fields(model_cache, tmp_path):
     """2.2 runs keep the fingerprint they had before families existed (outputs resume across the change)."""
-    from jobs.resume import fingerprint_inputs
+    from kandinsky_engine.jobs.resume import fingerprint_inputs
 
     config, family = resolve_family(make_config(model_cache, "m.parquet", str(tmp_path)))
     assert family is FAMILIES["kandinsky22"]

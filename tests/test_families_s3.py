@@ -10,8 +10,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.run import run_job
+from kandinsky_engine.jobs.verify import verify
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.families import family_of, supported_tasks
 from kandinsky_engine.model_cache import ModelSourceError
@@ -20,7 +20,7 @@ from tests.conftest import KEY, SECRET, make_config, png, put_manifest
 from tests.reference import decode
 
 MODELS = "kandinsky/models"
-PARTS = ("decoder-k3", "prior-k21", "decoder-k21")  # tiny model dirs, as kandinsky_engine/tiny.py names them
+PARTS = ("decoder-k3", "prior-k21", "decoder-k21")  # tiny model dirs, as kandinsky_engine/families/tiny.py names them
 
 
 @pytest.fixture(scope="module")

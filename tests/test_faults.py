@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.run import run_job
+from kandinsky_engine.jobs.run import run_job
 from tests.conftest import make_config, write_manifest
 from tests.faults import Background, decoder_busy, duplicated, ids_in, stage_actors, title
 
@@ -50,7 +50,7 @@ def busy_decoder(job: Background, killed: set[int]) -> dict:
 
 def test_decoder_actor_killed_three_times(ray_cluster, model_cache, tmp_path):
     """On `output.format: webdataset`: a retried block must not leave a second tar of its unit."""
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.verify import verify
 
     path, ids = manifest(tmp_path)
     config = make_config(model_cache, path, str(tmp_path / "out"), fuse_stages=False, input={"rows_per_block": 4},

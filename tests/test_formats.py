@@ -10,6 +10,7 @@ import io
 import json
 import re
 import tarfile
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +22,8 @@ from kandinsky_engine import DecoderStage, MovqStage, PriorStage
 from kandinsky_engine.columns import HF_METADATA, SIGNAL_TYPES
 from kandinsky_engine.stages.movq import encode_images
 from kandinsky_engine.stages.score import ClipScoreStage
-from pipelines.shards import TarShards, image_path, sample_key
-from tests.conftest import batch_of, make_config, put_manifest, write_manifest
+from kandinsky_engine.pipelines.shards import TarShards, image_path, sample_key
+from tests.conftest import batch_of, make_config, png, put_manifest, write_manifest
 
 SIGNALS = list(SIGNAL_TYPES)
 # Ids that must stay unique and safe as tar member names: traversal, separators, dots (webdataset
@@ -56,6 +57,19 @@ def test_tar_shard_is_deterministic_and_reads_with_webdataset(tmp_path):
     meta = json.loads(samples[1]["json"])
     assert meta == {"id": "a/b", "prompt": "p1", "seed": 1, "blob": "AP8=", "mix": None}  # binary as base64
     assert TarShards().decode(payload)[:2] == (len(HOSTILE), HOSTILE)
+
+
+def test_tar_json_is_strict_json_with_nan_and_infinity_as_null():
+    rows = [{"id": "x", "image": {"bytes": b"i", "path": image_path("x", "png")}, "score": float("nan"),
+             "embeds": [0.5, float("inf"), float("-inf")], "note": {"v": float("nan")}}]
+    tar = tarfile.open(fileobj=io.BytesIO(TarShards().encode(pa.Table.from_pylist(rows))))
+    text = next(tar.extractfile(m).read() for m in tar if m.name.endswith(".json"))
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == {"id": "x", "score": None, "embeds": [0.5, None, None],
+                                                       "note": {"v": None}}
 
 
 def test_hf_metadata_is_what_datasets_writes():
@@ -110,7 +124,7 @@ def test_signals_match_direct_computations(model_cache, tiny_root, tmp_path):
     # The plan schedules the scoring stage last among the model stages (its own pool unless fused).
     from types import SimpleNamespace
 
-    from pipelines.generate import model_stages
+    from kandinsky_engine.pipelines.generate import model_stages
 
     manifest = SimpleNamespace(tasks={"text2img"})
     assert [name for name, *_ in model_stages(config, manifest)] == ["prior", "decoder", "movq", "score"]
@@ -135,8 +149,8 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     row is in each exactly once, with the same image bytes and metadata."""
     import datasets
 
-    from jobs.run import run_job
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.run import run_job
+    from kandinsky_engine.jobs.verify import verify
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": i, "prompt": f"a lighthouse {n}", "note": n}
                                                        for n, i in enumerate(HOSTILE)])
@@ -164,7 +178,9 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     for sample in samples:
         want = by_id[sample["id"]]
         assert sample["__key__"] == sample_key(sample["id"]) and sample["image"] == want["image"]
-        assert {k: v for k, v in sample.items() if k != "__key__"} == want  # image_embeds, clip_score... alike
+        # image_embeds, clip_score... alike; created_at is when each job wrote the row (ISO 8601 in the json)
+        assert datetime.fromisoformat(sample.pop("created_at")).tzinfo is not None and want.pop("created_at")
+        assert {k: v for k, v in sample.items() if k != "__key__"} == want
         assert hashlib.sha256(sample["image"]).hexdigest() == sample["sha256"]
 
     hf_parquet = datasets.load_dataset("parquet", data_files=str(tmp_path / "parquet" / "data" / "*" / "*.parquet"),
@@ -176,7 +192,7 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
     assert isinstance(hf_tar[0]["png"], Image.Image)
 
     # The report's contact sheet samples tar shards as it does Parquet ones (jobs/samples.py).
-    from jobs.samples import sample_rows
+    from kandinsky_engine.jobs.samples import sample_rows
     from kandinsky_engine.storage import url_to_fs
 
     for out in (tmp_path / "parquet", wds_out):
@@ -187,25 +203,42 @@ def test_webdataset_and_parquet_outputs_hold_the_same_rows(ray_cluster, model_ca
 
 def test_webdataset_resumes_on_s3(ray_cluster, model_cache, s3):
     """A --limit run then the full run against the S3 API: tar shards under the layout, each row
-    once, the index records every shard, verify passes."""
-    from jobs.run import run_job
-    from jobs.verify import verify
+    once, the index records every shard, verify passes. Then a row whose input was missing is retried
+    (attempt 2: a `-a2.tar`), and a damaged tar is set aside and its unit recomputed."""
+    from kandinsky_engine.jobs.run import run_job
+    from kandinsky_engine.jobs.verify import verify
 
     fs, options = s3
     ids = [f"r{i}" for i in range(6)]
-    put_manifest(fs, "kandinsky/wds/m.parquet", [{"id": i, "prompt": "a fox"} for i in ids])
+    put_manifest(fs, "kandinsky/wds/m.parquet", [{"id": i, "prompt": "a fox"} for i in ids] + [
+        {"id": "late", "prompt": "a fox", "task": "img2img", "image_uri": "s3://kandinsky/wds/in/late.png",
+         "strength": 0.5}])
+    ids.append("late")
     config = make_config(model_cache, "s3://kandinsky/wds/m.parquet", "s3://kandinsky/wds-out",
                          input={"rows_per_block": 2}, output={"format": "webdataset", "columns": ["sha256"]})
     config = config.model_copy(update={"storage_options": options})
     assert run_job(config, limit=2)["rows"] == 2
     summary = run_job(config)
-    assert (summary["rows"], summary["rows_skipped"]) == (6, 2)
+    assert (summary["rows"], summary["failed_rows"], summary["rows_skipped"]) == (6, 1, 2)  # late.png is missing
+    fs.pipe("kandinsky/wds/in/late.png", png("orange"))
+    summary = run_job(config)
+    assert (summary["rows"], summary["failed_rows"], summary["rows_retried"]) == (7, 0, 1)
     assert verify("s3://kandinsky/wds-out", config=config).ok
     fs.invalidate_cache()
     keys = sorted(k.removeprefix("kandinsky/wds-out/") for k in fs.find("kandinsky/wds-out/data"))
-    assert len(keys) == 3 and all(re.fullmatch(r"data/[\w-]+/part-\d{12}-[0-9a-f]{16}-a1\.tar", k) for k in keys)
+    assert len(keys) == 5 and sum(k.endswith("-a2.tar") for k in keys) == 1
+    assert all(re.fullmatch(r"data/[\w-]+/part-\d{12}-[0-9a-f]{16}-a[12]\.tar", k) for k in keys)
     assert {s["file"] for s in summary["shards"]} == set(keys)
     got = [json.loads(tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"kandinsky/wds-out/{k}"))).extractfile(m).read())
            for k in keys for m in tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"kandinsky/wds-out/{k}")))
            if m.name.endswith(".json")]
-    assert sorted(r["id"] for r in got) == ids and all(len(r["sha256"]) == 64 for r in got)
+    assert sorted(r["id"] for r in got) == sorted(ids) and all(len(r["sha256"]) == 64 for r in got)
+    torn = f"kandinsky/wds-out/{keys[0]}"
+    fs.pipe(torn, fs.cat_file(torn)[:700])  # a tar cut short
+    fs.invalidate_cache()
+    assert not verify("s3://kandinsky/wds-out", config=config).ok
+    summary = run_job(config)
+    assert summary["runs"][-1]["damaged"] == [keys[0]] and summary["rows_computed"] == 2
+    assert verify("s3://kandinsky/wds-out", config=config).ok
+    fs.invalidate_cache()
+    assert fs.exists(f"kandinsky/wds-out/_damaged/{summary['runs'][-1]['run']}/{keys[0]}")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.output_guard import OutputRefused, check_output, remove_owned
-from jobs.run import read_reports, run_job
-from jobs.status import read_status
-from jobs.verify import verify
+from kandinsky_engine.jobs.output_guard import OutputRefused, check_output, remove_owned
+from kandinsky_engine.jobs.run import read_reports, run_job
+from kandinsky_engine.jobs.status import read_status
+from kandinsky_engine.jobs.verify import verify
 from kandinsky_engine.storage import move_file, remove_file, remove_tree
-from pipelines.output import Shard, put_bytes, put_json
-from pipelines.reconcile import Inspection, _remove_unit, reconcile
+from kandinsky_engine.pipelines.output import Shard, put_bytes, put_json
+from kandinsky_engine.pipelines.reconcile import Inspection, _remove_unit, reconcile
 from tests.conftest import make_config, put_manifest
 
 ENTRIES = ("data/k/part-a1.parquet", "_RUN.json", "_SUCCESS.json", "_tmp/t-x", "_runs/r1.json", "errors/k/e.parquet")

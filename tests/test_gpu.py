@@ -161,7 +161,7 @@ def test_actor_memory_is_capped_to_its_share(model_cache, tmp_path):
 def test_small_ray_job_on_the_gpu(model_cache, tmp_path):
     """The whole job on the GPU through Ray (skipped where Ray is not installed)."""
     pytest.importorskip("ray")
-    from jobs.run import run_job
+    from kandinsky_engine.jobs.run import run_job
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"g{i}", "prompt": "a cat", "seed": i} for i in range(4)])
     shares = {stage: {"num_gpus": 0.25, "batch_size": 2} for stage in ("prior", "decoder", "movq")}

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs.resume import FingerprintMismatch, choose_output, fingerprint, fingerprint_inputs, with_gpu
+from kandinsky_engine.jobs.resume import FingerprintMismatch, choose_output, fingerprint, fingerprint_inputs, with_gpu
 from kandinsky_engine import gpu_identity
 from kandinsky_engine.config import JobConfig
 from tests.conftest import make_config, write_manifest
@@ -57,7 +57,7 @@ def test_a_resume_on_another_gpu_is_refused_then_allowed_and_recorded(ray_cluste
     """The real run_job and CLI path on the CPU, with the GPU record of the driver replaced: the first run
     records H100; a rerun on an A100 stops before computing; with --allow-device-change it resumes, and
     _RUN.json lists the change."""
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     seen = {"gpu": H100}
     monkeypatch.setattr(gpu_identity, "job_record", lambda config: seen["gpu"])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from jobs.outcome import run_exit_code
+from kandinsky_engine.jobs.outcome import run_exit_code
 
 
 def summary(rows: int, failed: int) -> dict:
@@ -48,8 +48,8 @@ def test_max_failed_fraction_is_a_documented_bounded_field():
 
 
 def test_cli_options_parse():
-    from jobs.cli import build_parser
-    from jobs.outcome import wait_of
+    from kandinsky_engine.jobs.cli import build_parser
+    from kandinsky_engine.jobs.outcome import wait_of
 
     args = build_parser().parse_args(["run", "job.yaml", "--wait-timeout", "300", "--if-busy", "skip",
                                       "--fail-on-row-errors"])
@@ -61,7 +61,7 @@ def test_cli_options_parse():
 def test_wait_timeout_bounds_the_wait_for_a_live_lease(tmp_path):
     """A live run's lease (renewed) is waited for at most --wait-timeout's seconds, then LeaseHeld
     (exit 3); an expired one (its run crashed) is taken over within the wait."""
-    from jobs.lease import Lease, LeaseHeld
+    from kandinsky_engine.jobs.lease import Lease, LeaseHeld
     from kandinsky_engine.storage import url_to_fs
 
     fs, root = url_to_fs(str(tmp_path))

@@ -84,9 +84,13 @@ def test_image_copies_the_package_sources_only():
     sources = {src for op, args in steps if op == "COPY" and "--from" not in args
                for src in args.split()[:-1] if not src.startswith("--")}  # the last one is the destination
     packages = {"jobs", "kandinsky_engine", "pipelines"}
-    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    assert {pattern.rstrip("*") for pattern in found["include"]} == packages  # the packages and their subpackages
-    assert sources == {"pyproject.toml", PROJECT["readme"], *packages}
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {setup["package-dir"].get(name, name.replace(".", "/")) for name in setup["packages"]}
+    assert {folder.split("/")[0] for folder in folders} == packages  # the folders the wheel is built from
+    # and every package folder of the sources is in the wheel (a folder without __init__.py would be left out)
+    assert folders == {str(p.parent.relative_to(ROOT)) for pkg in packages for p in (ROOT / pkg).rglob("*.py")
+                       if "__pycache__" not in p.parts}
+    assert sources == {"pyproject.toml", PROJECT["readme"], *packages, "infra/docker/requirements.lock"}
 
 
 def build_context(root: Path) -> set[str]:
@@ -117,6 +121,7 @@ def test_build_context_builds_the_wheel_the_image_installs(tmp_path):
     context = build_context(tree)
     assert not context & set(junk)
     assert not any(p.startswith(("tests/", "configs/", "infra/k8s")) for p in context)
+    assert "infra/docker/requirements.lock" in context
     assert {"pyproject.toml", "README.md", "jobs/cli.py", "jobs/stage_model.py", "kandinsky_engine/model_cache.py",
             "pipelines/generate.py"} <= context
 
@@ -132,10 +137,14 @@ def test_build_context_builds_the_wheel_the_image_installs(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = z.read(f"kandinsky_engine-{PROJECT['version']}.dist-info/entry_points.txt").decode()
-    modules = {str(p.relative_to(ROOT)) for pkg in ("jobs", "kandinsky_engine", "pipelines")
-               for p in (ROOT / pkg).glob("*.py")}
-    assert modules <= names
-    assert "kandinsky-batch = jobs.cli:main" in entry_points
+    # Every module, under the one import name: jobs/ and pipelines/ as kandinsky_engine.jobs and
+    # kandinsky_engine.pipelines, nothing else at the top (the dist-info aside).
+    modules = {str(p.relative_to(ROOT)) if pkg == "kandinsky_engine" else f"kandinsky_engine/{p.relative_to(ROOT)}"
+               for pkg in ("jobs", "kandinsky_engine", "pipelines") for p in (ROOT / pkg).rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert modules <= names, sorted(modules - names)
+    assert {n.split("/")[0] for n in names} == {"kandinsky_engine", f"kandinsky_engine-{PROJECT['version']}.dist-info"}
+    assert "kandinsky-batch = kandinsky_engine.jobs.cli:entry" in entry_points
 
 
 def test_make_image_builds_this_dockerfile_from_the_root():
@@ -169,3 +178,23 @@ def test_one_cuda_matrix_for_make_the_image_and_the_launchers():
     for node in aws["available_node_types"].values():
         image = node["node_config"]["ImageId"]
         assert image.startswith("ami-") or "nvidia-driver" in image
+
+
+def test_the_image_installs_its_pinned_dependencies_before_the_code():
+    """Dependencies come from the lock, in a layer before the package's, and match pyproject's pins;
+    the package itself adds nothing unpinned (--no-deps)."""
+    import tomllib
+
+    lock = {}
+    for line in (ROOT / "infra" / "docker" / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            lock[re.sub(r"[-_.]+", "-", name).lower()] = version
+    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        if match := re.fullmatch(r"([\w.-]+)(\[[\w,]+\])?==([\w.]+)\s*", requirement.split(";")[0].split("#")[0]):
+            name = re.sub(r"[-_.]+", "-", match[1]).lower()
+            if name != "torch":  # the CUDA build, from PyTorch's index
+                assert lock.get(name) == match[3], (name, lock.get(name), match[3])
+    steps = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+    final = steps[steps.index("FROM rayproject/ray", steps.index("AS wheel") + 1):]
+    assert final.index("pip install --no-cache-dir -r /tmp/requirements.lock") < final.index("--no-deps /tmp/wheels/")

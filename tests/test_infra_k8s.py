@@ -85,7 +85,7 @@ def test_schedules_may_overlap_and_retries_do_not_burn_clusters():
     """The lease makes overlapping runs safe: a retry waits (bounded) for a crashed attempt's lease,
     a scheduled tick that meets a live run skips with exit 0, a failed run frees its GPU workers at
     once, and the portable CronJob's pod outlives its RayJob."""
-    from jobs.cli import build_parser
+    from kandinsky_engine.jobs.cli import build_parser
     from tests.infra_rules import lease_ttl_s
 
     job = doc("rayjob.yaml", "RayJob")["spec"]
@@ -111,9 +111,9 @@ def quantity(value) -> float:
 
 def test_job_config_fits_the_gpu_group(tmp_path):
     """The shipped job.yaml's actors fit the cluster the kustomization builds, by the engine's own
-    check (pipelines.generate.check_resources), else the job would be refused at start."""
+    check (kandinsky_engine.pipelines.generate.check_resources), else the job would be refused at start."""
     from kandinsky_engine.config import load_config
-    from pipelines.generate import check_resources
+    from kandinsky_engine.pipelines.generate import check_resources
 
     config = load_config(K8S / "settings" / "job.yaml")
     assert config.model.family == "kandinsky22"  # named: the driver's checks need no model_index.json
@@ -428,7 +428,7 @@ def test_job_config_validates_with_staged_models(s3, tiny_root, tmp_path):
     """`kandinsky-batch validate infra/k8s/settings/job.yaml` as the head pod would run it (S3 from
     the environment), against moto with the tiny model staged at the config's model URLs by
     `kandinsky-batch stage-model` and a manifest under its manifest URL."""
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
     from kandinsky_engine.config import load_config
     from tests.conftest import KEY, SECRET, put_manifest
 
@@ -460,3 +460,25 @@ def test_kueue_component_renders_a_valid_suspended_rayjob(k8s_copy):
     rayjob = next(d for d in render(k8s_copy) if d["kind"] == "RayJob")
     assert rayjob["spec"]["suspend"] is True and rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
     assert manifest_problems(rayjob) == []
+
+
+def test_the_monitoring_component_reads_the_metrics_the_engine_exports():
+    """The Grafana dashboard queries only metrics pipelines/metrics.py defines (or Ray's own), and the
+    PodMonitor selects the pods KubeRay labels as Ray nodes on their `metrics` port."""
+    import json
+    import re
+
+    from kandinsky_engine.pipelines import metrics
+
+    folder = ROOT / "infra" / "k8s" / "components" / "monitoring"
+    dashboard = json.loads((folder / "grafana-dashboard.json").read_text())
+    queried = {re.sub(r"_(total|bucket|count|sum)$", "", m) for panel in dashboard["panels"]
+               for target in panel["targets"] for m in re.findall(r"ray_(kandinsky_\w+)", target["expr"])}
+    defined = set(re.findall(r'"(kandinsky_\w+)"', Path(metrics.__file__).read_text()))
+    assert queried and queried <= defined, queried - defined
+    monitor = load_docs(folder / "podmonitor.yaml")[0]
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    component = load_docs(folder / "kustomization.yaml")[0]
+    assert component["kind"] == "Component" and "podmonitor.yaml" in component["resources"]

@@ -12,7 +12,7 @@ import tomllib
 import pytest
 import yaml
 
-from jobs.cli import build_parser
+from kandinsky_engine.jobs.cli import build_parser
 from tests.infra_rules import ROOT, launcher_problems
 
 CONFIGS = ("aws.yaml", "gcp.yaml")

@@ -59,8 +59,8 @@ def shipped(path: str):
 
 @pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_config_fits_its_gpus_with_margin(path):
-    from pipelines.generate import check_resources
-    from pipelines.memory_fit import GPU_MEMORY, MARGIN, stage_fits
+    from kandinsky_engine.pipelines.generate import check_resources
+    from kandinsky_engine.pipelines.memory_fit import GPU_MEMORY, MARGIN, stage_fits
 
     config = shipped(path)
     gpu, gpus = SHIPPED[path]()
@@ -79,7 +79,7 @@ def test_shipped_config_fits_its_gpus_with_margin(path):
 def test_shipped_stage_sections_are_the_plan(path, tmp_path, capsys):
     """The stage sections are what `kandinsky-batch plan --from-flops --gpu-type` writes for the
     deployment's GPU type and count (so a changed GPU count or type must be planned again)."""
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     gpu, gpus = SHIPPED[path]()
     out = tmp_path / "plan.yaml"
@@ -102,7 +102,7 @@ def old_config():
 
 
 def test_driver_refuses_a_config_that_does_not_fit_naming_stage_estimate_and_cap():
-    from pipelines.generate import check_resources
+    from kandinsky_engine.pipelines.generate import check_resources
 
     cluster = {"CPU": 8, "GPU": 1, "accelerator_type:L40S": 1}
     with pytest.raises(ValueError) as refused:
@@ -167,7 +167,7 @@ def test_every_family_is_modelled_and_kandinsky3_needs_a_gpu_for_its_t5():
     """Kandinsky 3's T5 encoder (16.2 GiB in bf16) fits a whole 22.5 GiB card and not half of one;
     Kandinsky 2.1's stages are modelled too."""
     from kandinsky_engine.config import JobConfig
-    from pipelines.memory_fit import stage_fits
+    from kandinsky_engine.pipelines.memory_fit import stage_fits
 
     config = JobConfig.model_validate({
         "input": {"manifest": "m"}, "output": {"path": "o"}, "tasks": ["text2img"],
@@ -184,7 +184,7 @@ def test_every_family_is_modelled_and_kandinsky3_needs_a_gpu_for_its_t5():
 
 
 def test_gpu_type_from_the_cluster():
-    from pipelines.memory_fit import gpu_type
+    from kandinsky_engine.pipelines.memory_fit import gpu_type
 
     assert gpu_type({"GPU": 2, "accelerator_type:L4": 1, "accelerator_type:L40S": 1}) == "L4"  # the smallest
     assert gpu_type({"GPU": 1}) is None and gpu_type({"GPU": 1, "accelerator_type:Z1": 1}) is None

@@ -7,6 +7,7 @@ the next scheduled run makes, which must resume (0 rows computed)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import shutil
@@ -67,7 +68,7 @@ def stop(proc: subprocess.Popen, temp: Path) -> None:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head with the dashboard (the job submission API) on loopback, on its own ports and
-    temp dir; yields (dashboard address, environment)."""
+    temp dir; yields (dashboard address, environment, its metrics export port)."""
     from ray.job_submission import JobSubmissionClient
 
     temp = Path(tempfile.mkdtemp(prefix="rayi-", dir="/tmp"))  # short: Ray's socket paths are limited
@@ -96,7 +97,7 @@ def ray_head(tmp_path_factory):
                     log.flush()
                     pytest.fail(f"ray start --head did not come up:\n{Path(log.name).read_text()[-3000:]}")
                 time.sleep(1)
-        yield address, env
+        yield address, env, metrics
     finally:
         stop(proc, temp)
         log.close()
@@ -125,9 +126,9 @@ def run_submitter(address: str, env: dict, job_id: str, entrypoint: str) -> str:
 def test_rayjob_entrypoint_runs_and_resumes_through_ray_job_submit(ray_head, model_cache, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
-    address, env = ray_head
+    address, env, _ = ray_head
     # The demo job (configs/demo.yaml) on its first 4 rows (one unit), into a temp output.
     rows = pq.read_table(ROOT / "configs" / "demo_manifest.parquet").slice(0, 4)
     pq.write_table(rows, tmp_path / "manifest.parquet")
@@ -157,4 +158,78 @@ def test_rayjob_entrypoint_runs_and_resumes_through_ray_job_submit(ray_head, mod
     summary = json.loads((out / "_SUCCESS.json").read_text())
     assert (summary["rows"], summary["rows_computed"], summary["rows_skipped"]) == (4, 0, 4)
     assert "0 rows computed, 4 already committed" in logs
+    assert main(["verify", str(out)]) == 0
+
+
+def scrape(port: int, name: str, timeout_s: float = 60) -> dict[str, float]:
+    """{labels: value} of metric `name` on a node's metrics endpoint, once it shows up (Ray's
+    processes report their metrics every few seconds)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = {m[1]: float(m[2]) for m in re.finditer(rf"^{name}(\{{[^}}]*\}}) ([0-9.e+-]+)$", text, re.M)}
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(2)
+
+
+def test_a_job_exports_its_metrics_on_rays_metrics_endpoint(ray_head, model_cache, tmp_path):
+    """The rows a job commits, its stage batch times and its rate, as Prometheus reads them from the
+    node's metrics export port (what infra/k8s/monitoring's PodMonitor scrapes)."""
+    address, env, port = ray_head
+    rows = pq.read_table(ROOT / "configs" / "demo_manifest.parquet").slice(0, 8)
+    pq.write_table(rows, tmp_path / "manifest.parquet")
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["input"]["manifest"] = str(tmp_path / "manifest.parquet")
+    config["output"]["path"] = str(tmp_path / "metrics-out")
+    config["model"]["cache_dir"] = model_cache
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    run_submitter(address, env, "kandinsky-metrics", f"kandinsky-batch run {shlex.quote(str(tmp_path / 'job.yaml'))}")
+    committed = scrape(port, "ray_kandinsky_rows_committed_total")
+    assert sum(v for k, v in committed.items() if "metrics-out" in k) == 8, committed
+    units = scrape(port, "ray_kandinsky_units_committed_total")
+    assert sum(v for k, v in units.items() if "metrics-out" in k) == 2, units
+    batches = scrape(port, "ray_kandinsky_stage_batch_seconds_count")
+    assert {"PriorStage", "DecoderStage", "MovqStage"} <= {re.search(r'stage="(\w+)"', k)[1] for k in batches}
+
+
+def test_a_stopped_job_frees_the_output_for_its_retry(ray_head, model_cache, tmp_path):
+    """`ray job stop` (what deleting a RayJob or `kubectl delete` leads to) sends the driver SIGTERM:
+    it stops committing and gives the lease back, so the retry starts at once (no exit 3, no wait
+    for the lease to expire) and resumes from the committed units."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from kandinsky_engine.jobs.cli import main
+
+    address, env, _ = ray_head
+    client = JobSubmissionClient(address)
+    rows = pq.read_table(ROOT / "configs" / "demo_manifest.parquet")
+    pq.write_table(rows, tmp_path / "manifest.parquet")
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    out = tmp_path / "out"
+    config["input"]["manifest"] = str(tmp_path / "manifest.parquet")
+    config["output"]["path"] = str(out)
+    config["model"]["cache_dir"] = model_cache
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    entrypoint = load_docs(ROOT / "infra" / "k8s" / "rayjob.yaml")[0]["spec"]["entrypoint"]
+    entrypoint = entrypoint.replace(IN_POD_CONFIG, shlex.quote(str(tmp_path / "job.yaml")))
+    client.submit_job(entrypoint=entrypoint, submission_id="kandinsky-stopped")
+    deadline = time.monotonic() + 240
+    while not list((out / "data").rglob("*.parquet")) if (out / "data").exists() else True:
+        assert time.monotonic() < deadline and client.get_job_status("kandinsky-stopped") in (
+            JobStatus.PENDING, JobStatus.RUNNING), \
+            client.get_job_logs("kandinsky-stopped")[-3000:]
+        time.sleep(0.5)
+    client.stop_job("kandinsky-stopped")
+    while client.get_job_status("kandinsky-stopped") not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        time.sleep(0.5)
+    assert client.get_job_status("kandinsky-stopped") == JobStatus.STOPPED
+    assert not (out / "_SUCCESS.json").exists()
+    started = time.monotonic()
+    logs = run_submitter(address, env, "kandinsky-retry", entrypoint)
+    assert "busy:" not in logs and time.monotonic() - started < config["output"].get("lease_ttl_s", 120)
+    summary = json.loads((out / "_SUCCESS.json").read_text())
+    assert summary["rows"] == rows.num_rows and summary["rows_skipped"] >= 4 and summary["complete"]
     assert main(["verify", str(out)]) == 0

@@ -8,6 +8,7 @@ Real files, a real HTTP server and a real S3 API (moto) on loopback, real Ray fo
 from __future__ import annotations
 
 import hashlib
+import json
 import http.server
 import math
 import os
@@ -21,8 +22,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from jobs.cli import main
-from jobs.run import run_job
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.config import GenerationDefaults, load_config
 from kandinsky_engine.images import ImageInputError, read_uri
 from kandinsky_engine.inputs import fetch_inputs
@@ -30,7 +31,7 @@ from kandinsky_engine.manifest import validate_manifest
 from kandinsky_engine.rows import object_column
 from kandinsky_engine.storage import redact_url
 from kandinsky_engine.uri_policy import UriPolicy, UriRefused
-from tests.conftest import batch_of, make_config, png, put_manifest, write_manifest
+from tests.conftest import TINY, batch_of, make_config, png, put_manifest, write_manifest
 
 RULE = "refused by input.allowed_uri_prefixes"
 PASSWORD, SIGNATURE = "S3cretPW", "deadbeefcafe0123"
@@ -39,10 +40,13 @@ ENDLESS = 64 << 20  # what /endless would send if nobody stopped reading
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
-    """An HTTP server on loopback: files of a folder, /endless (a body of 64 MiB without a length)
-    and /stall (no answer until the module ends). Yields (base URL, folder, bytes sent per /endless GET)."""
+    """An HTTP server on loopback: files of a folder (ok.png, private/secret.png), /redirect/PATH
+    (302 to /PATH), /endless (a body of 64 MiB without a length) and /stall (no answer until the
+    module ends). Yields (base URL, folder, bytes sent per /endless GET)."""
     root = tmp_path_factory.mktemp("web")
     (root / "ok.png").write_bytes(png("green"))
+    (root / "private").mkdir()
+    (root / "private" / "secret.png").write_bytes(png("red"))
     sent: list[int] = []
     stop = threading.Event()
 
@@ -54,6 +58,11 @@ def web(tmp_path_factory):
             pass
 
         def special(self, body: bool) -> bool:
+            if self.path.startswith("/redirect/"):  # /redirect/<path>: 302 to /<path>
+                self.send_response(302)
+                self.send_header("Location", "/" + self.path.removeprefix("/redirect/"))
+                self.end_headers()
+                return True
             if self.path == "/stall":
                 stop.wait(60)
                 return True
@@ -178,7 +187,7 @@ def test_validate_refuses_inputs_outside_the_manifest_folder(job_dir, model_cach
     # Listed prefixes widen it, on segment boundaries; relative ones resolve against the YAML's folder.
     (job_dir / "job.yaml").write_text(yaml.safe_dump({
         "input": {"manifest": "m.parquet", "allowed_uri_prefixes": [f"{base}/", "../job-secret"]},
-        "output": {"path": "out"}, "model": {"cache_dir": model_cache}, "defaults": {"num_inference_steps": 2}}))
+        "output": {"path": "out"}, "model": {"cache_dir": model_cache, **TINY}, "defaults": {"num_inference_steps": 2}}))
     config = load_config(job_dir / "job.yaml")
     assert config.input.allowed_uri_prefixes == [f"{base}/", str(job_dir.parent / "job-secret")]
     errors = validate_manifest(config).row_errors
@@ -226,6 +235,24 @@ def test_http_inputs_are_refused_unless_listed(job_dir, model_cache, tmp_path, w
     # item 2: a failed read names the URL without its password or signature.
     message = out["error_message"][1]
     assert message == f"image_uri: file not found: http://***@{base[7:]}/missing.png?X-Amz-Signature=***&token=***"
+
+
+def test_every_redirect_hop_is_checked_against_the_policy(job_dir, model_cache, tmp_path, web):
+    """An allowed URL that answers 302 to a URL outside the allowed prefixes is refused, naming
+    both; a redirect that stays inside is followed."""
+    base, _, _ = web
+    manifest = str(job_dir / "m.parquet")
+    rows = [{"id": "escape", "prompt": "p", "task": "img2img", "image_uri": f"{base}/redirect/redirect/private/secret.png"},
+            {"id": "inside", "prompt": "p", "task": "img2img", "image_uri": f"{base}/redirect/redirect/ok.png"}]
+    config = make_config(model_cache, manifest, str(tmp_path / "o"),
+                         input={"allowed_uri_prefixes": [f"{base}/redirect/", f"{base}/ok.png"]})
+    out = fetch(rows, config, manifest)
+    assert out["image_bytes"][0] is None and out["image_bytes"][1] == png("green")
+    assert errors_of(out)["escape"] == (
+        f"image_uri: {base}/redirect/private/secret.png redirects to {base}/private/secret.png: {RULE}: "
+        f"{base}/private/secret.png is outside [{job_dir}, {base}/redirect/, {base}/ok.png]")
+    direct = fetch([{**rows[0], "image_uri": f"{base}/private/secret.png"}], config, manifest)
+    assert errors_of(direct)["escape"].startswith(f"image_uri: {RULE}: {base}/private/secret.png is outside")
 
 
 # --- item 2: credentials in URIs -----------------------------------------------------------------
@@ -416,8 +443,8 @@ def test_set_values_follow_the_field_type(tmp_path, override, get, expected):
     ("input.rows_per_block=off", "expected an integer or null"),
     ("input.allowed_uri_prefixes=s3://b/in", "expected YAML flow syntax"),
     ("input.allowed_uri_prefixes=['']", "an empty prefix would allow the current folder"),
-    ("decoder.batch_sise=8", "--set decoder.batch_sise: unknown key 'batch_sise' in decoder"),
-    ("inputs.manifest=m.parquet", "unknown key 'inputs' in the top level"),
+    ("decoder.batch_sise=8", "--set decoder.batch_sise: unknown key (did you mean batch_size?)"),
+    ("inputs.manifest=m.parquet", "--set inputs.manifest: unknown key (did you mean input?)"),
 ])
 def test_set_refuses_values_of_the_wrong_type_and_unknown_keys(tmp_path, override, message):
     (tmp_path / "job.yaml").write_text("input: {manifest: m.parquet}\noutput: {path: out}\n")
@@ -474,3 +501,32 @@ def test_s3_job_reads_its_own_prefix_only(ray_cluster, model_cache, s3):
     assert "other" not in validate_manifest(allowed).row_errors
     out = fetch([rows[1]], allowed, "s3://kandinsky/m/part-0.parquet")
     assert out["error_message"][0] == "" and out["image_bytes"][0] == png("red")
+
+
+@pytest.mark.ray
+def test_an_http_manifest_runs_resumes_under_a_new_signature_and_never_shows_it(ray_cluster, model_cache, tmp_path,
+                                                                                web, capsys):
+    """A presigned URL's query changes with every signing: the file is named by its path, identified
+    by Last-Modified and Content-Length, and its signature appears in no message or file."""
+    base, root, _ = web
+    write_manifest(root / "m" / "m.parquet", [{"id": f"h{i}", "prompt": f"a harbour {i}"} for i in range(3)])
+    (root / "m" / "broken.parquet").write_bytes(b"not parquet")
+
+    def signed(name: str, signature: str) -> str:
+        return f"{base}/m/{name}?X-Amz-Date=20261206T0000Z&X-Amz-Expires=600&X-Amz-Signature={signature}"
+
+    out = tmp_path / "out"
+    config = make_config(model_cache, signed("m.parquet", SIGNATURE), str(out))
+    summary = run_job(config)
+    assert summary["rows"] == 3 and [f["file"] for f in summary["files"]] == ["m.parquet"]
+    again = run_job(make_config(model_cache, signed("m.parquet", "0ther5ignature"), str(out)))
+    assert (again["rows"], again["rows_computed"]) == (3, 0)  # the same job, resumed
+    written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert SIGNATURE.encode() not in written and b"0ther5ignature" not in written
+    for name, expected in (("broken.parquet", "cannot read as Parquet"), ("missing.parquet", "no such file")):
+        job = tmp_path / f"{name}.json"
+        job.write_text(json.dumps({**make_config(model_cache, signed(name, SIGNATURE), str(tmp_path / "o2")).model_dump(
+            mode="json"), "storage_options": {}}))
+        assert main(["run", str(job)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "X-Amz-Signature=***" in err and SIGNATURE not in err, err

@@ -7,6 +7,7 @@ Each test reproduces a way the output used to end up with duplicated, missing or
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from jobs.run import ManifestChanged, run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.run import ManifestChanged, run_job
+from kandinsky_engine.jobs.verify import verify
 from tests.conftest import make_config, png, write_manifest
 
 pytestmark = pytest.mark.ray
@@ -101,7 +102,7 @@ def test_changed_prompt_under_the_same_id_is_detected(ray_cluster, model_cache, 
 def test_changed_weights_at_the_same_path_are_refused(ray_cluster, model_cache, tiny_root, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from jobs.resume import FingerprintMismatch
+    from kandinsky_engine.jobs.resume import FingerprintMismatch
 
     models = tmp_path / "models"
     shutil.copytree(tiny_root / "prior", models / "prior")
@@ -127,14 +128,23 @@ def first_digest(out: Path) -> str:
 
 # --- 4. 6. 7. damaged shards and reports; _SUCCESS.json only after the check -------------------
 
+@pytest.fixture(scope="module")
+def finished_once(ray_cluster, model_cache, tmp_path_factory):
+    """A finished 12-row job (3 units), run once for the tests below."""
+    tmp = tmp_path_factory.mktemp("finished")
+    manifest = write_manifest(tmp / "m.parquet", rows(12))
+    run_job(config_for(model_cache, manifest, tmp / "out"))
+    return manifest, tmp / "out"
+
+
 @pytest.fixture
-def finished(ray_cluster, model_cache, tmp_path):
-    """A finished 12-row job (3 units) and a reference copy of it."""
-    manifest = write_manifest(tmp_path / "m.parquet", rows(12))
-    config = config_for(model_cache, manifest, tmp_path / "out")
-    run_job(config)
-    shutil.copytree(tmp_path / "out", tmp_path / "reference")
-    return config, tmp_path / "out", tmp_path / "reference"
+def finished(finished_once, model_cache, tmp_path):
+    """This test's copy of the finished job (its config writes to the copy; the output path is not part
+    of a job's fingerprint) and a reference copy."""
+    manifest, done = finished_once
+    shutil.copytree(done, tmp_path / "out")
+    shutil.copytree(done, tmp_path / "reference")
+    return config_for(model_cache, manifest, tmp_path / "out"), tmp_path / "out", tmp_path / "reference"
 
 
 def test_truncated_shard_is_set_aside_and_its_unit_recomputed(finished, caplog):
@@ -196,7 +206,7 @@ def test_torn_reports_are_skipped_and_a_torn_run_file_is_named(finished, caplog)
     assert f"_runs/{report.name}" in summary["runs"][-1]["damaged"]
     assert summary["rows_computed"] == 0 and images(out) == images(reference)
     (out / "_RUN.json").write_text('{"fingerprint": "ab')
-    from jobs.resume import FingerprintMismatch
+    from kandinsky_engine.jobs.resume import FingerprintMismatch
 
     with pytest.raises(FingerprintMismatch, match="_RUN.json is damaged"):
         run_job(config)
@@ -213,10 +223,19 @@ def test_limit_is_validated_and_partial_runs_say_so(ray_cluster, model_cache, tm
             main(["run", job, "--limit", bad])
         assert exit_.value.code == 2
     assert not out.exists()
+    capsys.readouterr()
+    assert main(["run", job, "--limit", "5", "--dry-run"]) == 0  # a plan for people, and nothing written
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[:2] == ["--limit 5 covers 8 rows (whole units of 4)", "dry run: nothing was written"], plan
+    assert re.fullmatch(r"  manifest: 16 rows in 1 file\(s\), read by \d+ read task\(s\)", plan[2]), plan
+    assert "  scope: 8 rows of 16 (--limit) in 2 unit(s) of up to 4 rows" in plan and "  to run: 8 rows" in plan
+    assert not (out / "data").exists()
     assert main(["run", job, "--limit", "5"]) == 0
     summary = json.loads((out / "_SUCCESS.json").read_text())
     assert (summary["complete"], summary["limit"], summary["rows"], summary["manifest_rows"]) == (False, 5, 8, 16)
-    assert "partial: --limit 5 covered 8 of 16 rows" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "partial: --limit 5 covered 8 of 16 rows" in printed
+    assert printed.startswith("--limit 5 covers 8 rows (whole units of 4)\n"), printed  # said before it runs
     assert verify(str(out)).ok  # the units the limit covered are all there
     assert main(["run", job]) == 0
     assert json.loads((out / "_SUCCESS.json").read_text())["complete"] is True

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.cli import main
-from jobs.run import run_job
-from tests.conftest import make_config, write_manifest
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.run import run_job
+from tests.conftest import TINY_YAML, make_config, write_manifest
 from tests.reference import Reference, decode, max_diff
 
 pytestmark = pytest.mark.ray
@@ -114,7 +114,7 @@ def test_fused_stages_on_two_actors_give_the_same_bytes(first_run):
 
 
 def test_rerun_resumes_and_a_changed_job_is_refused(first_run):
-    from jobs.resume import FingerprintMismatch
+    from kandinsky_engine.jobs.resume import FingerprintMismatch
 
     config = first_run[0]
     summary = run_job(config)  # the same command again: everything is committed, nothing runs
@@ -145,7 +145,7 @@ def test_job_images_equal_diffusers(ray_cluster, model_cache, tiny_root, tmp_pat
 def test_cli_run_and_unschedulable_plan(ray_cluster, model_cache, tmp_path, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(3))
     (tmp_path / "job.yaml").write_text(
-        f"input: {{manifest: {manifest}}}\noutput: {{path: out}}\nmodel: {{cache_dir: {model_cache}}}\n"
+        f"input: {{manifest: {manifest}}}\noutput: {{path: out}}\nmodel: {{cache_dir: {model_cache}, {TINY_YAML}}}\n"
         "defaults: {num_inference_steps: 2, prior_num_inference_steps: 2, width: 64, height: 64}\n"
     )
     assert main(["run", str(tmp_path / "job.yaml"), "--limit", "2", "--set", "input.rows_per_block=2"]) == 0
@@ -288,4 +288,5 @@ def test_hostile_ids_never_form_paths(ray_cluster, model_cache, tmp_path):
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents and p.name != "m.parquet"]
     assert outside == []
     inside = {p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file()}
-    assert inside == {"data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet"}
+    assert inside == {"data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_files.parquet", "README.md",
+                      "shards.txt"}

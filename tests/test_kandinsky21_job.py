@@ -8,8 +8,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.run import run_job
+from kandinsky_engine.jobs.verify import verify
 from tests.conftest import make_config, png, write_manifest
 from tests.reference import decode
 from tests.test_poison import errors_by_id, ids_in, sha256s

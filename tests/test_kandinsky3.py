@@ -182,7 +182,7 @@ JOB_ROWS = [
 def job(ray_cluster, model_cache, tmp_path_factory):
     """The job, then the same command again on its output: (config, first summary, second summary,
     the data shards after the first run)."""
-    from jobs.run import run_job
+    from kandinsky_engine.jobs.run import run_job
 
     tmp = tmp_path_factory.mktemp("k3job")
     manifest = write_manifest(tmp / "manifest.parquet", JOB_ROWS)
@@ -195,7 +195,7 @@ def job(ray_cluster, model_cache, tmp_path_factory):
 
 @pytest.mark.ray
 def test_job_writes_every_good_row_once_and_the_poison_rows_to_errors(job, k3):
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.verify import verify
 
     config, first, second, shards = job
     out = Path(config.output.path)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.lease import Lease, LeaseHeld, owner_died_here, process_identity
-from jobs.run import run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.lease import Lease, LeaseHeld, owner_died_here, process_identity
+from kandinsky_engine.jobs.run import run_job
+from kandinsky_engine.jobs.verify import verify
 from kandinsky_engine.storage import url_to_fs
 from tests.conftest import make_config, write_manifest
 
@@ -96,7 +96,7 @@ def test_a_lease_from_another_machine_expires_one_from_a_dead_local_process_does
 
 @pytest.mark.ray
 def test_a_second_run_exits_3_or_waits(ray_cluster, model_cache, tmp_path, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     manifest = write_manifest(tmp_path / "m" / "m.parquet", rows("a", 4))
     config = make_config(model_cache, manifest, str(tmp_path / "out"), input={"rows_per_block": UNIT})
@@ -115,7 +115,7 @@ def test_a_second_run_exits_3_or_waits(ray_cluster, model_cache, tmp_path, capsy
 
 HOLDER = """
 import sys, time
-from jobs.lease import Lease
+from kandinsky_engine.jobs.lease import Lease
 from kandinsky_engine.storage import url_to_fs
 root = sys.argv[1]
 Lease(url_to_fs(root)[0], root, float(sys.argv[2]), root).acquire()
@@ -159,7 +159,7 @@ def test_a_live_owner_in_another_pid_namespace_is_not_taken_over(tmp_path):
 
 HOLDER = """
 import sys, time
-from jobs.lease import Lease
+from kandinsky_engine.jobs.lease import Lease
 from kandinsky_engine.storage import url_to_fs
 root = sys.argv[1]
 Lease(url_to_fs(root)[0], root, float(sys.argv[2]), root).acquire()
@@ -191,7 +191,7 @@ def test_expiry_is_judged_on_the_store_clock(s3, monkeypatch):
     fs, root = lease_root("s3", None, s3, "lease-clock")
     holder = Lease(fs, root, 600, root)
     holder.acquire()
-    monkeypatch.setattr("jobs.lease._now", lambda: time.time() + 3600)
+    monkeypatch.setattr("kandinsky_engine.jobs.lease._now", lambda: time.time() + 3600)
     with pytest.raises(LeaseHeld):
         Lease(fs, root, 600, root).acquire()
     monkeypatch.undo()
@@ -219,7 +219,7 @@ def test_a_release_never_deletes_a_lease_another_run_took(s3):
 
 @pytest.mark.ray
 def test_a_run_whose_lease_is_taken_stops_committing_and_exits_3(ray_cluster, model_cache, tmp_path, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     manifest = write_manifest(tmp_path / "m" / "m.parquet", rows("a", 12))
     out = tmp_path / "out"

@@ -1,11 +1,12 @@
 """Manifest problems are found before any model loads, and named by file, column and id."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
+from kandinsky_engine.jobs.cli import main
 from kandinsky_engine.manifest import ManifestError, validate_manifest
-from tests.conftest import make_config, write_manifest
+from tests.conftest import TINY_YAML, make_config, write_manifest
 
 GOOD = [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}]
 
@@ -30,8 +31,9 @@ def test_good_manifest(tmp_path, check):
     "rows, schema, expected",
     [
         ([{"id": "a"}], None, ["missing required column 'prompt'"]),
-        ([{"id": 1, "prompt": "x"}], None, ["column 'id' must be string", "int64"]),
-        ([{"id": "a", "prompt": "x", "seed": 1.5}], None, ["column 'seed' must be integer", "double"]),
+        # Integer ids and whole-number float seeds are cast (test_first_run); these types are not.
+        ([{"id": 1.5, "prompt": "x"}], None, ["column 'id' must be string", "double", "astype('string')"]),
+        ([{"id": "a", "prompt": "x", "seed": "7"}], None, ["column 'seed' must be integer", "string", "to_numeric"]),
         ([{"id": "a", "prompt": "x", "guidance_scale": "high"}], None, ["column 'guidance_scale' must be number"]),
         ([{"id": None, "prompt": "x"}], pa.schema([("id", pa.string()), ("prompt", pa.string())]),
          ["column 'id' is null or empty at row 0"]),
@@ -74,6 +76,17 @@ def test_bad_rows_are_row_errors_not_job_failures(check, row, expected):
     assert "img2img" not in manifest.tasks  # stages are planned for the valid rows only
 
 
+def test_ids_that_are_not_utf8_are_named_by_file_column_and_row(tmp_path, model_cache):
+    """Parquet does not check what a writer puts in a string column."""
+    values = [b"ok", b"\xff\xfebad", b"fine"]
+    offsets = pa.array([0, 2, 7, 11], pa.int32()).buffers()[1]
+    ids = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"".join(values))])
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ids, "prompt": ["a", "b", "c"]}), path)
+    with pytest.raises(ManifestError, match=r"m.parquet: column 'id' is not valid UTF-8 text at row\(s\) \[1\]"):
+        validate_manifest(make_config(model_cache, str(path), str(tmp_path / "out")))
+
+
 def test_duplicates_across_files_name_both(tmp_path, check, model_cache):
     write_manifest(tmp_path / "dir" / "part-0.parquet", GOOD)
     write_manifest(tmp_path / "dir" / "part-1.parquet", [{"id": "b", "prompt": "again"}])
@@ -112,7 +125,7 @@ def test_cli_fails_before_any_model_loads_or_write(ray_cluster, tmp_path, capsys
     """Rows are checked by Ray tasks (one per file, streaming), before the output is touched."""
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
     (tmp_path / "job.yaml").write_text(
-        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
+        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}, {TINY_YAML}}}\n"
     )
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err
@@ -123,7 +136,7 @@ def test_cli_fails_before_any_model_loads_or_write(ray_cluster, tmp_path, capsys
 def test_cli_validate_lists_rows_that_would_fail(tmp_path, capsys, model_cache):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "width": 0}, {"id": "b", "prompt": "y"}])
     (tmp_path / "job.yaml").write_text(
-        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}}}\n"
+        f"input: {{manifest: {manifest}}}\noutput: {{path: {tmp_path / 'out'}}}\nmodel: {{cache_dir: {model_cache}, {TINY_YAML}}}\n"
     )
     assert main(["validate", str(tmp_path / "job.yaml")]) == 1
     captured = capsys.readouterr()

@@ -73,7 +73,7 @@ def test_job_with_s3_models_matches_local_dirs(ray_cluster, tiny_root, remote, t
     remote_cfg = make_config(str(cache), manifest, str(tmp_path / "out-s3"), model=urls)
     remote_cfg = remote_cfg.model_copy(update={"storage_options": options})
 
-    from jobs.run import run_job
+    from kandinsky_engine.jobs.run import run_job
 
     summaries = [run_job(local), run_job(remote_cfg)]
     assert [s["rows"] for s in summaries] == [2, 2]
@@ -205,10 +205,15 @@ def test_errors_and_identity_hold_no_credentials(remote, tmp_path):
         resolve_source("s3://no-such-bucket/decoder", "decoder", str(tmp_path), options)
     for message in (str(err.value), str(err2.value)):
         assert KEY not in message and SECRET not in message
-    digests = {"prior": "a" * 64, "decoder": "b" * 64, "depth": "unresolved"}
+    digests = {"prior": "a" * 64, "decoder": "b" * 64, "depth": "c" * 64}
     identity = model_identity(ModelConfig(prior="sftp://alice:hunter22@host/models/prior", decoder="s3://b/d"), digests)
+    revision = identity.pop("model_revision")
     assert identity == {"prior_model": f"sftp://***@host/models/prior@{'a' * 16}", "decoder_model": f"s3://b/d@{'b' * 16}",
-                        "depth_model": "tiny@unresolved"}
+                        "depth_model": f"{ModelConfig().depth}@{'c' * 16}"}
+    # One digest of the whole model's weights, not of where they were read from.
+    other = model_identity(ModelConfig(prior="/elsewhere", decoder="s3://b/d"), {**digests, "depth": "d" * 64})
+    assert re.fullmatch(r"[0-9a-f]{16}", revision) and other["model_revision"] != revision
+    assert model_identity(ModelConfig(prior="/elsewhere"), digests)["model_revision"] == revision
 
 
 def test_any_fsspec_filesystem(tiny_root, tmp_path):

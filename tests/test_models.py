@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from jobs.cli import main
+from kandinsky_engine.jobs.cli import main
 from kandinsky_engine.config import ModelConfig
 from kandinsky_engine.models import load_module, resolve_source
 from kandinsky_engine.families.kandinsky22.tiny import build_tokenizer
@@ -71,3 +71,34 @@ def test_pickle_weights_are_refused(tiny_root, tmp_path):
     weights.unlink()
     with pytest.raises(EnvironmentError):
         load_module(VQModel, ModelConfig(decoder=str(copy), cache_dir=str(tmp_path)), "decoder", "movq")
+
+
+def test_a_path_that_is_not_there_is_named_not_looked_up_on_the_hub(tmp_path):
+    for source in ("./models/prior", str(tmp_path / "missing"), "~/nowhere/decoder"):
+        with pytest.raises(FileNotFoundError, match=f"model.prior: no such directory: {source}"):
+            resolve_source(source, "prior", str(tmp_path))
+
+
+def test_hub_ids_are_identified_by_their_commit_or_refused(tmp_path, monkeypatch):
+    """A hub id is fingerprinted by the commit its branch names now; one whose commit can be had
+    neither from the hub nor from the cache is an error, not an 'unresolved' that would resume
+    into other weights."""
+    import huggingface_hub.constants
+
+    from kandinsky_engine.hub import HubUnavailable
+    from kandinsky_engine.identity import weights_digest
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(HubUnavailable, match=r"hub model 'owner/model' \(revision 'main'\).*HF_HUB_OFFLINE is set"):
+        weights_digest("owner/model", "prior", str(tmp_path))
+    repo = tmp_path / "hub" / "models--owner--model"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = weights_digest("owner/model", "prior", str(tmp_path))
+    assert weights_digest(f"owner/model@{'a' * 40}", "prior", str(tmp_path)) == first  # the same commit
+    (repo / "refs" / "main").write_text("b" * 40)  # upstream moved: another identity
+    assert weights_digest("owner/model", "prior", str(tmp_path)) != first

@@ -120,7 +120,7 @@ def gpu_config(model_cache, tmp_path, device="cuda", **shares):
 def test_gpu_reservations_add_up_with_a_tolerance(model_cache, tmp_path):
     """0.2 + 0.4 + 0.3 + 0.1 is 1.0000000000000002 in floats: it fits one GPU."""
     from kandinsky_engine.manifest import Manifest
-    from pipelines.generate import check_resources
+    from kandinsky_engine.pipelines.generate import check_resources
 
     manifest = Manifest(files=[], tasks={"controlnet"}, filesystem=None)
     config = gpu_config(model_cache, tmp_path, prior=0.2, hint=0.4, decoder=0.3, movq=0.1)
@@ -133,7 +133,7 @@ def test_gpu_reservations_add_up_with_a_tolerance(model_cache, tmp_path):
 
 def test_cuda_device_must_suit_every_used_stage(model_cache, tmp_path):
     from kandinsky_engine.manifest import Manifest
-    from pipelines.generate import check_resources
+    from kandinsky_engine.pipelines.generate import check_resources
 
     text = Manifest(files=[], tasks={"controlnet"}, filesystem=None)
     cluster = {"CPU": 8, "GPU": 2}
@@ -177,7 +177,7 @@ def test_options_that_change_bits_are_in_the_run_fingerprint(model_cache, tmp_pa
     so they change the fingerprint; a run without them keeps the fingerprint it always had."""
     import pyarrow as pa
 
-    from jobs.resume import fingerprint, fingerprint_inputs
+    from kandinsky_engine.jobs.resume import fingerprint, fingerprint_inputs
 
     manifest = pa.schema([("id", pa.string()), ("prompt", pa.string())])  # the manifest's unified schema
     weights = {"prior": "p", "decoder": "d", "depth": "h"}

@@ -14,15 +14,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from jobs.output_guard import OutputRefused, check_bucket, is_empty, remove_owned
-from jobs.resume import choose_output
-from jobs.run import run_job
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.output_guard import OutputRefused, check_bucket, is_empty, remove_owned
+from kandinsky_engine.jobs.resume import choose_output
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.manifest import find_files
 from kandinsky_engine.model_cache import check_cache_dir
 from kandinsky_engine.storage import url_to_fs
-from pipelines.output import OWNED_ENTRIES
-from tests.conftest import KEY, SECRET, make_config, put_manifest, write_manifest
+from kandinsky_engine.pipelines.output import OWNED_ENTRIES
+from tests.conftest import KEY, SECRET, TINY, TINY_YAML, make_config, put_manifest, write_manifest
 from tests.faultproxy import FaultProxy
 
 ROWS = [{"id": f"row-{i}", "prompt": f"a cat {i}"} for i in range(2)]
@@ -38,7 +38,7 @@ def s3_config(model_cache, s3, manifest: str, out: str):
 
 
 def write_job(folder: Path, manifest: str, out: str, model_cache: str, **model) -> Path:
-    model_yaml = ", ".join(f"{k}: {v}" for k, v in {"cache_dir": model_cache, **model}.items())
+    model_yaml = ", ".join(f"{k}: {v}" for k, v in {"cache_dir": model_cache, **TINY, **model}.items())
     path = folder / "job.yaml"
     path.write_text(f"input: {{manifest: '{manifest}', rows_per_block: 2}}\noutput: {{path: '{out}'}}\n"
                     f"model: {{{model_yaml}}}\n"
@@ -90,23 +90,30 @@ def test_overwrite_on_a_versioned_bucket_removes_only_the_jobs_entries(ray_clust
 
 
 def test_remove_owned_removes_exactly_the_layout_entries(s3, tmp_path):
+    """Every entry of the layout goes, nothing else; a README.md goes only while it is the tool's
+    generated dataset card (it carries the marker)."""
+    from kandinsky_engine.pipelines.card import MARKER
+
     fs, _ = s3
-    keep = ["data_old/part-00000000-a1.parquet", "datafile", "_RUN.json.bak", "notes.txt", "_other/x"]
+    # _manifests/ (content-named copies of the input) is the tool's but outlives --overwrite.
+    keep = ["data_old/part-00000000-a1.parquet", "datafile", "_RUN.json.bak", "notes.txt", "_other/x", "_manifests/m"]
     owned = ["data/part-00000000-a1.parquet", "errors/part-00000000.parquet", "_tmp/x", "_damaged/y",
              "_runs/abc.json", "_RUN.json", "_SUCCESS.json", "_index.parquet", "report.html", "_logs/abc.log",
-             "_retired/z", "_files.parquet"]
-    assert {name.split("/")[0] for name in owned} == set(OWNED_ENTRIES)
-    fs.pipe({f"kandinsky/owned/{name}": b"x" for name in keep + owned})
-    assert sorted(remove_owned(fs, "kandinsky/owned")) == sorted(OWNED_ENTRIES)
+             "_retired/z", "_files.parquet", "README.md", "shards.txt"]
+    assert {name.split("/")[0] for name in owned} | {"_manifests"} == set(OWNED_ENTRIES)
+    payload = {name: f"---\n---\n{MARKER}\n".encode() if name == "README.md" else b"x" for name in keep + owned}
+    fs.pipe({f"kandinsky/owned/{name}": data for name, data in payload.items()})
+    assert sorted(remove_owned(fs, "kandinsky/owned")) == sorted(set(OWNED_ENTRIES) - {"_manifests"})
     fs.invalidate_cache()
     assert sorted(k.removeprefix("kandinsky/owned/") for k in fs.find("kandinsky/owned")) == sorted(keep)
 
     local, _ = url_to_fs(str(tmp_path))
+    payload["README.md"] = b"# my own notes on this folder"  # no marker: the user's, kept
     for name in keep + owned:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
-    remove_owned(local, str(tmp_path))
-    assert sorted(files_under(tmp_path)) == sorted(keep)
+        (tmp_path / name).write_bytes(payload[name])
+    assert "README.md" not in remove_owned(local, str(tmp_path))
+    assert sorted(files_under(tmp_path)) == sorted(keep + ["README.md"])
 
 
 # -- 9. --overwrite and files the job does not own ------------------------------------------------
@@ -151,16 +158,19 @@ def test_overwrite_unowned_keeps_every_file_but_the_layout(ray_cluster, model_ca
     work = tmp_path / "work"
     write_manifest(work / "run[1]" / "m.parquet", ROWS)
     (work / "notes.txt").write_text("mine")
+    (work / "README.md").write_text("# my project\n")  # the user's: no generated dataset card replaces it
     (work / "_RUN.json").write_text("{}")  # a stale run file of another job
     job = write_job(work, "run[1]/m.parquet", ".", model_cache)
     before = {k: v for k, v in files_under(work).items() if k != "_RUN.json"}
 
     assert main(["run", str(job), "--overwrite-unowned"]) == 0
     after = files_under(work)
-    assert {k: after[k] for k in before} == before  # config, manifest and notes untouched
+    assert {k: after[k] for k in before} == before  # config, manifest, notes and README untouched
     assert pq.read_table(work / "data").num_rows == 2
     assert {Path(k).parts[0] for k in after} - {Path(k).parts[0] for k in before} == {
-        "data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_files.parquet", "_logs"}  # _logs: the CLI's log of the run
+        "data", "_runs", "_RUN.json", "_SUCCESS.json", "_index.parquet", "_files.parquet", "_logs",  # _logs: the CLI's log
+        "shards.txt"}
+    assert "README.md was not written by this tool: left as it is" in capsys.readouterr().err
     # Written by this tool now, but it still holds the config and the manifest: --overwrite refuses.
     assert main(["run", str(job), "--overwrite"]) == 2
     assert f"output {work} holds the manifest" in capsys.readouterr().err
@@ -173,7 +183,7 @@ def test_missing_output_bucket_is_refused_not_created(model_cache, s3, tmp_path,
     put_manifest(fs, "kandinsky/typo/m.parquet", ROWS)
     job = tmp_path / "job.yaml"
     job.write_text(f"input: {{manifest: 's3://kandinsky/typo/m.parquet'}}\noutput: {{path: 's3://typo-bucket/out'}}\n"
-                   f"model: {{cache_dir: '{model_cache}'}}\n"
+                   f"model: {{cache_dir: '{model_cache}', {TINY_YAML}}}\n"
                    f"storage_options: {{s3: {{endpoint_url: '{options['s3']['endpoint_url']}', key: {KEY}, "
                    f"secret: {SECRET}}}}}\n")
     assert main(["run", str(job)]) == 2
@@ -251,7 +261,7 @@ def test_output_path_that_is_a_file_exits_2_with_one_line(model_cache, tmp_path,
     write_manifest(tmp_path / "m.parquet", ROWS)
     (tmp_path / "out").write_text("a file")
     job = write_job(tmp_path, "m.parquet", "out", model_cache)
-    quiet = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(job)], cwd=REPO, capture_output=True,
+    quiet = subprocess.run([sys.executable, "-m", "kandinsky_engine.jobs.cli", "run", str(job)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
     assert quiet.returncode == 2
     assert quiet.stderr.splitlines() == [f"error: output.path {tmp_path}/out is a file; it must be a folder "

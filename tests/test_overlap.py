@@ -8,7 +8,7 @@ import torch
 
 from kandinsky_engine import DecoderStage, PriorStage
 from kandinsky_engine.config import GPU_THREADS, StageConfig
-from pipelines.chunked import Chunked
+from kandinsky_engine.pipelines.chunked import Chunked
 from tests.conftest import batch_of, make_config
 
 ROWS = [{"id": f"r{i}", "prompt": f"a lighthouse, study {i}", "seed": 10 + i} for i in range(4)]

@@ -6,8 +6,8 @@ import pytest
 
 from kandinsky_engine.config import GenerationDefaults
 from kandinsky_engine.rows import derive_seed, numpy_batch
-from pipelines.generate import Chunked, concat
-from pipelines.prepare import UNIT, prepare_units
+from kandinsky_engine.pipelines.generate import Chunked, concat
+from kandinsky_engine.pipelines.prepare import UNIT, prepare_units
 
 
 class Recorder:
@@ -60,7 +60,7 @@ def read(tmp_path, ids, starts, retry=None, rows_per_block=3, row_group_size=2):
 
     from kandinsky_engine.manifest import ManifestFile, file_stamp
     from kandinsky_engine.storage import url_to_fs
-    from pipelines.read import read_units
+    from kandinsky_engine.pipelines.read import read_units
 
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"id": ids, "prompt": ["p"] * len(ids)}), path, row_group_size=row_group_size)
@@ -82,8 +82,8 @@ def test_each_read_task_is_one_unit_up_to_the_cap(tmp_path, monkeypatch):
     """Ray Data merges what one read task yields into one block: one unit per task keeps one unit
     per block (stages overlap, blocks stay small); above MAX_READ_TASKS units, a task reads a few
     consecutive units of one row group, so the plan stays small."""
-    import pipelines.read as read_module
-    from pipelines.reconcile import FilePlan
+    import kandinsky_engine.pipelines.read as read_module
+    from kandinsky_engine.pipelines.reconcile import FilePlan
 
     ids = [f"r{i}" for i in range(20)]
     read(tmp_path, ids, [0], rows_per_block=3, row_group_size=8)  # writes m.parquet: row groups of 8
@@ -113,7 +113,7 @@ def test_a_retried_unit_keeps_only_its_rows_not_in_data(tmp_path):
     with pytest.raises(RuntimeError, match="changed while the job ran"):
         path = tmp_path / "m.parquet"
         from kandinsky_engine.manifest import ManifestFile
-        from pipelines.read import read_units
+        from kandinsky_engine.pipelines.read import read_units
 
         stale = ManifestFile(str(path), "m.parquet", "sha", 1, 4, (1, 0))
         list(read_units(stale, [0], {}, 4, {}))

@@ -8,12 +8,12 @@ import json
 import pytest
 import yaml
 
-from jobs.plan import flop_costs
+from kandinsky_engine.jobs.plan import flop_costs
 from kandinsky_engine.config import JobConfig, StageConfig
-from pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, gpu_layout, memory_caps,
+from kandinsky_engine.pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, gpu_layout, memory_caps,
                                  pooled_cpu_layout, shared_layout, split_layout)
 
-from .conftest import FAST, make_config
+from .conftest import FAST, TINY, make_config
 
 # The issue's shares of one image's GPU time (U-Net 94%, prior 4%, MoVQ 2%), in seconds per row.
 ISSUE = {"prior": StageCost(0.04, 8), "decoder": StageCost(0.94, 8), "movq": StageCost(0.02, 8)}
@@ -126,13 +126,13 @@ def tiny_job(model_cache, tmp_path):
     path = tmp_path / "job.yaml"
     stage = {"batch_size": 2, "torch_threads": 1}
     path.write_text(yaml.safe_dump({
-        "input": {"manifest": "m.parquet"}, "output": {"path": "out"}, "model": {"cache_dir": model_cache},
+        "input": {"manifest": "m.parquet"}, "output": {"path": "out"}, "model": {"cache_dir": model_cache, **TINY},
         "defaults": dict(FAST), "prior": stage, "decoder": {**stage, "batch_size": 4}, "movq": stage}))
     return path
 
 
 def test_measured_plan_on_the_tiny_model_writes_sections_a_job_accepts(tiny_job, tmp_path, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     out = tmp_path / "plan.yaml"
     assert main(["plan", str(tiny_job), "--cpus", "2", "--repeats", "1", "--write", str(out), "--json"]) == 0
@@ -161,9 +161,9 @@ def test_measured_plan_on_the_tiny_model_writes_sections_a_job_accepts(tiny_job,
 
 
 def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
-    assert main(["plan", str(tiny_job), "--gpus", "1"]) == 2
+    assert main(["plan", str(tiny_job), "--gpus", "1", "--set", "model.device=cpu"]) == 2
     assert "model.device is 'cpu'" in capsys.readouterr().err
     assert main(["plan", str(tiny_job), "--cpus", "4", "--from-flops"]) == 2
     assert "use it with --gpus" in capsys.readouterr().err
@@ -173,7 +173,7 @@ def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
 
 def test_stage_args_pass_tasks_in_flight_only_when_set(model_cache, tmp_path):
     from kandinsky_engine import DecoderStage
-    from pipelines.generate import stage_args
+    from kandinsky_engine.pipelines.generate import stage_args
 
     config = make_config(model_cache, "m.parquet", str(tmp_path))
     pinned = stage_args(DecoderStage, StageConfig(actors=3, max_tasks_in_flight=2), config)["compute"]

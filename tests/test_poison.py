@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.cli import main
-from jobs.run import run_job
+from kandinsky_engine.jobs.cli import main
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.manifest import MIX_ITEM
 from tests.conftest import make_config, write_manifest
 
@@ -31,7 +31,7 @@ from tests.reference import decode
 
 pytestmark = pytest.mark.ray
 
-ROWS = 240
+ROWS = 60  # 21 poison rows among 39 good ones of every kind (good_row), over 8 units
 MAX_PIXELS = 100 * 100  # good inputs are 64x64; the "bomb" is 128x128
 SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("task", pa.string()), ("width", pa.int64()),

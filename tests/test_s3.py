@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import run_job
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.manifest import validate_manifest
 from tests.conftest import KEY, SECRET, make_config, png, put_manifest
 
@@ -50,7 +50,7 @@ def test_job_reads_and_writes_s3(ray_cluster, model_cache, s3, caplog, capfd):
                          defaults={"strength": 0.5, "num_inference_steps": 4},
                          input={"allowed_uri_prefixes": ["s3://kandinsky/in/"]})
     config = config.model_copy(update={"storage_options": options})
-    caplog.set_level(logging.INFO)  # the job's own log level (jobs.cli); DEBUG is botocore's wire dump
+    caplog.set_level(logging.INFO)  # the job's own log level (kandinsky_engine.jobs.cli); DEBUG is botocore's wire dump
     summary = run_job(config)
     assert (summary["rows"], summary["failed_rows"]) == (2, 1)
     unit = validate_manifest(config).units(config.rows_per_block())[0][0]  # shard names carry the unit's digest
@@ -146,7 +146,7 @@ def test_unreadable_s3_manifest_fails_fast_without_leaking(model_cache, s3):
 def test_resume_on_s3_counts_what_is_there(ray_cluster, model_cache, s3):
     """The driver's s3fs listing cache must never hide what the run (or another process) wrote:
     a resume after a lost shard, and a retry after the missing input appeared, report the truth."""
-    from jobs.verify import verify
+    from kandinsky_engine.jobs.verify import verify
 
     fs, options = s3
     rows = [{"id": f"r{i}", "prompt": f"a boat {i}"} for i in range(7)]

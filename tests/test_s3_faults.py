@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.run import run_job
+from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.storage import StorageAccessError
-from tests.conftest import make_config, png, put_manifest
+from tests.conftest import TINY, make_config, png, put_manifest
 from tests.faultproxy import FaultProxy
 from tests.reference import decode
 
@@ -132,13 +132,13 @@ def test_access_denied_fails_fast_naming_the_url(s3, proxy, tmp_path):
 
 
 def test_cli_access_denied_exits_2_without_credentials(s3, proxy, tmp_path, capsys):
-    from jobs.cli import main
+    from kandinsky_engine.jobs.cli import main
 
     fs, options = s3
     manifest, out, cache = denied_setup(fs, tmp_path, "deny-cli")
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"input": {"manifest": manifest}, "output": {"path": out},
-                                      "model": {"cache_dir": cache}, "storage_options": options}))
+                                      "model": {"cache_dir": cache, **TINY}, "storage_options": options}))
 
     proxy.mode = "deny"
     code = main(["run", str(config)])

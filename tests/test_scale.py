@@ -8,8 +8,8 @@ from functools import partial
 
 import pytest
 
-from jobs.run import ManifestChanged, run_job
-from jobs.verify import verify
+from kandinsky_engine.jobs.run import ManifestChanged, run_job
+from kandinsky_engine.jobs.verify import verify
 from tests.conftest import make_config, put_manifest, write_manifest
 
 # Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).

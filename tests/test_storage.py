@@ -57,3 +57,14 @@ def test_access_error_message_has_no_credentials():
     assert str(err.value).startswith("access denied reading s3://***@bucket/key: Access Denied for ***")
     assert KEY not in str(err.value) and SECRET not in str(err.value)
     assert redact_url("https://user:pw@host/p?q=1") == "https://***@host/p?q=1"
+
+
+def test_the_fingerprint_names_a_manifest_location_the_same_however_it_is_written():
+    """A trailing slash lists the same files; a presigned URL's query changes with every signing."""
+    from kandinsky_engine.jobs.resume import manifest_location_id
+
+    assert manifest_location_id("s3://b/manifests/") == manifest_location_id("s3://b/manifests") == "s3://b/manifests"
+    signed = "https://h.example/m/m.parquet?X-Amz-Date={}&X-Amz-Signature={}"
+    assert manifest_location_id(signed.format(1, "aa")) == manifest_location_id(signed.format(2, "bb")) == \
+        "https://h.example/m/m.parquet"
+    assert manifest_location_id("sftp://user:pw@host/m/") == "sftp://***@host/m"

@@ -99,6 +99,14 @@ def main() -> None:
          "image_bytes": png(scene(128, 64, hue=40)), "strength": 0.5},
     ])
 
+    write("kandinsky20", [  # model.decoder: tiny-k20 (configs/examples/kandinsky20.yaml); no prior, two text encoders
+        {"id": "k20-cat", "prompt": "a red cat, 4k photo"},
+        {"id": "k20-multilingual", "prompt": "Кот на крыше, акварель", "negative_prompt": "blurry", "width": 128},
+        {"id": "k20-unguided", "prompt": "山水画", "guidance_scale": 1.0},
+        {"id": "k20-img2img", "prompt": "a watercolor landscape", "task": "img2img", "image_bytes": png(scene()),
+         "strength": 0.5},
+    ])
+
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import GenerationDefaults, JobConfig, ModelConfig
+from ..device import resolve_auto
+from ..sampling import SCHEDULERS
 
 # (config section, stage class, constructor kwargs): one model stage of a job, in plan order.
 StagePlan = tuple[str, type, dict]
@@ -37,15 +39,31 @@ class Family:
     # The JobConfig stage sections its stages are scheduled by (their batch sizes and threads enter
     # the run's fingerprint).
     sections: tuple[str, ...] = ("prior", "hint", "encode", "decoder", "movq")
+    schedulers: tuple[str, ...] = tuple(SCHEDULERS)  # the values of defaults.scheduler its decoder runs
+
+    def used_parts(self, model: ModelConfig, storage_options: dict | None = None) -> tuple[str, ...]:
+        """The parts a job with these weights reads (and fingerprints, pins, names in its rows): all of
+        them, but a depth estimator only with a decoder that runs ControlNet rows."""
+        return tuple(p for p in self.parts if p != "depth" or "controlnet" in self.tasks(model, storage_options))
 
 
 def _registry() -> dict[str, Family]:
-    from . import kandinsky3, kandinsky21, kandinsky22
+    from . import kandinsky3, kandinsky20, kandinsky21, kandinsky22
 
-    return {f.name: f for f in (kandinsky22.FAMILY, kandinsky21.FAMILY, kandinsky3.FAMILY)}
+    return {f.name: f for f in (kandinsky22.FAMILY, kandinsky21.FAMILY, kandinsky3.FAMILY, kandinsky20.FAMILY)}
 
 
 FAMILIES = _registry()
+
+
+def _register_tiny() -> None:
+    from ..models import use_tiny_model
+    from .tiny import ensure_tiny_model
+
+    use_tiny_model(ensure_tiny_model)
+
+
+_register_tiny()
 
 
 def pipeline_class(model: ModelConfig, storage_options: dict | None = None) -> str | None:
@@ -55,7 +73,7 @@ def pipeline_class(model: ModelConfig, storage_options: dict | None = None) -> s
 
     if is_remote(model.decoder):
         return read_json(model.decoder, "model_index.json", storage_options).get("_class_name")
-    source = resolve_source(model.decoder, "decoder", model.cache_dir)
+    source = resolve_source(model.decoder, "decoder", model.cache_dir, weights=False)
     index = Path(source) / "model_index.json"
     if index.exists():
         return json.loads(index.read_text()).get("_class_name")
@@ -102,6 +120,9 @@ def with_family(config: JobConfig, family: Family) -> JobConfig:
         update["task_defaults"] = {t: f for t, f in tasks.items() if f}
     defaults = GenerationDefaults.model_validate({**config.defaults.model_dump(), **update})
     defaults.__pydantic_fields_set__ = set(given)  # what the user set stays what the user set
+    if defaults.scheduler not in family.schedulers:
+        raise ValueError(f"defaults.scheduler={defaults.scheduler!r}: {family.title} runs {list(family.schedulers)}")
+    config = resolve_auto(config)  # device and dtype, as every actor and the fingerprint take them
     model = config.model.model_copy(update={"family": family.name})
     return config.model_copy(update={"model": model, "defaults": defaults})
 

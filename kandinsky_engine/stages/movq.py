@@ -113,6 +113,10 @@ class MovqStage:
     adds `pixels` (raw uint8 bytes) instead of `image`, for `encode_images` to encode elsewhere.
     """
 
+    # decoder output -> (B, H, W, 3) uint8, on the CPU and where the images are; other decoders' stages swap them
+    to_uint8 = staticmethod(to_uint8)
+    device_uint8 = staticmethod(device_uint8)
+
     def __init__(self, config: JobConfig, components: dict | None = None, encode: bool = True):
         """`components`: {movq}, ready on the stage's device, instead of loading config.model.decoder's."""
         import torch
@@ -156,7 +160,7 @@ class MovqStage:
                     continue
                 z = np.stack([unpack(batch["latents"][i], latent_shape) for i in idx])  # (n, 4, H/8, W/8)
                 decoded = self.decode(upload(z, self.device, self.movq.dtype), movq=self.movq)
-                done.append((idx, device_uint8(decoded)))  # (n, 3, H, W) -> (n, H, W, 3) uint8
+                done.append((idx, self.device_uint8(decoded)))  # (n, 3, H, W) -> (n, H, W, 3) uint8
             for (idx, _), images in zip(done, download([images for _, images in done])):
                 for i, image in zip(idx, images):
                     pixels[i] = image

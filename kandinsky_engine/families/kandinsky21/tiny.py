@@ -1,5 +1,5 @@
 """Tiny, seeded, randomly initialised Kandinsky 2.1 components (written under the shared tiny root
-by kandinsky_engine/tiny.py as `prior-k21`, `decoder-k21` and `decoder-k21-inpaint`).
+by kandinsky_engine/families/tiny.py as `prior-k21`, `decoder-k21` and `decoder-k21-inpaint`).
 
 Sizes follow diffusers' fast tests (`tests/pipelines/kandinsky/test_kandinsky.py`): a 5-layer,
 32-wide `MultilingualCLIP`, a U-Net with the 2.1 conditioning (`encoder_hid_dim_type="text_image_proj"`,

@@ -1,5 +1,5 @@
 """Tiny, seeded, randomly initialised Kandinsky 2.2 components for tests, CI and the demo
-(written under the shared tiny root by kandinsky_engine/tiny.py).
+(written under the shared tiny root by kandinsky_engine/families/tiny.py).
 
 The sizes follow diffusers' own fast tests (`tests/pipelines/kandinsky2_2/`), with one change:
 the MoVQ has four blocks so that it downsamples x8 like the real one (latents are 1/8 of the

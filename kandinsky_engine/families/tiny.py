@@ -1,7 +1,8 @@
 """The tiny offline models of every family, built once into the local cache.
 
 Sources named 'tiny' or 'tiny-<variant>' (model.prior, model.decoder, model.depth) resolve to
-`<cache>/tiny-v<N>/<part>` or `<part>-<variant>` (see models.resolve_source); each family's
+`<cache>/tiny-v<N>/<part>` or `<part>-<variant>` (see models.resolve_source, which the family
+registry hands `ensure_tiny_model`: the ground floor never imports the families); each family's
 builder (kandinsky_engine/families/<family>/tiny.py) writes its directories there with
 `save_pretrained` (safetensors, diffusers layout), so jobs load them through the same
 `from_pretrained` path as real weights.
@@ -16,12 +17,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "6"  # bump when a family's tiny architecture changes, so cached copies are rebuilt
+TINY_VERSION = "7"  # bump when a family's tiny architecture changes, so cached copies are rebuilt
 
 
 def write_tiny_model(root: str | os.PathLike) -> Path:
     """Write every family's tiny model directories under `root`."""
-    from .families import FAMILIES
+    from . import FAMILIES
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
