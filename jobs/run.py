@@ -90,6 +90,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     config = config.model_copy(update={"model": pin(config.model, ("decoder",))})
     # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
     check_source(config.model.decoder, "decoder", config.model.cache_dir, config.storage_options)
+    device_was_auto = config.model.device == "auto"
     config, family = resolve_family(config)  # the decoder's pipeline names it; from here on, the stages' config
     parts = family.used_parts(config.model, config.storage_options)
     config = config.model_copy(update={"model": pin(config.model, parts)})
@@ -98,6 +99,12 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
     if tiny := [p for p in parts if getattr(config.model, p).startswith("tiny")]:
         log.warning("model.%s: the tiny random model (offline tests and the demo): its images are noise; name "
                     "real weights for real images (the default is the released Kandinsky 2.2)", "/".join(tiny))
+    if config.model.device == "cpu" and not tiny and device_was_auto and not (address or config.ray_address):
+        import torch
+
+        if torch.cuda.is_available():  # 'auto' is cuda only where the config reserves GPUs (device.resolve_auto)
+            log.warning("model.device auto resolved to cpu (no stage reserves a GPU), but this machine has %s: set "
+                        "model.device: cuda for the engine's GPU layout", torch.cuda.get_device_name(0))
     weights = weights_digests(config.model, config.storage_options, parts)
     inputs = fingerprint_inputs(config, schema_in, weights)
     with access_checked(config.output.path, config.storage_options, "checking output"):
