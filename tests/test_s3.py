@@ -26,7 +26,8 @@ pytestmark = pytest.mark.ray
 
 # The documented output layout (pipelines/output.py), relative to the output root.
 LAYOUT = re.compile(r"(data/[\w-]+/part-\d{12}-[0-9a-f]{16}-a\d+\.parquet|errors/[\w-]+/part-\d{12}-[0-9a-f]{16}\.parquet"
-                    r"|_RUN\.json|_SUCCESS\.json|_index\.parquet|_files\.parquet|_runs/[0-9a-f]+\.(json|parquet|progress))")
+                    r"|_RUN\.json|_SUCCESS\.json|_index\.parquet|_files\.parquet|_runs/[0-9a-f]+\.(json|parquet|progress)"
+                    r"|README\.md|shards\.txt)")  # the dataset card and the shard list
 CANARIES = (KEY, SECRET)
 
 
