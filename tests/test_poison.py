@@ -7,7 +7,6 @@ recomputes nothing good, retries the bad rows only (attempt 2, 3...) and leaves 
 
 from __future__ import annotations
 
-from functools import partial
 
 import hashlib
 import io
@@ -25,8 +24,6 @@ from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.manifest import MIX_ITEM
 from tests.conftest import make_config, write_manifest
 
-# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
-make_config = partial(make_config, fuse_stages=False)
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray

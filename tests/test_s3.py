@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 import json
 import logging
@@ -18,8 +17,6 @@ from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.manifest import validate_manifest
 from tests.conftest import KEY, SECRET, make_config, png, put_manifest
 
-# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
-make_config = partial(make_config, fuse_stages=False)
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray

@@ -3,7 +3,6 @@ written (the lease, one run at a time per output: tests/test_lease.py)."""
 
 from __future__ import annotations
 
-from functools import partial
 
 
 import pyarrow.parquet as pq
@@ -13,8 +12,6 @@ from kandinsky_engine.jobs.run import ManifestChanged, run_job
 from kandinsky_engine.jobs.verify import verify
 from tests.conftest import make_config, put_manifest, write_manifest
 
-# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
-make_config = partial(make_config, fuse_stages=False)
 
 pytestmark = pytest.mark.ray
 
