@@ -141,3 +141,10 @@ def latent_size(height: int, width: int, scale_factor: int) -> tuple[int, int]:
     """diffusers' `downscale_height_and_width`: round the image up to a multiple of scale_factor**2,
     return the latent size (image / scale_factor)."""
     return -(-height // scale_factor**2) * scale_factor, -(-width // scale_factor**2) * scale_factor
+
+
+def check_columns(batch: dict[str, np.ndarray], required, stage: str) -> None:
+    """Refuse a batch without the columns a stage reads (a caller's mistake, not a row's)."""
+    missing = [c for c in required if c not in batch]
+    if missing:
+        raise ValueError(f"{stage}: batch lacks columns {missing}")

@@ -177,3 +177,18 @@ def s3(moto_endpoint):
     fs.mkdir("kandinsky")
     yield fs, options
     s3fs.S3FileSystem.clear_instance_cache()  # cached listings of this module's store: the next starts empty
+
+
+def assert_rows_match_stages(config, out: Path, stage_classes, wanted: list[dict], tolerance: int) -> None:
+    """Each wanted row's image in a job's data/ is what the stage classes make of the row alone, within
+    `tolerance` levels of 255 (the batch shape changes float results)."""
+    import pyarrow.parquet as pq
+
+    from tests.reference import decode
+
+    chain = (config, [cls(config) for cls in stage_classes])
+    rows = {r["id"]: r for r in pq.read_table(out / "data").to_pylist()}
+    for want in wanted:
+        alone = decode(run_chain(chain, [want])["image"][0])
+        diff = np.abs(alone.astype(int) - decode(rows[want["id"]]["image"]["bytes"]).astype(int)).max()
+        assert diff <= tolerance, (want["id"], diff)

@@ -128,7 +128,7 @@ def test_rayjob_entrypoint_runs_and_resumes_through_ray_job_submit(ray_head, mod
 
     from kandinsky_engine.jobs.cli import main
 
-    address, env, _ = ray_head
+    address, env, port = ray_head
     # The demo job (configs/demo.yaml) on its first 4 rows (one unit), into a temp output.
     rows = pq.read_table(ROOT / "configs" / "demo_manifest.parquet").slice(0, 4)
     pq.write_table(rows, tmp_path / "manifest.parquet")
@@ -144,6 +144,14 @@ def test_rayjob_entrypoint_runs_and_resumes_through_ray_job_submit(ray_head, mod
 
     logs = run_submitter(address, env, "kandinsky-first", entrypoint)
     assert "done: 4 rows" in logs  # the driver's output, through `ray job logs`
+    # Its metrics, as Prometheus reads them from the node's metrics export port (what
+    # infra/k8s/components/monitoring's PodMonitor scrapes): rows and units committed, stage batch times.
+    committed = scrape(port, "ray_kandinsky_rows_committed_total")
+    assert sum(v for k, v in committed.items() if str(out) in k) == 4, committed
+    units = scrape(port, "ray_kandinsky_units_committed_total")
+    assert sum(v for k, v in units.items() if str(out) in k) == 1, units
+    batches = scrape(port, "ray_kandinsky_stage_batch_seconds_count")
+    assert {"PriorStage", "DecoderStage", "MovqStage"} <= {re.search(r'stage="(\w+)"', k)[1] for k in batches}
     summary = json.loads((out / "_SUCCESS.json").read_text())
     assert (summary["rows"], summary["rows_computed"], summary["failed_rows"], summary["complete"]) == (4, 4, 0, True)
     assert main(["verify", str(out)]) == 0
@@ -173,26 +181,6 @@ def scrape(port: int, name: str, timeout_s: float = 60) -> dict[str, float]:
         if found or time.monotonic() > deadline:
             return found
         time.sleep(2)
-
-
-def test_a_job_exports_its_metrics_on_rays_metrics_endpoint(ray_head, model_cache, tmp_path):
-    """The rows a job commits, its stage batch times and its rate, as Prometheus reads them from the
-    node's metrics export port (what infra/k8s/monitoring's PodMonitor scrapes)."""
-    address, env, port = ray_head
-    rows = pq.read_table(ROOT / "configs" / "demo_manifest.parquet").slice(0, 8)
-    pq.write_table(rows, tmp_path / "manifest.parquet")
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["input"]["manifest"] = str(tmp_path / "manifest.parquet")
-    config["output"]["path"] = str(tmp_path / "metrics-out")
-    config["model"]["cache_dir"] = model_cache
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
-    run_submitter(address, env, "kandinsky-metrics", f"kandinsky-batch run {shlex.quote(str(tmp_path / 'job.yaml'))}")
-    committed = scrape(port, "ray_kandinsky_rows_committed_total")
-    assert sum(v for k, v in committed.items() if "metrics-out" in k) == 8, committed
-    units = scrape(port, "ray_kandinsky_units_committed_total")
-    assert sum(v for k, v in units.items() if "metrics-out" in k) == 2, units
-    batches = scrape(port, "ray_kandinsky_stage_batch_seconds_count")
-    assert {"PriorStage", "DecoderStage", "MovqStage"} <= {re.search(r'stage="(\w+)"', k)[1] for k in batches}
 
 
 def test_a_stopped_job_frees_the_output_for_its_retry(ray_head, model_cache, tmp_path):

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 
-from kandinsky_engine.jobs.run import run_job
-from kandinsky_engine.jobs.verify import verify
-from tests.conftest import make_config, png, write_manifest
-from tests.reference import decode
-from tests.test_poison import errors_by_id, ids_in, sha256s
+from tests.conftest import png
+from tests.family_jobs import bad_rows, check_every_row_once_then_resumed, family_job, made_rows
 
 pytestmark = pytest.mark.ray
 
@@ -23,66 +19,36 @@ GOOD = [
     {"id": "i2i", "prompt": "a watercolor", "task": "img2img", "image_bytes": png("teal", (80, 64)), "strength": 0.6},
     {"id": "t2i-noguide", "prompt": "山水画", "guidance_scale": 1.0},
 ]
-BAD = {  # id -> (row, stage expected in errors/, substring of its message)
-    "poison": ({"prompt": "x", "task": "img2img", "image_bytes": b"not an image", "strength": 0.8}, "KLEncodeStage",
-               "not a decodable image"),
-    "inpaint-here": ({"prompt": "x", "task": "inpaint", "image_bytes": png("red"), "mask_bytes": png("white")},
-                     "validate", "inpaint"),
-    "no-step": ({"prompt": "x", "task": "img2img", "image_bytes": png("red"), "strength": 0.01, "num_inference_steps": 27},
-                "validate", "leaves no step"),
-}
+BAD = {**bad_rows("KLEncodeStage"),
+       "no-step": ({"prompt": "x", "task": "img2img", "image_bytes": png("red"), "strength": 0.01,
+                    "num_inference_steps": 27}, "validate", "leaves no step")}
 
 
 @pytest.fixture(scope="module")
 def job(ray_cluster, model_cache, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("k20")
     rows = GOOD[:2] + [{"id": k, **v[0]} for k, v in BAD.items()] + GOOD[2:]
-    manifest = write_manifest(tmp / "manifest.parquet", rows)
-    config = make_config(model_cache, manifest, str(tmp / "out"), model={"decoder": "tiny-k20"},
-                         defaults={"scheduler": "ddpm"}, input={"rows_per_block": 4}, decoder={"batch_size": 3})
-    out = tmp / "out"
-    first = run_job(config)
-    before = {"data": sha256s(out / "data"), "ids": ids_in(out / "data"), "errors": errors_by_id(out)}
-    second = run_job(config)
-    return {"config": config, "out": out, "first": first, "second": second, "before": before}
+    return family_job(tmp_path_factory, model_cache, "k20", rows, model={"decoder": "tiny-k20"},
+                      defaults={"scheduler": "ddpm"}, input={"rows_per_block": 4}, decoder={"batch_size": 3})
 
 
 def test_k20_job_every_row_once_then_resumes(job):
-    out, first, second, before = job["out"], job["first"], job["second"], job["before"]
-    good = {r["id"]: r for r in GOOD}
-    assert set(before["ids"]) == set(good) and set(before["ids"].values()) == {1}
-    assert {i: (e["stage"], BAD[i][2] in e["message"]) for i, e in before["errors"].items()} == \
-        {i: (stage, True) for i, (_, stage, _) in BAD.items()}
-    assert (first["rows"], first["failed_rows"]) == (len(GOOD), len(BAD))
-    assert (second["rows_skipped"], second["rows_computed"]) == (len(GOOD), len(BAD))
-    assert sha256s(out / "data") == before["data"] and ids_in(out / "data") == before["ids"]
-    check = verify(str(out))
-    assert check.problems == [] and (check.rows, check.failed_rows) == (len(GOOD), len(BAD))
-    rows = {r["id"]: r for r in pq.read_table(out / "data").to_pylist()}
-    for row_id, want in good.items():
-        row = rows[row_id]
-        assert decode(row["image"]["bytes"]).shape == (64, want.get("width", 64), 3)
+    check_every_row_once_then_resumed(job, GOOD, BAD)
+    for want, row in made_rows(job, GOOD):
         assert row["guidance_scale"] == want.get("guidance_scale", 7.0)  # the family's default: the original's 7
         assert row["decoder_model"].startswith("tiny-k20@") and row["prior_model"] is None
-    run = json.loads((out / "_RUN.json").read_text())
+    run = json.loads((job["out"] / "_RUN.json").read_text())
     assert run["inputs"]["family"] == "kandinsky20" and set(run["inputs"]["models"]) == {"decoder"}
     assert run["inputs"]["defaults"]["scheduler"] == "ddpm" and run["inputs"]["defaults"]["ddim_eta"] == 0.05
 
 
 def test_k20_job_images_match_the_stages(job):
     """The job's image of a row is what the stages make of it alone (batch shape within 1/255)."""
-    import numpy as np
-
     from kandinsky_engine.families import resolve_family
     from kandinsky_engine.stages.kandinsky20 import Kandinsky20UNetStage
     from kandinsky_engine.stages.kandinsky20_text import Kandinsky20TextStage
     from kandinsky_engine.stages.vae import KLDecodeStage, KLEncodeStage
-    from tests.conftest import run_chain
+    from tests.conftest import assert_rows_match_stages
 
     config, _ = resolve_family(job["config"])
-    chain = (config, [Kandinsky20TextStage(config), KLEncodeStage(config), Kandinsky20UNetStage(config), KLDecodeStage(config)])
-    rows = {r["id"]: r for r in pq.read_table(job["out"] / "data").to_pylist()}
-    for want in (GOOD[1], GOOD[2]):
-        alone = decode(run_chain(chain, [want])["image"][0])
-        diff = np.abs(alone.astype(int) - decode(rows[want["id"]]["image"]["bytes"]).astype(int)).max()
-        assert diff <= 1, (want["id"], diff)
+    assert_rows_match_stages(config, job["out"], [Kandinsky20TextStage, KLEncodeStage, Kandinsky20UNetStage,
+                                                  KLDecodeStage], [GOOD[1], GOOD[2]], tolerance=1)

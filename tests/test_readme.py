@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.ray  # each block starts a local Ray cluster of its own
+pytestmark = pytest.mark.ray
 
 
 def quick_start() -> tuple[str, str]:
@@ -25,13 +25,13 @@ def quick_start() -> tuple[str, str]:
     return shell, python
 
 
-def test_quick_start_runs_as_written(model_cache, tmp_path):
+def test_quick_start_runs_as_written(ray_cluster, model_cache, tmp_path):
     import datasets
 
     shell, python = quick_start()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "KANDINSKY_CACHE": model_cache,
            "RAY_AUTH_MODE": "disabled", "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address  # the session's cluster: no start-up per run
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", shell], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -49,7 +49,11 @@ def committed_units(out: Path) -> int:
 def run_cli(config_file: Path, log: Path, kill_at_units: int | None, signum: int = signal.SIGKILL) -> dict:
     """Runs the CLI as its own process; sends the driver `signum` once `kill_at_units` units are committed."""
     out = Path(json.loads(config_file.read_text())["output"]["path"])
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # The drivers attach to the session's cluster (as under `ray job submit`): a stopped driver's actors
+    # go with it, and no run pays for starting a cluster of its own.
+    import ray
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with open(log, "ab") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "kandinsky_engine.jobs.cli", "run", str(config_file)], stdout=sink,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=Path(__file__).parents[1])

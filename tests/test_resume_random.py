@@ -52,7 +52,7 @@ THEN = st.tuples(st.sampled_from(["run", "run", "killed"]), st.none() | st.integ
 SEED = int(os.environ.get("FUZZ_SEED") or random.SystemRandom().randrange(2**32))
 # Hypothesis' first sequence is its simplest one (two concurrent runs, which cost little); the
 # others are drawn from the seed.
-EXAMPLES = {"local": int(os.environ.get("FUZZ_EXAMPLES", 3)), "s3": int(os.environ.get("FUZZ_EXAMPLES", 3))}
+EXAMPLES = {"local": int(os.environ.get("FUZZ_EXAMPLES", 2)), "s3": int(os.environ.get("FUZZ_EXAMPLES", 1))}
 STEPS = int(os.environ.get("FUZZ_STEPS", 3))
 
 

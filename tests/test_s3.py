@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 import json
 import logging
@@ -18,15 +17,14 @@ from kandinsky_engine.jobs.run import run_job
 from kandinsky_engine.manifest import validate_manifest
 from tests.conftest import KEY, SECRET, make_config, png, put_manifest
 
-# Jobs of many units: a pool per stage keeps both cores busy (fused stages are one actor here).
-make_config = partial(make_config, fuse_stages=False)
 from tests.reference import decode
 
 pytestmark = pytest.mark.ray
 
 # The documented output layout (pipelines/output.py), relative to the output root.
 LAYOUT = re.compile(r"(data/[\w-]+/part-\d{12}-[0-9a-f]{16}-a\d+\.parquet|errors/[\w-]+/part-\d{12}-[0-9a-f]{16}\.parquet"
-                    r"|_RUN\.json|_SUCCESS\.json|_index\.parquet|_files\.parquet|_runs/[0-9a-f]+\.(json|parquet|progress))")
+                    r"|_RUN\.json|_SUCCESS\.json|_index\.parquet|_files\.parquet|_runs/[0-9a-f]+\.(json|parquet|progress)"
+                    r"|README\.md|shards\.txt)")  # the dataset card and the shard list
 CANARIES = (KEY, SECRET)
 
 

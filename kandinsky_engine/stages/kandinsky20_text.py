@@ -12,7 +12,7 @@ from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import pack
 from ..models import load_asset, load_module
-from ..rows import failed, is_null
+from ..rows import check_columns, failed, is_null
 
 REQUIRED = ("id", "prompt", "negative_prompt", "guidance_scale")
 MAX_LENGTH = 77  # the original's `max_length=77`, for both tokenizers
@@ -61,9 +61,7 @@ class Kandinsky20TextStage:
         return context.float().cpu().numpy(), pooled.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"Kandinsky20TextStage: batch lacks columns {missing}")
+        check_columns(batch, REQUIRED, "Kandinsky20TextStage")
         n = len(batch["id"])
         ok = np.flatnonzero(~failed(batch))
         guided = [i for i in ok if batch["guidance_scale"][i] > 1]

@@ -17,6 +17,22 @@ from ..rows import failed, mark_failed, working_size
 from .inpaint import image_tensor, keep_mask
 
 
+
+def image_inputs(batch: dict[str, np.ndarray], prepare, stage: str):
+    """The rows of a batch whose task takes an input image, each prepared by `prepare(batch, i)` ->
+    ((1, 3, H, W) pixels, packed keep mask or None); a row whose image cannot be used is marked failed
+    by `stage`. Returns (pixels {row: tensor}, masks (object array, one per row), rows by pixel shape)."""
+    masks, pixels = np.full(len(batch["id"]), None, dtype=object), {}
+    for i in [i for i in np.flatnonzero(~failed(batch)) if batch["task"][i] in IMAGE_TASKS]:
+        try:
+            pixels[i], masks[i] = prepare(batch, i)
+        except ImageInputError as exc:
+            mark_failed(batch, i, stage, exc)
+    by_shape = defaultdict(list)
+    for i, x in pixels.items():
+        by_shape[tuple(x.shape)].append(i)
+    return pixels, masks, by_shape
+
 class MovqEncodeStage:
     """Adds `init_latents` (packed (4, H/8, W/8) float32) for img2img and inpaint rows, and
     `keep_mask` (packed (1, H/8, W/8)) for inpaint rows; drops the input bytes.
@@ -47,18 +63,8 @@ class MovqEncodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        n = len(batch["id"])
-        init, masks = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
-        todo = [i for i in np.flatnonzero(~failed(batch)) if batch["task"][i] in IMAGE_TASKS]
-        pixels = {}
-        for i in todo:
-            try:
-                pixels[i], masks[i] = self._prepare(batch, i)
-            except ImageInputError as exc:
-                mark_failed(batch, i, "MovqEncodeStage", exc)
-        by_shape = defaultdict(list)
-        for i, x in pixels.items():
-            by_shape[tuple(x.shape)].append(i)
+        init = np.full(len(batch["id"]), None, dtype=object)
+        pixels, masks, by_shape = image_inputs(batch, self._prepare, "MovqEncodeStage")
         with torch.inference_mode():
             for rows in by_shape.values():
                 x = torch.cat([pixels[i] for i in rows]).to(self.device, self.movq.dtype)

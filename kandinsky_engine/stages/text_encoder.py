@@ -10,7 +10,7 @@ from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import pack
 from ..models import load_asset, load_module
-from ..rows import failed, is_null
+from ..rows import check_columns, failed, is_null
 
 REQUIRED = ("id", "prompt", "negative_prompt", "guidance_scale")
 MAX_LENGTH = 128  # Kandinsky3Pipeline.encode_prompt's `max_length`, for prompts and negative prompts alike
@@ -45,9 +45,7 @@ class T5EncoderStage:
         self.encoder = load_module(T5EncoderModel, model, "decoder", "text_encoder", options, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"T5EncoderStage: batch lacks columns {missing}")
+        check_columns(batch, REQUIRED, "T5EncoderStage")
         n = len(batch["id"])
         ok = np.flatnonzero(~failed(batch))
         guided = [i for i in ok if batch["guidance_scale"][i] > 1 and not is_null(batch["negative_prompt"][i])]

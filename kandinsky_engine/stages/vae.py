@@ -9,19 +9,19 @@ config's `scaling_factor` (0.0512 for 2.0): encode gives sample x 0.0512, decode
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import numpy as np
 from PIL import Image
 
 from ..config import JobConfig
 from ..device import stage_device
-from ..images import ImageInputError, decode_input, fit_and_pad
-from ..inputs import IMAGE_TASKS, pack
+from ..images import decode_input, fit_and_pad
+from ..inputs import pack
 from ..models import load_module
-from ..rows import failed, mark_failed, working_size
+from ..rows import working_size
 from .inpaint import image_tensor, keep_mask
 from .movq import MovqStage
+from .movq_encode import image_inputs
 
 
 class KLEncodeStage:
@@ -44,17 +44,8 @@ class KLEncodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        n = len(batch["id"])
-        moments, masks = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
-        pixels = {}
-        for i in [i for i in np.flatnonzero(~failed(batch)) if batch["task"][i] in IMAGE_TASKS]:
-            try:
-                pixels[i], masks[i] = self._prepare(batch, i)
-            except ImageInputError as exc:
-                mark_failed(batch, i, "KLEncodeStage", exc)
-        by_shape = defaultdict(list)
-        for i, x in pixels.items():
-            by_shape[tuple(x.shape)].append(i)
+        moments = np.full(len(batch["id"]), None, dtype=object)
+        pixels, masks, by_shape = image_inputs(batch, self._prepare, "KLEncodeStage")
         with torch.inference_mode():
             for rows in by_shape.values():
                 x = torch.cat([pixels[i] for i in rows]).to(self.device, self.vae.dtype)
