@@ -23,7 +23,9 @@ def test_full_size_bench_skips_cleanly_without_cuda(capsys):
     assert capsys.readouterr().out.count("no CUDA device here, skipped") == 2
 
 
-def test_gpu_check_smoke_runs_every_mode_and_writes_what_plan_reads(tmp_path, capsys):
+def test_gpu_check_smoke_runs_every_mode_and_writes_what_plan_reads(model_cache, tmp_path, capsys):
+    from tests.conftest import TINY
+
     """scripts/gpu_check.sh --smoke: the GPU script's steps on the CPU at tiny widths (the benchmark in
     eager and compiled mode, a tracing backend; fp8 refused with its reason; the GPU tests, skipped),
     one JSON with every figure, and the stage costs that `plan --from-measured` plans with."""
@@ -55,7 +57,7 @@ def test_gpu_check_smoke_runs_every_mode_and_writes_what_plan_reads(tmp_path, ca
     assert set(result["attention_kernels"]) == {"unet", "text_encoder", "movq"}
     config = tmp_path / "job.yaml"
     config.write_text(json.dumps({"input": {"manifest": "m.parquet"}, "output": {"path": "out"},
-                                  "model": {"device": "cuda", "dtype": "bfloat16"},
+                                  "model": {"device": "cuda", "dtype": "bfloat16", "cache_dir": model_cache, **TINY},
                                   "defaults": {"width": 64, "height": 64, "num_inference_steps": 2,
                                                "prior_num_inference_steps": 2},
                                   **{s: {"batch_size": 2} for s in ("prior", "decoder", "movq")}}))

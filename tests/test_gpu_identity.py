@@ -83,9 +83,9 @@ def test_fp8_has_its_own_fingerprint_value_and_is_refused_off_hopper(model_cache
 
     data = make_config(model_cache, "m.parquet", str(tmp_path)).model_dump(mode="json")
     with pytest.raises(ValueError, match="model.fp8 needs a cuda device"):
-        JobConfig.model_validate({**data, "model": {**data["model"], "fp8": True}})
+        JobConfig.model_validate({**data, "model": {**data["model"], "fp8": True, "device": "cpu"}})
     with pytest.raises(ValueError, match="set model.dtype: bfloat16"):
-        JobConfig.model_validate({**data, "model": {**data["model"], "fp8": True, "device": "cuda"}})
+        JobConfig.model_validate({**data, "model": {**data["model"], "fp8": True, "device": "cuda", "dtype": "float32"}})
     bf16 = JobConfig.model_validate({**data, "model": {**data["model"], "device": "cuda", "dtype": "bfloat16"}})
     float8 = bf16.model_copy(update={"model": bf16.model.model_copy(update={"fp8": True})})
     options = fingerprint_inputs(float8, SCHEMA, WEIGHTS)["model_options"]

@@ -12,9 +12,9 @@
 from .job import InputConfig, JobConfig, OutputConfig
 from .loading import load_config, resolve_local, resolve_paths, validate
 from .overrides import apply_overrides, parse_value
-from .sections import (HUB_DECODER, HUB_DEPTH, HUB_PRIOR, SIGNAL_COLUMNS, TASKS, TINY, GenerationDefaults, ModelConfig,
-                       StageConfig)
+from .sections import (GPU_THREADS, HUB_DECODER, HUB_DEPTH, HUB_PRIOR, SIGNAL_COLUMNS, TASKS, TINY, GenerationDefaults,
+                       ModelConfig, StageConfig)
 
-__all__ = ["HUB_DECODER", "HUB_DEPTH", "HUB_PRIOR", "SIGNAL_COLUMNS", "TASKS", "TINY", "GenerationDefaults",
+__all__ = ["GPU_THREADS", "HUB_DECODER", "HUB_DEPTH", "HUB_PRIOR", "SIGNAL_COLUMNS", "TASKS", "TINY", "GenerationDefaults",
            "InputConfig", "JobConfig", "ModelConfig", "OutputConfig", "StageConfig", "apply_overrides", "load_config",
            "parse_value", "resolve_local", "resolve_paths", "validate"]

@@ -16,7 +16,7 @@ from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import unpack
 from ..models import resolve_source, load_module
-from ..rows import failed, generators, latent_size, mark_failed
+from ..rows import failed, generators, group_rows, latent_size, mark_failed
 from ..sampling import guide, row_scales
 from .decoder import denoise_groups
 from .kandinsky20_sampling import (check_steps, dynamic_threshold, img2img_start, linear_betas, make_sampler,
@@ -76,7 +76,7 @@ class Kandinsky20UNetStage:
                 mark_failed(batch, i, "Kandinsky20UNetStage", exc)
         key = lambda i: (*latent_size(int(h[i]), int(w[i]), self.scale_factor), int(steps[i]),  # noqa: E731
                          bool(batch["guidance_scale"][i] > 1), str(batch["task"][i]), start.get(i, -1))
-        latents = denoise_groups(batch, key, lambda idx, *group: self._denoise(batch, idx, *group))
+        latents = denoise_groups(batch, group_rows(batch, key), lambda idx, *group: self._denoise(batch, idx, *group))
         out = {k: v for k, v in batch.items() if k not in INTERNAL}
         out["latents"] = latents
         return out
