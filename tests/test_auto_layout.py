@@ -10,7 +10,7 @@ import pytest
 
 from kandinsky_engine.config import JobConfig
 from kandinsky_engine.pipelines.auto_layout import is_unset, resolve
-from tests.conftest import FAST
+from tests.conftest import FAST, TINY
 
 USED = ["prior", "decoder", "movq"]
 GIB = 2**30
@@ -19,7 +19,7 @@ GIB = 2**30
 def config(model_cache, **extra) -> JobConfig:
     """A job config as a user writes it: no fuse_stages, sections with batch sizes at most."""
     return JobConfig.model_validate({"input": {"manifest": "m.parquet"}, "output": {"path": "out"},
-                                     "model": {"cache_dir": model_cache}, "defaults": dict(FAST), **extra})
+                                     "model": {"cache_dir": model_cache, **TINY}, "defaults": dict(FAST), **extra})
 
 
 def test_cpu_default_is_fused_one_single_thread_actor_per_core(model_cache):
@@ -44,7 +44,7 @@ def test_a_config_that_sets_its_layout_keeps_it(model_cache):
 
 
 def test_gpu_default_comes_from_the_stage_cost_model(model_cache):
-    gpu = config(model_cache, model={"cache_dir": model_cache, "device": "cuda", "dtype": "bfloat16"},
+    gpu = config(model_cache, model={"cache_dir": model_cache, **TINY, "device": "cuda", "dtype": "bfloat16"},
                  defaults={"width": 768, "height": 768, "num_inference_steps": 50, "prior_num_inference_steps": 25})
     cluster = {"CPU": 128, "GPU": 8, "accelerator_type:H100": 8}
     layout = resolve(gpu, USED, cluster)
