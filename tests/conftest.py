@@ -192,3 +192,19 @@ def assert_rows_match_stages(config, out: Path, stage_classes, wanted: list[dict
         alone = decode(run_chain(chain, [want])["image"][0])
         diff = np.abs(alone.astype(int) - decode(rows[want["id"]]["image"]["bytes"]).astype(int)).max()
         assert diff <= tolerance, (want["id"], diff)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """A torch.compile backend (model.compile's, kandinsky_engine.compiled.BACKEND) that runs the
+    captured graph as it is and counts compilations: the graphs captured, in order."""
+    from kandinsky_engine import compiled
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    return graphs

@@ -15,19 +15,6 @@ from tests.conftest import batch_of, make_config
 from tests.reference import decode, max_diff
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """A torch.compile backend that runs the captured graph as it is and counts compilations."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(compiled, "BACKEND", backend)
-    return graphs
-
-
 def configs(model_cache, tmp_path, decoder: str):
     plain, _ = resolve_family(make_config(model_cache, "m.parquet", str(tmp_path), model={"decoder": decoder},
                                           prior={"batch_size": 2}, text_encoder={"batch_size": 2},

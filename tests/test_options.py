@@ -28,19 +28,6 @@ def test_buckets_are_the_full_call_and_half_of_it_in_steps_of_guidance():
     assert buckets(2, 2) == [2] and buckets(6, 2) == [4, 6] and buckets(3) == [2, 3]
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """A torch.compile backend that runs the captured graph as it is and counts compilations."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(compiled, "BACKEND", backend)
-    return graphs
-
-
 def test_compiled_stages_warm_up_every_bucket_and_never_recompile(model_cache, tmp_path, counted, caplog):
     torch.set_num_threads(1)
     torch._dynamo.reset()
