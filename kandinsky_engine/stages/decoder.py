@@ -9,7 +9,7 @@ from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import pack, unpack
 from ..models import load_asset, load_module, resolve_source
-from ..rows import failed, group_rows, latent_size, mark_failed, strength_start, working_size
+from ..rows import check_columns, failed, group_rows, latent_size, mark_failed, strength_start, working_size
 from ..sampling import Schedule, count_draws, guide, make_scheduler, row_scales
 from ..transfer import NoisePrefetch, download, noise_spec, upload
 
@@ -18,7 +18,38 @@ REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "gui
 STRENGTH_TASKS = ("img2img", "controlnet_img2img")  # start from the noised init image
 
 
-class DecoderStage:
+class GroupedUNet:
+    """What the U-Net stages of the diffusers families share (DecoderStage, Decoder21Stage,
+    Kandinsky3UNetStage): the U-Net call, compiled in buckets where model.compile is on; each group's
+    noise, drawn ahead for the next chunk (prefetch); and the batch's groups denoised together. A stage
+    sets unet, scheduler, scheduler_config, channels and noise, and defines groups(batch, mark),
+    _example(n, defaults) and _denoise(batch, idx, *group)."""
+
+    def _unet_runner(self, forward, name: str, config: JobConfig):
+        """`forward`, or with model.compile its graphs per batch bucket, compiled and warmed up now."""
+        if not config.model.compile:
+            return forward
+        step = 2 if config.defaults.guidance_scale > 1 else 1  # guidance doubles every U-Net call
+        run = Bucketed(forward, buckets(step * config.decoder.batch_size, step), name, cache_dir=config.model.cache_dir)
+        run.warm_up(lambda n: self._example(n, config.defaults))
+        return run
+
+    def noise_spec(self, batch, idx, lh: int, lw: int, num_steps: int, t_start: int):
+        """What a group's noise is: each row's initial noise (img2img: the noise added to the input),
+        then one draw per noisy step."""
+        draws = count_draws(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start)
+        return noise_spec(batch["seed"][idx], (1, self.channels, lh, lw), draws, self.unet.dtype)
+
+    def prefetch(self, batch) -> None:
+        prefetch_noise(self, batch)
+
+    def _denoise_all(self, batch: dict[str, np.ndarray], required, stage: str) -> np.ndarray:
+        """The batch's packed latents: every group queued on the device before any is read back."""
+        check_columns(batch, required, stage)
+        return denoise_groups(batch, self.groups(batch), lambda idx, *group: self._denoise(batch, idx, *group))
+
+
+class DecoderStage(GroupedUNet):
     """Adds `latents` (packed float32 (4, H/8, W/8) per row) to a batch; drops the embeddings (but
     `image_embeds` when output.columns asks for it).
 
@@ -54,17 +85,12 @@ class DecoderStage:
         self.channels = movq_config["latent_channels"]  # the U-Net may take more (9 for inpainting)
         self.learned_variance = self.scheduler_config.get("variance_type") in ("learned", "learned_range")
         self.hinted = self.unet.config.addition_embed_type == "image_hint"  # ControlNet: hint in added_cond_kwargs
-        self.run_unet = unet_forward
         self.keep = {"image_embeds"} & set(config.output.columns)  # asked for as an output column: passed on
         if model.fp8:
             from ..fp8 import to_float8
 
             to_float8(self.unet, self.device)
-        if model.compile:
-            step = 2 if config.defaults.guidance_scale > 1 else 1  # guidance doubles every U-Net call
-            self.run_unet = Bucketed(unet_forward, buckets(step * config.decoder.batch_size, step), "U-Net (2.2)",
-                                     cache_dir=model.cache_dir)
-            self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
+        self.run_unet = self._unet_runner(unet_forward, "U-Net (2.2)", config)
 
     def _example(self, n: int, defaults):
         """U-Net inputs of n rows at the job's default size (compile warm-up)."""
@@ -97,19 +123,8 @@ class DecoderStage:
                          bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
         return group_rows(batch, key)
 
-    def noise_spec(self, batch, idx, lh: int, lw: int, num_steps: int, t_start: int):
-        """What a group's noise is: each row's initial noise, then one draw per noisy step."""
-        draws = count_draws(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start)
-        return noise_spec(batch["seed"][idx], (1, self.channels, lh, lw), draws, self.unet.dtype)
-
-    def prefetch(self, batch) -> None:
-        prefetch_noise(self, batch)
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"DecoderStage: batch lacks columns {missing}")
-        latents = denoise_groups(batch, self.groups(batch), lambda idx, *group: self._denoise(batch, idx, *group))
+        latents = self._denoise_all(batch, REQUIRED, "DecoderStage")
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask", "hint_pixels")
         out = {k: v for k, v in batch.items() if k not in internal or k in self.keep}
         out["latents"] = latents

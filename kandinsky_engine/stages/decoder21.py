@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import unpack
 from ..models import load_asset, load_module, resolve_source
 from ..rows import failed, group_rows, is_null, latent_size, mark_failed, strength_start
-from ..sampling import Schedule, count_draws, guide, make_scheduler, row_scales
-from ..transfer import NoisePrefetch, noise_spec, upload
-from .decoder import denoise_groups, prefetch_noise
+from ..sampling import Schedule, guide, make_scheduler, row_scales
+from ..transfer import NoisePrefetch, upload
+from .decoder import GroupedUNet
 
 REQUIRED = ("id", "task", "prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps",
             "guidance_scale", "strength", "image_embeds", "negative_image_embeds")
@@ -35,7 +34,7 @@ def img2img_alphas_cumprod():
     return torch.cumprod(1.0 - torch.linspace(0.0001, 0.02, 1000, dtype=torch.float32), dim=0)  # (1000,)
 
 
-class Decoder21Stage:
+class Decoder21Stage(GroupedUNet):
     """Adds `latents` (packed float32 (4, H/8, W/8) per row) to a batch; drops the embeddings.
 
     text2img and mix rows start from noise; img2img rows from their `init_latents` noised to the
@@ -74,12 +73,7 @@ class Decoder21Stage:
             from ..fp8 import to_float8
 
             to_float8(self.unet, self.device)
-        self.run_unet = unet21_forward
-        if model.compile:
-            step = 2 if config.defaults.guidance_scale > 1 else 1  # guidance doubles every U-Net call
-            self.run_unet = Bucketed(unet21_forward, buckets(step * config.decoder.batch_size, step), "U-Net (2.1)",
-                                     cache_dir=model.cache_dir)
-            self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
+        self.run_unet = self._unet_runner(unet21_forward, "U-Net (2.1)", config)
 
     def _example(self, n: int, defaults):
         """U-Net inputs of n rows at the job's default size (compile warm-up)."""
@@ -130,20 +124,8 @@ class Decoder21Stage:
                          bool(guidance[i] > 1), str(batch["task"][i]), start.get(i, -1))
         return group_rows(batch, key)
 
-    def noise_spec(self, batch, idx, lh: int, lw: int, num_steps: int, t_start: int):
-        """What a group's noise is: each row's initial noise (img2img: the noise added to the input),
-        then one draw per noisy step."""
-        draws = count_draws(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start)
-        return noise_spec(batch["seed"][idx], (1, self.channels, lh, lw), draws, self.unet.dtype)
-
-    def prefetch(self, batch) -> None:
-        prefetch_noise(self, batch)
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"Decoder21Stage: batch lacks columns {missing}")
-        latents = denoise_groups(batch, self.groups(batch), lambda idx, *group: self._denoise(batch, idx, *group))
+        latents = self._denoise_all(batch, REQUIRED, "Decoder21Stage")
         internal = ("image_embeds", "negative_image_embeds", "init_latents", "keep_mask")
         out = {k: v for k, v in batch.items() if k not in internal}
         out["latents"] = latents

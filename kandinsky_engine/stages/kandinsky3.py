@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import unpack
 from ..models import load_asset, load_module
 from ..rows import failed, group_rows, latent_size, mark_failed, strength_start
-from ..sampling import Schedule, count_draws, make_scheduler, row_scales
-from ..transfer import NoisePrefetch, noise_spec, upload
-from .decoder import denoise_groups, prefetch_noise
+from ..sampling import Schedule, make_scheduler, row_scales
+from ..transfer import NoisePrefetch, upload
+from .decoder import GroupedUNet
 from .text_encoder import MAX_LENGTH
 
 REQUIRED = ("id", "task", "seed", "width", "height", "num_inference_steps", "guidance_scale", "strength",
@@ -24,7 +23,7 @@ INTERNAL = ("prompt_embeds", "context_length", "prompt_tokens", "negative_prompt
             "init_latents", "keep_mask")
 
 
-class Kandinsky3UNetStage:
+class Kandinsky3UNetStage(GroupedUNet):
     """Adds `latents` (packed float32 (4, H/8, W/8) per row); drops the text embeddings and init latents.
 
     Rows that share (size, steps, guidance on/off, task, start step) run as one group: one U-Net call,
@@ -68,13 +67,8 @@ class Kandinsky3UNetStage:
             from ..fp8 import to_float8
 
             to_float8(self.unet, self.device)
-        self.run_unet, self.pad_to = unet3_forward, None
-        if model.compile:
-            self.pad_to = MAX_LENGTH  # one context length for every group: one graph per batch bucket
-            step = 2 if config.defaults.guidance_scale > 1 else 1  # guidance doubles every U-Net call
-            self.run_unet = Bucketed(unet3_forward, buckets(step * config.decoder.batch_size, step), "U-Net (3)",
-                                     cache_dir=model.cache_dir)
-            self.run_unet.warm_up(lambda n: self._example(n, config.defaults))
+        self.pad_to = MAX_LENGTH if model.compile else None  # compiled: one context length, one graph per bucket
+        self.run_unet = self._unet_runner(unet3_forward, "U-Net (3)", config)
 
     def _example(self, n: int, defaults):
         """U-Net inputs of n rows at the job's default size, contexts of MAX_LENGTH (compile warm-up)."""
@@ -105,20 +99,8 @@ class Kandinsky3UNetStage:
                          bool(batch["guidance_scale"][i] > 1), str(batch["task"][i]), start.get(i, -1))
         return group_rows(batch, key)
 
-    def noise_spec(self, batch, idx, lh: int, lw: int, num_steps: int, t_start: int):
-        """What a group's noise is: each row's initial noise, then one draw per noisy step."""
-        draws = count_draws(make_scheduler(self.scheduler, self.scheduler_config), num_steps, t_start)
-        return noise_spec(batch["seed"][idx], (1, self.channels, lh, lw), draws, self.unet.dtype)
-
-    def prefetch(self, batch) -> None:
-        prefetch_noise(self, batch)
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in REQUIRED if c not in batch]
-        if missing:
-            raise ValueError(f"Kandinsky3UNetStage: batch lacks columns {missing}")
-        # Every group is queued on the device before any result is read back (as DecoderStage).
-        latents = denoise_groups(batch, self.groups(batch), lambda idx, *group: self._denoise(batch, idx, *group))
+        latents = self._denoise_all(batch, REQUIRED, "Kandinsky3UNetStage")
         out = {k: v for k, v in batch.items() if k not in INTERNAL}
         out["latents"] = latents
         return out
