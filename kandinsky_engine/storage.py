@@ -75,8 +75,19 @@ def with_s3_retries(options: dict) -> dict:
     return {**options, "config_kwargs": config} if config else options
 
 
+# Protocols whose fsspec backend is an extra of this package (pyproject.toml), not a dependency.
+EXTRAS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+
+
 def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+    try:
+        return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+    except ImportError as exc:  # fsspec's own text says only "Install gcsfs to access Google Storage"
+        if protocol(url) not in EXTRAS:
+            raise
+        package, extra = EXTRAS[protocol(url)]
+        raise RuntimeError(f"{redact_url(url)}: {protocol(url)}:// paths need {package}: pip install "
+                           f"'kandinsky-engine[{extra}]' (the engine's image has it)") from exc
 
 
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:

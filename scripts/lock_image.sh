@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0
-"$venv/bin/pip" install -q .
+"$venv/bin/pip" install -q ".[gcs]"   # the image reads gs:// too
 {
   echo "# Runtime dependencies of the engine's image, pinned (infra/docker/Dockerfile installs these before"
   echo "# the package, in a layer of their own: a code change rebuilds only the package's layer)."

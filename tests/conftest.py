@@ -19,6 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# gcsfs's default filesystem first asks Cloud Storage's gRPC control plane for the bucket's layout
+# (hierarchical or zonal), which an emulator on loopback does not serve (60 s of retries per bucket).
+# Its plain JSON-API filesystem is what the emulator speaks (tests/test_gcs.py); set before Ray starts.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from kandinsky_engine.config import JobConfig  # noqa: E402
@@ -33,7 +37,7 @@ TINY_YAML = "prior: tiny, decoder: tiny, depth: tiny"
 # Marks by what a test needs, from the fixtures it uses (directly or through other fixtures), so
 # that no mark is forgotten or left behind: `make check` runs the tests that start no Ray (and the
 # one `smoke` job), `make test` all of them.
-NEEDS = {"ray": {"ray_cluster", "ray_head"}, "s3": {"s3", "moto_endpoint"}}
+NEEDS = {"ray": {"ray_cluster", "ray_head"}, "s3": {"s3", "moto_endpoint", "gcs"}}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -177,6 +181,23 @@ def s3(moto_endpoint):
     fs.mkdir("kandinsky")
     yield fs, options
     s3fs.S3FileSystem.clear_instance_cache()  # cached listings of this module's store: the next starts empty
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """Bucket `kandinsky` on a Cloud Storage emulator on loopback (its JSON API, which gcsfs speaks);
+    yields (gcsfs filesystem, storage_options for a job)."""
+    import fsspec
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="kandinsky")
+    server.start()
+    options = {"gs": {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}}
+    yield fsspec.filesystem("gs", **options["gs"]), options
+    server.stop()
 
 
 def assert_rows_match_stages(config, out: Path, stage_classes, wanted: list[dict], tolerance: int) -> None:

@@ -190,7 +190,10 @@ def test_the_image_installs_its_pinned_dependencies_before_the_code():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             lock[re.sub(r"[-_.]+", "-", name).lower()] = version
-    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # the image reads gs:// too (the `gcs` extra): GKE workload identity and GCE service accounts
+    assert project["optional-dependencies"]["gcs"] and "gcsfs" in lock
+    for requirement in project["dependencies"] + project["optional-dependencies"]["gcs"]:
         if match := re.fullmatch(r"([\w.-]+)(\[[\w,]+\])?==([\w.]+)\s*", requirement.split(";")[0].split("#")[0]):
             name = re.sub(r"[-_.]+", "-", match[1]).lower()
             if name != "torch":  # the CUDA build, from PyTorch's index
