@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kandinsky_engine.model_cache import COPIED, ModelSourceError, remote_listing
-from kandinsky_engine.storage import redact, redact_url, url_to_fs
+from kandinsky_engine.storage import ensure_dir, redact, redact_url, url_to_fs
 
 log = logging.getLogger("kandinsky_engine")
 
@@ -68,6 +68,8 @@ def stage_model(src: str, dest: str, storage_options: dict | None = None) -> Sta
     total = sum(sizes.values())
     log.info("staging %s: %d files (%.1f MB) to %s", src, len(sizes), total / 1e6, name)
     try:
+        for folder in sorted({f"{base}/{rel}".rsplit("/", 1)[0] for rel in sizes}):
+            ensure_dir(fs, folder)  # a local DEST (a shared volume) needs its folders; object stores none
         # Lists, not a loop: async filesystems (s3fs, gcsfs) upload the files concurrently.
         fs.put([str(root / rel) for rel in rels], [f"{base}/{rel}" for rel in rels])
         fs.put_file(str(root / index), f"{base}/{index}")

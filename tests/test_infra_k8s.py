@@ -462,6 +462,30 @@ def test_kueue_component_renders_a_valid_suspended_rayjob(k8s_copy):
     assert manifest_problems(rayjob) == []
 
 
+@needs_kubectl
+@pytest.mark.parametrize("form", ("rayjob.yaml", "raycluster.yaml", "raycronjob.yaml"))
+def test_shared_weights_component_mounts_one_read_only_volume_everywhere(k8s_copy, form):
+    """components/shared-weights: every Ray pod (head and GPU workers) mounts the ReadOnlyMany claim
+    read-only at /models, next to the per-pod cache, and the rendered objects still pass every rule."""
+    kustomization = k8s_copy / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("components:\n- settings",
+                                                               "components:\n- settings\n- components/shared-weights"))
+    docs = render(k8s_copy, form)
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "kandinsky-weights" and claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    ray = next(d for d in docs if d.get("apiVersion") == "ray.io/v1")
+    pods = pod_specs(ray)
+    assert len(pods) >= 2
+    for where, pod in pods:
+        volume = next(v for v in pod["volumes"] if v["name"] == "weights")
+        assert volume["persistentVolumeClaim"] == {"claimName": "kandinsky-weights", "readOnly": True}, where
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "weights")
+        assert mount == {"name": "weights", "mountPath": "/models", "readOnly": True}, where
+        assert any(m["name"] == "cache" for m in pod["containers"][0]["volumeMounts"]), where
+    for obj in docs:
+        assert manifest_problems(obj) == [], obj["kind"]
+
+
 def test_the_monitoring_component_reads_the_metrics_the_engine_exports():
     """The Grafana dashboard queries only metrics pipelines/metrics.py defines (or Ray's own), and the
     PodMonitor selects the pods KubeRay labels as Ray nodes on their `metrics` port."""

@@ -137,3 +137,16 @@ def test_a_folder_that_is_no_model_is_refused(s3, tmp_path, options_config, caps
     (tmp_path / "notes" / "weights.safetensors").write_bytes(b"x")
     assert stage(tmp_path / "notes", "notes", options_config) == 2
     assert "neither a diffusers pipeline directory" in capsys.readouterr().err
+
+
+def test_stages_onto_a_shared_volume_folder(tiny_root, tmp_path):
+    """A local DEST (the shared read-only volume of infra/k8s/components/shared-weights, filled once):
+    its folders are made, and it holds exactly the model files, which load from there."""
+    dest = tmp_path / "volume" / "models" / "kandinsky-2-2-prior"  # no folder of it exists yet
+    assert main(["stage-model", str(snapshot(tiny_root / "prior", tmp_path / "hub")), str(dest)]) == 0
+    assert files(dest) == files(tiny_root / "prior")
+
+    from diffusers import PriorTransformer
+
+    loaded = PriorTransformer.from_pretrained(dest, subfolder="prior", use_safetensors=True)
+    assert sum(p.numel() for p in loaded.parameters()) > 0
