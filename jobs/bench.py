@@ -127,22 +127,15 @@ def stages_loop(config, rows: list[dict], batch_size: int, threads: int) -> tupl
     CPU s of the process)."""
     import torch
 
-    from kandinsky_engine.columns import passthrough_fields
     from kandinsky_engine.families import family_for
-    from kandinsky_engine.rows import numpy_batch
-    from kandinsky_engine.pipelines.prepare import prepare_unit
+    from kandinsky_engine.pipelines.prepare import prepared_batch
 
     start = time.perf_counter()
     stages = [cls(config, **kwargs) for _, cls, kwargs in family_for(config).stages(config, {"text2img"})]
     torch.set_num_threads(threads)  # each stage set its section's count
     loaded, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(rows), batch_size):
-        table = pa.Table.from_pylist(rows[i : i + batch_size])
-        n = table.num_rows
-        for name, value in (("_unit", "bench/0"), ("_attempt", 1), ("_digest", "0" * 16), ("_unit_rows", n)):
-            table = table.append_column(name, pa.array([value] * n))
-        batch = numpy_batch(prepare_unit(table, row_errors={}, defaults=config.defaults,
-                                         passthrough=passthrough_fields(table.schema)))
+        batch = prepared_batch(rows[i : i + batch_size], config.defaults, unit="bench/0")
         for stage in stages:
             batch = stage(batch)
     return loaded - start, time.perf_counter() - loaded, time.process_time() - cpu

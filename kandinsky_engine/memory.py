@@ -4,7 +4,8 @@ A stage's actor holds its models' weights for the whole job and, at its peak, th
 its largest forward call. Both come from the real architectures built on torch's meta device (no
 memory, no weights, no GPU): the parameter and buffer bytes of each module in the job's dtype, and
 the largest sum of live tensor bytes while the stage's forward calls run on meta inputs of the
-configured batch size and image size (`trace_peak`). On top of that:
+configured batch size and image size (`trace_peak`; the calls each stage makes are in
+kandinsky_engine/stage_calls.py, which the FLOP count of `plan --from-flops` runs too). On top of that:
 
 - attention as the GPU computes it: flash / memory-efficient SDPA keeps no (L, L) score matrix, so
   `F.scaled_dot_product_attention` is replaced by an output of its shape during the trace (the
@@ -29,13 +30,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .stage_calls import meta_mode, recipe
+
 GIB = 2**30
 CUDA_CONTEXT = int(0.6 * GIB)  # torch 2.x, CUDA 12 with lazy module loading: ~0.5 GiB, plus cuBLAS/cuDNN handles
 ALLOCATOR = 1.2  # reserved / allocated at the activation peak (block rounding, fragmentation)
 WORKSPACE = GIB // 4  # cuBLAS / cuDNN workspaces, from the same allocator
 FAMILIES_DIR = Path(__file__).parent / "families"
-PROMPT_TOKENS = {"clip": 77, "t5": 128}  # the tokenizers' padded lengths the stages use
-DEPTH_SIZE = 384  # the DPT image processor's input side
 
 # Where a reference part lives in the job's model folders: (ModelConfig field, subfolder).
 SOURCES = {
@@ -47,6 +48,8 @@ SOURCES = {
                     "decoder_unet": ("decoder", "unet"), "movq": ("decoder", "movq")},
     "kandinsky3": {"text_encoder": ("decoder", "text_encoder"), "decoder_unet": ("decoder", "unet"),
                    "movq": ("decoder", "movq")},
+    "kandinsky20": {"text_encoder": ("decoder", "text_encoder"), "text_encoder_2": ("decoder", "text_encoder_2"),
+                    "text_head": ("decoder", "text_head"), "decoder_unet": ("decoder", "unet"), "vae": ("decoder", "vae")},
 }
 # The depth estimator of ControlNet rows without a hint: DPTConfig's defaults (the ViT-L DPT, the
 # size of Intel/dpt-hybrid-midas), always float32 (stages/hint.py).
@@ -140,22 +143,9 @@ def trace_peak(fn) -> int:
     """The peak of live tensor bytes created while `fn()` runs on meta tensors, under inference mode,
     with attention kept as a memory-efficient kernel keeps it (no score matrix)."""
     import torch
-    import torch.nn.functional as F
     from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
-
-    class EfficientAttention(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.scaled_dot_product_attention:  # (B, H, L, E) x (B, H, S, Ev) -> (B, H, L, Ev)
-                query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
-                return query.new_empty((*query.shape[:-1], value.shape[-1]))
-            if func is torch.Tensor.__bool__ and args[0].is_meta:
-                # A data-dependent branch (transformers: "is every token real?"): the unpadded case,
-                # the one with the most to compute.
-                return True
-            return func(*args, **(kwargs or {}))
 
     class LiveBytes(TorchDispatchMode):
         """Each op's new storages are counted until they are freed (their weak reference expires)."""
@@ -177,107 +167,9 @@ def trace_peak(fn) -> int:
             self.peak = max(self.peak, self.live)
             return out
 
-    with torch.inference_mode(), EfficientAttention(), LiveBytes() as live:
+    with torch.inference_mode(), meta_mode(efficient_attention=True), LiveBytes() as live:
         fn()
     return live.peak
-
-
-def _empty(*shape, dtype=None):
-    import torch
-
-    return torch.empty(*shape, device="meta", dtype=dtype or torch.long)
-
-
-# One forward call of each kind of part, as the stages make it: (module, rows, latent h, w) -> run.
-def _clip_text(m, n, h, w):
-    m(_empty(n, PROMPT_TOKENS["clip"]))
-
-
-def _clip_image(m, n, h, w):
-    size = m.config.image_size
-    m(_empty(n, 3, size, size, dtype=m.dtype))
-
-
-def _prior(m, n, h, w):
-    import torch
-
-    d, c = m.config.embedding_dim, m.config.num_embeddings
-    m(_empty(n, d, dtype=m.dtype), timestep=torch.tensor(1, device="meta"), proj_embedding=_empty(n, d, dtype=m.dtype),
-      encoder_hidden_states=_empty(n, c, d, dtype=m.dtype), attention_mask=_empty(n, c, dtype=torch.bool))
-
-
-def _unet(m, n, h, w, text: int = 0, hint: bool = False):
-    import torch
-
-    cfg = m.config
-    cond = {"image_embeds": _empty(n, cfg.encoder_hid_dim if not text else cfg.cross_attention_dim, dtype=m.dtype)}
-    hidden = None
-    if text:  # Kandinsky 2.1: pooled text + hidden states of the MultilingualCLIP
-        cond["text_embeds"] = _empty(n, cfg.cross_attention_dim, dtype=m.dtype)
-        hidden = _empty(n, PROMPT_TOKENS["clip"], cfg.encoder_hid_dim, dtype=m.dtype)
-    if hint:  # ControlNet: the hint image at pixel size (8 x the latent)
-        cond["hint"] = _empty(n, 3, 8 * h, 8 * w, dtype=m.dtype)
-    m(sample=_empty(n, cfg.in_channels, h, w, dtype=m.dtype), timestep=torch.tensor(1, device="meta"),
-      encoder_hidden_states=hidden, added_cond_kwargs=cond, return_dict=False)
-
-
-def _unet3(m, n, h, w):
-    import torch
-
-    tokens, cfg = PROMPT_TOKENS["t5"], m.config
-    m(_empty(n, cfg.in_channels, h, w, dtype=m.dtype), torch.tensor(1, device="meta"),
-      encoder_hidden_states=_empty(n, tokens, cfg.encoder_hid_dim, dtype=m.dtype),
-      encoder_attention_mask=_empty(n, tokens, dtype=m.dtype), return_dict=False)
-
-
-def _text_tokens(m, n, h, w, tokens="clip"):
-    m(_empty(n, PROMPT_TOKENS[tokens]), attention_mask=_empty(n, PROMPT_TOKENS[tokens]))
-
-
-def _movq_decode(m, n, h, w):
-    m.decode(_empty(n, m.config.latent_channels, h, w, dtype=m.dtype), force_not_quantize=True)
-
-
-def _movq_encode(m, n, h, w):
-    m.encode(_empty(n, m.config.in_channels, 8 * h, 8 * w, dtype=m.dtype))
-
-
-def _depth(m, n, h, w):
-    m(pixel_values=_empty(n, 3, DEPTH_SIZE, DEPTH_SIZE, dtype=m.dtype))
-
-
-_unet_text = functools.partial(_unet, text=1)
-_unet_hint = functools.partial(_unet, hint=True)
-_t5 = functools.partial(_text_tokens, tokens="t5")
-
-
-def recipe(family: str, stage: str, tasks: set[str]) -> tuple[list[str], list[tuple[str, int, object]]]:
-    """(parts an actor of `stage` keeps loaded, [(part, rows per unit of batch size, call)]): the
-    forward calls at their largest. Rows scale with the stage's batch size B: classifier-free
-    guidance doubles the U-Net's and the text encoders' rows; the prior runs a row with a negative
-    prompt as two items, each guided (4B); images are encoded one at a time (0: a batch of 1)."""
-    if stage == "prior":
-        return (["prior_transformer", "text_encoder", "image_encoder"],  # the image encoder until init ends
-                [("text_encoder", 2, _clip_text), ("prior_transformer", 4, _prior), ("image_encoder", 0, _clip_image)])
-    if stage == "score":
-        return ["text_encoder", "image_encoder"], [("text_encoder", 1, _clip_text), ("image_encoder", 1, _clip_image)]
-    if stage == "hint":
-        return ["depth"], [("depth", 0, _depth)]
-    if stage == "encode":
-        return ["movq"], [("movq", 1, _movq_encode)]
-    if stage == "movq":
-        return ["movq"], [("movq", 1, _movq_decode)]
-    if stage == "text_encoder":  # Kandinsky 3's T5: prompts and negative prompts in one call
-        return ["text_encoder"], [("text_encoder", 2, _t5)]
-    if stage == "decoder" and family == "kandinsky3":
-        return ["decoder_unet"], [("decoder_unet", 2, _unet3)]
-    if stage == "decoder" and family == "kandinsky21":
-        return (["decoder_unet", "decoder_text_encoder"],
-                [("decoder_text_encoder", 2, _text_tokens), ("decoder_unet", 2, _unet_text)])
-    if stage == "decoder":
-        hinted = any(task.startswith("controlnet") for task in tasks)
-        return ["decoder_unet"], [("decoder_unet", 2, _unet_hint if hinted else _unet)]
-    raise ValueError(f"no memory model for stage {stage!r}")
 
 
 def _dtype(name: str):
@@ -286,9 +178,15 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)  # every family's parts, in two dtypes
 def _module(spec_json: str, dtype: str):
     return meta_module(json.loads(spec_json), _dtype(dtype))  # meta: holding it costs no memory
+
+
+def released_module(family: str, part: str, dtype: str = "bfloat16"):
+    """The released checkpoint's `part` of `family` on the meta device (cached): for parameter and
+    FLOP counts."""
+    return _module(json.dumps(reference_specs(family)[part], sort_keys=True), dtype)
 
 
 @functools.lru_cache(maxsize=128)
@@ -315,7 +213,7 @@ def estimate_stage(stage: str, family: str, specs: dict, *, dtype: str, batch_si
     multiple of 64) with `steps` denoising steps, its models in `dtype`."""
     h, w = -(-height // 64) * 8, -(-width // 64) * 8  # latent grid of the working size (MoVQ factor 8)
     specs = {**specs, "depth": DEPTH}
-    if "decoder_unet" in specs and family == "kandinsky22":
+    if "decoder_unet" in specs:  # the inpainting (9 channels) or ControlNet U-Net these tasks load
         specs["decoder_unet"] = decoder_variant(specs["decoder_unet"], tasks)
     parts, calls = recipe(family, stage, tasks)
     keys = {part: (json.dumps(specs[part], sort_keys=True), "float32" if part == "depth" else dtype) for part in parts}

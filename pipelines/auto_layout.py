@@ -10,9 +10,9 @@ layout). A config that sets any of them runs exactly as written.
   more actors than the cluster's memory holds (the stage memory model's weights and activations of
   one actor, with MEMORY_HEADROOM).
 - GPU (model.device cuda): the stage cost model's layout (pipelines/placement.py, `plan`) on the
-  cluster's GPUs: Kandinsky 2.2 from the reference FLOPs and the memory model for the cluster's GPU
-  type, which fuses the stages into one whole-GPU actor per GPU where they fit one GPU, else gives
-  each stage whole GPUs; the other families fused where they fit.
+  cluster's GPUs, for every family: the full-size models' FLOPs and the memory model for the
+  cluster's GPU type, which fuses the stages into one whole-GPU actor per GPU where they fit one GPU,
+  else gives each stage whole GPUs; jobs that also run `encode` or `hint` fused where they fit.
 
 Neither changes a row's bits: CPU actors keep the sections' thread count (1, as the fingerprint
 records it; fused stages give the same bytes as pools at the same thread counts), and GPU results do
@@ -59,28 +59,27 @@ def cpu_fields(config: JobConfig, stages: list[str], cluster: dict) -> dict:
 
 def gpu_update(config: JobConfig, stages: list[str], cluster: dict) -> dict | None:
     """The config update of the GPU layout, or None where the model cannot place this job."""
-    from kandinsky_engine.families import family_for
+    from kandinsky_engine.jobs.plan import DEFAULT_TFLOPS, flop_costs, placed_stages, with_memory_model
     from kandinsky_engine.pipelines.memory_fit import GPU_MEMORY, gpu_type
 
     gpus = int(cluster.get("GPU", 0))
     if gpus < 1:
         return None  # no GPU yet: check_resources says so
     kind = gpu_type(cluster)
-    if family_for(config).name == "kandinsky22" and set(stages) <= {"prior", "decoder", "movq"}:
-        from kandinsky_engine.jobs.plan import DEFAULT_TFLOPS, flop_costs, with_memory_model
+    if set(stages) <= set(placed_stages(config)):  # text2img jobs: the stage cost model
         from kandinsky_engine.pipelines.placement import gpu_layout
 
-        costs = flop_costs(config, DEFAULT_TFLOPS)
-        if kind is not None:
-            costs = with_memory_model(config, costs, kind)
         try:
+            costs = flop_costs(config, DEFAULT_TFLOPS)
+            if kind is not None:
+                costs = with_memory_model(config, costs, kind)
             layout = gpu_layout(costs, gpus)
-        except ValueError:
+        except ValueError:  # a stage no GPU of this type holds, or too few GPUs: check_resources says which
             return None
         overrides = layout.overrides()
         return {"fuse_stages": overrides.pop("fuse_stages"),
                 **{name: getattr(config, name).model_copy(update=fields) for name, fields in overrides.items()}}
-    if kind is not None:  # other families, or extra stages: fused where one GPU holds them
+    if kind is not None:  # extra stages (encode, hint): fused where one GPU holds them
         from kandinsky_engine.memory import CUDA_CONTEXT, GIB, WORKSPACE
         from kandinsky_engine.pipelines.placement import MEMORY_BUDGET
 

@@ -4,11 +4,13 @@ each reserves, so that the U-Net is never starved. Pure arithmetic, no Ray and n
 returns; a job that leaves its layout unset gets it from here too (pipelines/auto_layout.py).
 
 The model, stated once: a stage needs t seconds of one whole device per row (at its batch size),
-and actors that share a device share its time. N devices can never do better than
-N / (t_prior + t_decoder + t_movq) images/s (the ceiling). The layouts:
+and actors that share a device share its time. N devices can never do better than N / Σt images/s
+(the ceiling). The stages are a family's text2img stages, in order, keyed by their config sections:
+Kandinsky 2.2's and 2.1's `prior`, `decoder`, `movq`; Kandinsky 3's and 2.0's `text_encoder`,
+`decoder`, `movq` (the `decoder` is always the U-Net). The layouts:
 
 - **fused** (`fuse_stages`): every stage in one actor, one actor per GPU (or per `threads` CPU
-  cores). Each actor runs a block through prior, U-Net and MoVQ on its own device, so the devices
+  cores). Each actor runs a block through every stage on its own device, so the devices
   run at the ceiling, whatever the stages' shares, and there is nothing to pack: the best layout
   wherever one device holds every stage's models (memory, when known). It is what the engine
   measured fastest on CPUs, too (README, Benchmark).
@@ -25,9 +27,8 @@ known (estimated by the stage memory model for a GPU type, `plan --gpu-type`, or
 stage's share is at least its need over MEMORY_BUDGET, and its CUDA memory cap is its share; where
 only measured peaks are known, the caps are set on their own (`gpu_memory_fraction`).
 
-Only the text2img stages are placed (prior, decoder, MoVQ): jobs with image inputs or ControlNet
-rows also run `encode` or `hint`, which need a share taken from these (README, Real weights), or
-join the fused actor.
+Only the text2img stages are placed: jobs with image inputs or ControlNet rows also run `encode` or
+`hint`, which need a share taken from these (README, Real weights), or join the fused actor.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-STAGES = ("prior", "decoder", "movq")
 # Blocks Ray Data queues on each U-Net actor: at 2 the next block's inputs are fetched while the
 # actor computes, so the GPU does not idle between blocks; more would only queue blocks behind a
 # busy actor while another could take them. 2 is also Ray 2.60's default for actors that run one
@@ -187,7 +187,7 @@ def fused_layout(costs: dict[str, StageCost], devices: int, kind: str = "gpu") -
         if None not in needs and sum(needs) > MEMORY_BUDGET:
             return None
         actors, fields = devices, {"num_gpus": 1.0}
-        rule = f"fused stages: one actor per GPU ({devices}), each running prior, U-Net and MoVQ"
+        rule = f"fused stages: one actor per GPU ({devices}), each running {', '.join(costs)}"
     else:
         threads = costs["decoder"].threads
         actors = max(1, devices // threads)
@@ -200,21 +200,33 @@ def fused_layout(costs: dict[str, StageCost], devices: int, kind: str = "gpu") -
     return Layout(devices, kind, rule, stages, ceiling, fused=True)
 
 
+def compositions(total: int, parts: int):
+    """Every way to write `total` as `parts` counts of at least 1, in order."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
 def split_layout(costs: dict[str, StageCost], gpus: int) -> Layout:
-    """Each pool on whole GPUs: P prior, D U-Net and M MoVQ GPUs (P + D + M = N), the counts that
-    serve the most rows/s (min of P/t_prior, D/t_decoder, M/t_movq; more U-Nets on ties). No
-    fractional reservation, so no packing can strand an actor."""
-    if gpus < 3:
-        raise ValueError(f"a split layout needs at least 3 GPUs (one per stage), got {gpus}")
+    """Each pool on whole GPUs (a count per stage, summing to N): the counts that serve the most
+    rows/s (the min over stages of count / t; more U-Nets on ties). No fractional reservation, so no
+    packing can strand an actor."""
+    if gpus < len(costs):
+        raise ValueError(f"a split layout needs at least {len(costs)} GPUs (one per stage), got {gpus}")
     t = {name: c.seconds_per_row for name, c in costs.items()}
-    best = max(((p, gpus - p - m, m) for p in range(1, gpus - 1) for m in range(1, gpus - p)),
-               key=lambda c: (min(c[0] / t["prior"], c[1] / t["decoder"], c[2] / t["movq"]), c[1]))
-    counts = dict(zip(STAGES, best))
+    names = list(costs)
+    best = max(compositions(gpus, len(names)),
+               key=lambda c: (min(n / t[name] for n, name in zip(c, names)), c[names.index("decoder")]))
+    counts = dict(zip(names, best))
     stages = {name: StagePlacement(actors=counts[name], batch_size=costs[name].batch_size, num_gpus=1.0,
                                    rows_per_s=counts[name] / t[name],
                                    max_tasks_in_flight=UNET_IN_FLIGHT if name == "decoder" else None)
-              for name in STAGES}
-    rule = f"whole GPUs per stage: prior {best[0]}, U-Net {best[1]}, MoVQ {best[2]}"
+              for name in names}
+    rule = "whole GPUs per stage: " + ", ".join(f"{'U-Net' if name == 'decoder' else name} {counts[name]}"
+                                                 for name in names)
     return Layout(gpus, "gpu", rule, stages, gpus / sum(t.values()))
 
 

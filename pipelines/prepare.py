@@ -84,3 +84,17 @@ def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray |
         return pa.nulls(table.num_rows, type_)
     column = table[name]
     return column if column.type == type_ else pc.cast(column, type_)
+
+
+def prepared_batch(rows: list[dict], defaults: GenerationDefaults, unit: str = "local/0") -> dict:
+    """`rows` (dicts of manifest columns) as the first model stage receives them, outside Ray: tagged
+    as one unit as the read tags it, prepared, as numpy. For calling the stage classes directly
+    (`bench`'s stage loop, `plan`'s measurements)."""
+    from kandinsky_engine.columns import passthrough_fields
+    from kandinsky_engine.rows import numpy_batch
+
+    table = pa.Table.from_pylist(rows)
+    n = table.num_rows
+    for name, value in ((UNIT, unit), (ATTEMPT, 1), (DIGEST, "0" * 16), (UNIT_ROWS, n)):
+        table = table.append_column(name, pa.array([value] * n))
+    return numpy_batch(prepare_unit(table, row_errors={}, defaults=defaults, passthrough=passthrough_fields(table.schema)))

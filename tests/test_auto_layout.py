@@ -53,6 +53,24 @@ def test_gpu_default_comes_from_the_stage_cost_model(model_cache):
     assert resolve(gpu, USED, {"CPU": 8}) == gpu  # no GPU in the cluster: left for check_resources to refuse
 
 
+def test_gpu_default_places_every_family_by_its_own_stages(model_cache):
+    """Kandinsky 3's T5 and U-Net do not fit one A10G together: each stage gets whole GPUs, by its FLOPs (the
+    U-Net two of four at the defaults);
+    on an H100 they fit, fused. A T5 that no GPU of the cluster holds leaves the config as written
+    (check_resources then refuses it, naming the stage)."""
+    from kandinsky_engine.families import resolve_family
+
+    k3, _ = resolve_family(config(model_cache, model={"cache_dir": model_cache, "decoder": "tiny-k3", "device": "cuda",
+                                                      "dtype": "bfloat16"}, defaults={}))  # 1024x1024, 25 steps
+    stages = ["text_encoder", "decoder", "movq"]
+    split = resolve(k3, stages, {"CPU": 64, "GPU": 4, "accelerator_type:A10G": 4})
+    assert not split.fuse_stages and all(getattr(split, name).num_gpus == 1.0 for name in stages)
+    assert [getattr(split, name).actors for name in stages] == [1, 2, 1]
+    fused = resolve(k3, stages, {"CPU": 64, "GPU": 4, "accelerator_type:H100": 4})
+    assert fused.fuse_stages and (fused.decoder.actors, fused.decoder.num_gpus) == (4, 1.0)
+    assert resolve(k3, stages, {"CPU": 64, "GPU": 4, "accelerator_type:T4": 4}) == k3
+
+
 @pytest.mark.ray
 def test_a_job_without_a_layout_runs_fused_on_every_core(ray_cluster, model_cache, tmp_path):
     from kandinsky_engine.jobs.run import run_job

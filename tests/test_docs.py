@@ -1,5 +1,5 @@
-"""The README and docs/ link to files and headings that exist (GitHub's heading anchors), and say
-nothing of issues or of figures still to come."""
+"""The README and docs/ link to files and headings that exist (GitHub's heading anchors), say
+nothing of issues or of figures still to come, and hold the memory model's table as it prints it."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def test_no_text_refers_to_issues_or_promises_figures():
     stale = [f"{page.relative_to(ROOT)}: {line.strip()}" for page in PAGES for line in page.read_text().splitlines()
              if re.search(r"\bthe issue\b|\bissue \d+|figures go here|until the planned", line, flags=re.I)]
     assert stale == []
+
+
+def test_readme_memory_table_is_the_memory_models():
+    """The README's parameters and bf16 memory per stage are generated, never typed: the table as the
+    stage memory model prints it now (`python -m kandinsky_engine.memory_table`), every family's stages."""
+    from kandinsky_engine.families import FAMILIES
+    from kandinsky_engine.memory_table import table
+
+    printed = table()
+    assert printed in (ROOT / "README.md").read_text(), "regenerate it: python -m kandinsky_engine.memory_table"
+    for family in FAMILIES.values():
+        assert f"| {family.title} (" in printed

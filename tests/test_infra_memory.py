@@ -165,7 +165,7 @@ def test_attention_is_traced_as_the_gpu_runs_it():
 
 def test_every_family_is_modelled_and_kandinsky3_needs_a_gpu_for_its_t5():
     """Kandinsky 3's T5 encoder (16.2 GiB in bf16) fits a whole 22.5 GiB card and not half of one;
-    Kandinsky 2.1's stages are modelled too."""
+    Kandinsky 2.1's and 2.0's stages are modelled too (2.0's inpainting U-Net with its 9 channels)."""
     from kandinsky_engine.config import JobConfig
     from kandinsky_engine.pipelines.memory_fit import stage_fits
 
@@ -181,6 +181,11 @@ def test_every_family_is_modelled_and_kandinsky3_needs_a_gpu_for_its_t5():
     assert not stage_fits(half, ["text_encoder"], "A10G")[0].fits
     k21 = config.model_copy(update={"model": config.model.model_copy(update={"family": "kandinsky21"})})
     assert {f.stage for f in stage_fits(k21, ["prior", "decoder", "movq"], "L40S")} == {"prior", "decoder", "movq"}
+    k20 = config.model_copy(update={"model": config.model.model_copy(update={"family": "kandinsky20"})})
+    fits = {f.stage: f for f in stage_fits(k20, ["text_encoder", "encode", "decoder", "movq"], "L4")}
+    assert all(f.fits for f in fits.values()) and 1.3 < fits["text_encoder"].need.weights / GIB < 1.35
+    inpaint = k20.model_copy(update={"tasks": ["inpaint"]})
+    assert stage_fits(inpaint, ["decoder"], "L4")[0].need.weights > fits["decoder"].need.weights
 
 
 def test_gpu_type_from_the_cluster():
@@ -204,4 +209,9 @@ def test_job_specs_read_the_jobs_own_architecture(model_cache, tmp_path):
     remote = config.model_copy(update={"model": config.model.model_copy(update={"prior": str(tmp_path / "none")})})
     released = estimate_job(remote, "kandinsky22", ["prior"], job_specs(remote, "kandinsky22"))
     assert released["prior"].weights > 6 * GIB
+    k20 = config.model_copy(update={"model": config.model.model_copy(update={"decoder": "tiny-k20", "family": "kandinsky20"})})
+    specs = job_specs(k20, "kandinsky20")
+    assert set(specs) == {"text_encoder", "text_encoder_2", "text_head", "decoder_unet", "vae"}
+    tiny = estimate_job(k20, "kandinsky20", ["text_encoder", "decoder", "movq"], specs)
+    assert all(need.weights < 64 * 2**20 for need in tiny.values())  # its own config files, read
     assert Path(model_cache).exists()

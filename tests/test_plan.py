@@ -1,5 +1,6 @@
 """`kandinsky-batch plan`: the placement arithmetic (pipelines/placement.py), the FLOP estimate, the
-measured path on the tiny model on the CPU (no Ray), and the pinned tasks in flight reaching Ray."""
+measured path on the tiny model on the CPU (no Ray), every family's own stages (measured, from FLOPs,
+fitted to a GPU type's memory), and the pinned tasks in flight reaching Ray."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import yaml
 
 from kandinsky_engine.jobs.plan import flop_costs
 from kandinsky_engine.config import JobConfig, StageConfig
-from kandinsky_engine.pipelines.placement import (MEMORY_BUDGET, STAGES, StageCost, cpu_layout, gpu_layout, memory_caps,
-                                 pooled_cpu_layout, shared_layout, split_layout)
+from kandinsky_engine.pipelines.placement import (MEMORY_BUDGET, StageCost, cpu_layout, gpu_layout, memory_caps,
+                                                  pooled_cpu_layout, shared_layout, split_layout)
 
 from .conftest import FAST, TINY, make_config
 
+STAGES = ("prior", "decoder", "movq")  # Kandinsky 2.2's placed stages
 # The issue's shares of one image's GPU time (U-Net 94%, prior 4%, MoVQ 2%), in seconds per row.
 ISSUE = {"prior": StageCost(0.04, 8), "decoder": StageCost(0.94, 8), "movq": StageCost(0.02, 8)}
 EPS = 1e-9
@@ -23,14 +25,21 @@ EPS = 1e-9
 def reference_costs() -> dict[str, StageCost]:
     config = JobConfig.model_validate({
         "input": {"manifest": "m.parquet"}, "output": {"path": "out"},
-        "model": {"device": "cuda", "dtype": "bfloat16"},
+        "model": {"device": "cuda", "dtype": "bfloat16", "family": "kandinsky22"},
         "defaults": {"width": 768, "height": 768, "num_inference_steps": 50, "prior_num_inference_steps": 25}})
     return flop_costs(config, tflops=100.0)
 
 
 def test_flop_estimate_matches_the_reference_figures():
+    """The FLOPs counted on the meta device (kandinsky_engine/flops.py) are the reference file's, stage by stage."""
+    from kandinsky_engine.families.kandinsky22.fullsize import configs
+
+    ref = configs()["_flops_768"]
     costs = reference_costs()
     tflop = {name: c.seconds_per_row * 100.0 for name, c in costs.items()}  # seconds x 100 TFLOP/s
+    assert tflop == pytest.approx({"prior": 2 * (25 * ref["prior_forward_gflop"] + ref["clip_text_gflop"]) / 1e3,
+                                   "decoder": 2 * 50 * ref["unet_forward_per_sample_gflop"] / 1e3,
+                                   "movq": ref["movq_decode_per_image_gflop"] / 1e3}, rel=1e-3)
     assert sum(tflop.values()) == pytest.approx(212.6, abs=0.05)  # the reference file's per-image figure
     shares = {name: t / sum(tflop.values()) for name, t in tflop.items()}
     assert shares == pytest.approx({"prior": 0.0396, "decoder": 0.9374, "movq": 0.0230}, abs=5e-4)
@@ -167,8 +176,109 @@ def test_plan_refuses_a_device_that_does_not_match(tiny_job, capsys):
     assert "model.device is 'cpu'" in capsys.readouterr().err
     assert main(["plan", str(tiny_job), "--cpus", "4", "--from-flops"]) == 2
     assert "use it with --gpus" in capsys.readouterr().err
-    assert main(["plan", str(tiny_job), "--cpus", "4", "--set", "model.decoder=tiny-k3"]) == 2
-    assert "a Kandinsky 3 model, which it does not place yet" in capsys.readouterr().err
+    # bench_gpu.py measures Kandinsky 2.2's stages: another family's plan names what it can use instead.
+    assert main(["plan", str(tiny_job), "--gpus", "2", "--from-measured", "none.json", "--set", "model.decoder=tiny-k3",
+                 "--set", "model.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "Kandinsky 3 job" in err and "--from-flops" in err
+
+
+# Each family's tiny model, and the config sections of the stages its plan places, in order.
+FAMILY_MODELS = {
+    "kandinsky21": ({"prior": "tiny-k21", "decoder": "tiny-k21"}, ("prior", "decoder", "movq")),
+    "kandinsky3": ({"decoder": "tiny-k3"}, ("text_encoder", "decoder", "movq")),
+    "kandinsky20": ({"decoder": "tiny-k20"}, ("text_encoder", "decoder", "movq")),
+}
+
+
+def family_job(model_cache: str, tmp_path, family: str):
+    """A job config file on the family's tiny model, its stage sections with batch sizes only."""
+    model, stages = FAMILY_MODELS[family]
+    path = tmp_path / f"{family}.yaml"
+    sizes = dict(zip(stages, (2, 4, 2)))
+    path.write_text(yaml.safe_dump({
+        "input": {"manifest": "m.parquet"}, "output": {"path": "out"}, "model": {"cache_dir": model_cache, **model},
+        "defaults": dict(FAST), **{name: {"batch_size": size, "torch_threads": 1} for name, size in sizes.items()}}))
+    return path
+
+
+def load_as_family(path, family: str):
+    """The job config in `path` as a run resolves it; it must be of `family`."""
+    from kandinsky_engine.config import load_config
+    from kandinsky_engine.families import resolve_family
+
+    config, resolved = resolve_family(load_config(path))
+    assert resolved.name == family
+    return config
+
+
+@pytest.mark.parametrize("family", FAMILY_MODELS)
+def test_every_family_is_measured_on_its_own_stages_and_written_as_its_sections(family, model_cache, tmp_path,
+                                                                                 capsys):
+    from kandinsky_engine.jobs.cli import main
+
+    _, stages = FAMILY_MODELS[family]
+    job, out = family_job(model_cache, tmp_path, family), tmp_path / "plan.yaml"
+    assert main(["plan", str(job), "--cpus", "2", "--repeats", "1", "--write", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["seconds_per_row"]) == list(stages) and all(t > 0 for t in report["seconds_per_row"].values())
+    assert report["kind"] == "cpu" and report["fuse_stages"] is True and report["images_per_s"] > 0
+    sections = yaml.safe_load(out.read_text())
+    assert list(sections) == ["fuse_stages", *stages]  # the sections this family's config uses
+    # Merged into the job's config (the --write header says: they replace the same keys), it is a job of the family.
+    data = yaml.safe_load(job.read_text())
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(yaml.safe_dump({**data, **{k: v if k == "fuse_stages" else {**data[k], **v}
+                                                for k, v in sections.items()}}))
+    config = load_as_family(merged, family)
+    assert config.fuse_stages and (config.decoder.actors, config.decoder.threads()) == (2, 1)
+    assert [getattr(config, name).batch_size for name in stages] == [2, 4, 2]  # the job's own, as measured
+
+
+@pytest.mark.parametrize("family, gpu, gpus, fused", [("kandinsky21", "L4", 8, True), ("kandinsky20", "T4", 8, True),
+                                                     ("kandinsky3", "A10G", 4, False)])
+def test_every_family_is_placed_from_its_flops_within_a_gpu_types_memory(family, gpu, gpus, fused, model_cache,
+                                                                         tmp_path, capsys):
+    """The released models' FLOPs and memory: Kandinsky 2.1 and 2.0 fit one GPU fused; Kandinsky 3's T5
+    (16.25 GiB) and U-Net do not fit one A10G together, so each stage gets whole GPUs."""
+    from kandinsky_engine.jobs.cli import main
+
+    _, stages = FAMILY_MODELS[family]
+    job, out = family_job(model_cache, tmp_path, family), tmp_path / "full.yaml"
+    assert main(["plan", str(job), "--gpus", str(gpus), "--from-flops", "--gpu-type", gpu, "--set", "model.device=cuda",
+                 "--write", str(out), "--full", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["stages"]) == list(stages) and report["fuse_stages"] is fused
+    assert all(0 < share < 0.9 for share in report["memory_share"].values())  # each fits a whole GPU
+    if not fused:
+        assert sum(s["actors"] for s in report["stages"].values()) == gpus
+        assert all(s["num_gpus"] == 1.0 for s in report["stages"].values())
+        assert sum(report["memory_share"].values()) > 0.9  # why they are not fused
+    config = load_as_family(out, family)  # --full: the whole config, a job of the family
+    assert config.model.device == "cuda" and config.fuse_stages is fused
+    assert config.decoder.actors == (gpus if fused else report["stages"]["decoder"]["actors"])
+
+
+def test_a_gpu_too_small_for_a_stage_is_refused_naming_it(model_cache, tmp_path, capsys):
+    """Kandinsky 3's T5 encoder (17 GiB with its context) fits no T4 (15 GiB): no layout can place it."""
+    from kandinsky_engine.jobs.cli import main
+
+    job = family_job(model_cache, tmp_path, "kandinsky3")
+    assert main(["plan", str(job), "--gpus", "8", "--from-flops", "--gpu-type", "T4", "--set", "model.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no layout fits one T4" in err and "text_encoder needs 17." in err
+    assert "decoder needs" not in err  # the U-Net fits
+
+
+def test_flops_of_kandinsky20_are_the_released_models():
+    """The counts of the released configuration docs/kandinsky20.md states (512x512, one forward each)."""
+    from kandinsky_engine.flops import stage_gflop
+
+    config = JobConfig.model_validate({
+        "input": {"manifest": "m"}, "output": {"path": "o"}, "model": {"decoder": "x", "family": "kandinsky20"},
+        "defaults": {"width": 512, "height": 512, "num_inference_steps": 1, "guidance_scale": 1.0}})
+    gflop = stage_gflop(config, "kandinsky20", ["text_encoder", "encode", "decoder", "movq"])
+    assert gflop == pytest.approx({"text_encoder": 50.5, "encode": 1116.7, "decoder": 869.7, "movq": 2514.5}, abs=0.05)
 
 
 def test_stage_args_pass_tasks_in_flight_only_when_set(model_cache, tmp_path):

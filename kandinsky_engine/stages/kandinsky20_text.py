@@ -2,7 +2,7 @@
 text head: the prompt through both encoders (M-CLIP, an XLM-RoBERTa-large with a linear map of its masked
 mean; the mT5-small encoder), each tokenized to 77 tokens with padding, then the text head
 (families/kandinsky20/text_head.py) -> cross-attention context (154, D) and pooled embedding (E,).
-Its own stage (config section `text_encoder`): the two encoders hold 0.86B parameters on the real model."""
+Its own stage (config section `text_encoder`); its parameters and memory: the README's table (Real weights)."""
 
 from __future__ import annotations
 
