@@ -30,8 +30,8 @@ class FingerprintMismatch(RuntimeError):
 
 def fingerprint_inputs(config: JobConfig, schema, weights: dict[str, str]) -> dict:
     """What a row's pixels and the output's shape depend on besides the row itself. `schema`: the
-    manifest's unified schema (it decides the output schema); `weights`:
-    identity.weights_digests(config.model). The manifest's files and row count are not in it: a
+    manifest's unified schema (it decides the output schema); `weights`: identity.weights_digests of
+    the job's model sources as the driver resolved them. The manifest's files and row count are not in it: a
     manifest location that receives new files is the same job, and each file's identity is in its
     units' digests (kandinsky_engine/units.py)."""
     model = config.model

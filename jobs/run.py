@@ -17,7 +17,7 @@ from kandinsky_engine.identity import model_identity, weights_digests
 from kandinsky_engine.manifest import ManifestError, plan_files, unified_schema, validate_manifest
 from kandinsky_engine.units import limit_stops
 from kandinsky_engine.model_cache import check_cache_dir
-from kandinsky_engine.models import check_source
+from kandinsky_engine.models import resolve_sources
 from kandinsky_engine.text_manifest import publish
 from kandinsky_engine.storage import access_checked, ensure_dir, remove_file, remove_tree, url_to_fs
 from kandinsky_engine.pipelines.auto_layout import auto_layout
@@ -88,14 +88,14 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         check_target(config, overwrite=overwrite, unowned=overwrite_unowned, config_file=config_file)
     # Hub ids become repo@commit first (the decoder names the family), so the hub is asked once per id.
     config = config.model_copy(update={"model": pin(config.model, ("decoder",))})
-    # Builds 'tiny' once, checks local dirs; a remote dir is listed, not downloaded (actors do that).
-    check_source(config.model.decoder, "decoder", config.model.cache_dir, config.storage_options)
+    # Each model source is resolved once, here: checked ('tiny' built, local dirs checked; a remote dir is
+    # listed, not downloaded: actors do that) and identified. The fingerprint and the stages take the values.
+    decoder = resolve_sources(config.model, ("decoder",), config.storage_options)
     device_was_auto = config.model.device == "auto"
     config, family = resolve_family(config)  # the decoder's pipeline names it; from here on, the stages' config
     parts = family.used_parts(config.model, config.storage_options)
     config = config.model_copy(update={"model": pin(config.model, parts)})
-    if "prior" in parts:
-        check_source(config.model.prior, "prior", config.model.cache_dir, config.storage_options)
+    sources = resolve_sources(config.model, parts, config.storage_options, resolved=decoder)
     if tiny := [p for p in parts if getattr(config.model, p).startswith("tiny")]:
         log.warning("model.%s: the tiny random model (offline tests and the demo): its images are noise; name "
                     "real weights for real images (the default is the released Kandinsky 2.2)", "/".join(tiny))
@@ -105,7 +105,7 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
         if torch.cuda.is_available():  # 'auto' is cuda only where the config reserves GPUs (device.resolve_auto)
             log.warning("model.device auto resolved to cpu (no stage reserves a GPU), but this machine has %s: set "
                         "model.device: cuda for the engine's GPU layout", torch.cuda.get_device_name(0))
-    weights = weights_digests(config.model, config.storage_options, parts)
+    weights = weights_digests(sources)
     inputs = fingerprint_inputs(config, schema_in, weights)
     with access_checked(config.output.path, config.storage_options, "checking output"):
         path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run)
@@ -132,8 +132,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
             with access_checked(config.output.path, config.storage_options, "checking output"):
                 path, mode = choose_output(config, inputs, overwrite=overwrite, new_run=new_run,
                                            allow_device_change=allow_device_change)
-        return _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, limit=limit,
-                    recompute_changed=recompute_changed, check_shards=check_shards, dry_run=dry_run,
+        return _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, sources=sources,
+                    limit=limit, recompute_changed=recompute_changed, check_shards=check_shards, dry_run=dry_run,
                     console=console, cleanup=cleanup)
     finally:
         cleanup.close()
@@ -141,8 +141,8 @@ def run_job(config: JobConfig, *, address: str | None = None, overwrite: bool = 
             lease.release()
 
 
-def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, *, limit, recompute_changed,
-         check_shards, dry_run, console, cleanup) -> dict:
+def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_startup_s, *, sources, limit,
+         recompute_changed, check_shards, dry_run, console, cleanup) -> dict:
     import ray
 
     from kandinsky_engine.pipelines.generate import IO_CPUS, build_generation, check_resources
@@ -218,7 +218,7 @@ def _run(config, path, mode, fs, root, manifest, inputs, weights, lease, ray_sta
                      config.output, progress=progress and progress.counter, lease_owner=lease.owner)
     ray_data_stats = None
     if state.rows_todo:
-        ds = build_generation(config, manifest, state.plans, progress=progress.counter)
+        ds = build_generation(config, manifest, state.plans, sources, progress=progress.counter)
         try:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_CPUS})
         except BaseException:

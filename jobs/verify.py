@@ -202,6 +202,7 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
     from kandinsky_engine.columns import output_schema
     from kandinsky_engine.identity import weights_digests
     from kandinsky_engine.manifest import validate_manifest
+    from kandinsky_engine.models import resolve_sources
 
     from .resume import differences, fingerprint, fingerprint_inputs, read_run
 
@@ -215,8 +216,9 @@ def verify(path: str, *, config=None, deep: bool = True) -> Check:
         return Check(problems=[f"{path}/_RUN.json records no config (older version): pass --config JOB.yaml"])
     config, family = job_config(path, run, config)
     manifest = validate_manifest(config, rehash=True)  # the bytes, never the digest cache
-    weights = weights_digests(config.model, config.storage_options, family.used_parts(config.model, config.storage_options),
-                              rehash=True)
+    parts = family.used_parts(config.model, config.storage_options)
+    sources = resolve_sources(config.model, parts, config.storage_options, rehash=True, hub_configs=False)
+    weights = weights_digests(sources)
     inputs = fingerprint_inputs(config, manifest.schema, weights)
     problems = []
     if fingerprint(inputs) != run["fingerprint"]:

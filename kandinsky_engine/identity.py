@@ -6,8 +6,9 @@ models; the weights digest also goes into every output row (`prior_model` etc.).
 - A local directory (and the tiny model): sha256 over every file `from_pretrained` reads
   (safetensors, configs, vocabularies), through the digest cache below, so a 5 GB decoder is
   hashed once a day, not on every run.
-- A remote directory: its listing with ETags / checksums (model_cache.remote_listing), which is
-  what the per-node mirror is verified against; nothing is downloaded.
+- A remote directory: its listing with ETags / checksums (the one the driver resolved it with,
+  model_cache.remote_source), which is what the per-node mirror is verified against; nothing is
+  downloaded.
 - A hub id: the commit its branch or tag names now (kandinsky_engine/hub.py), from the hub or the
   local Hugging Face cache; one that can be had from neither is an error, never a guess.
 
@@ -33,8 +34,8 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import ModelConfig
-from .hub import is_hub_source, resolve_commit, split_revision
-from .model_cache import COPIED, VERSION_FIELDS, is_remote, remote_listing
+from .hub import resolve_commit, split_revision
+from .model_cache import COPIED, VERSION_FIELDS, ResolvedSource
 from .storage import is_http, is_local, is_object_store, redact_url
 
 # What identifies a file's version over http(s), strongest first; Last-Modified (one-second
@@ -44,7 +45,6 @@ HTTP_VERSION_FIELDS = ("ETag", "Content-MD5", "Digest", "Last-Modified")
 # Libraries whose version can change pixels: the maths (torch), the pipelines' semantics
 # (diffusers, transformers) and the encoders (Pillow: PNG/JPEG/WebP bytes, resizing).
 LIBRARIES = ("torch", "diffusers", "transformers", "Pillow")
-PARTS = ("prior", "decoder", "depth")  # Kandinsky 2.2's; a family names its own
 
 
 def library_versions() -> dict[str, str]:
@@ -144,27 +144,23 @@ def file_stamp(fs, name: str, info: dict | None = None) -> tuple:
     return info.get("size"), next((str(info[k]) for k in fields if info.get(k) not in (None, "")), "")
 
 
-def weights_digest(source: str, part: str, cache_dir: str, storage_options: dict | None = None,
-                   max_age_s: float = 86400.0, rehash: bool = False, revision: str | None = None) -> str:
-    """The identity of the weights behind a model source, hex sha256 (of the files, the remote
-    listing, or a hub id's commit). hub.HubUnavailable when a hub id's commit cannot be had."""
-    from .models import resolve_source
-
-    if is_remote(source):
-        listing = remote_listing(source, storage_options, require_index=part != "depth")
-        return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-    if is_hub_source(source):  # its commit names its files exactly; nothing is downloaded to say so
-        commit = resolve_commit(source, revision)
-        return hashlib.sha256(f"hub:{split_revision(source)[0]}@{commit}".encode()).hexdigest()
-    return directory_digest(resolve_source(source, part, cache_dir, storage_options), cache_dir, max_age_s, rehash)
+def weights_digest(source: ResolvedSource, cache_dir: str, max_age_s: float = 86400.0, rehash: bool = False,
+                   revision: str | None = None) -> str:
+    """The identity of the weights behind a resolved model source (models.check_source), hex sha256:
+    of the remote listing, of a hub id's commit (`revision`: model.revision), or of the files of a
+    local directory or the tiny model. hub.HubUnavailable when a hub id's commit cannot be had."""
+    if source.kind == "remote":
+        return hashlib.sha256(json.dumps(source.listing, sort_keys=True).encode()).hexdigest()
+    if source.kind == "hub":  # its commit names its files exactly; nothing is downloaded to say so
+        commit = resolve_commit(source.spec, revision)
+        return hashlib.sha256(f"hub:{split_revision(source.spec)[0]}@{commit}".encode()).hexdigest()
+    return directory_digest(source.path, cache_dir, max_age_s, rehash)
 
 
-def weights_digests(model: ModelConfig, storage_options: dict | None = None,
-                    parts: tuple[str, ...] = PARTS, rehash: bool = False) -> dict[str, str]:
-    """{part: digest} of the model parts a job's family reads (families.Family.parts). `rehash`:
-    read every local file again (verify)."""
-    return {part: weights_digest(getattr(model, part), part, model.cache_dir, storage_options,
-                                 model.digest_max_age_s, rehash, model.revision) for part in parts}
+def weights_digests(sources: dict[str, ResolvedSource]) -> dict[str, str]:
+    """{part: digest} of the resolved model parts a job reads (models.resolve_sources): what the run
+    fingerprint and every row's *_model columns record."""
+    return {part: source.digest for part, source in sources.items()}
 
 
 def model_identity(model: ModelConfig, digests: dict[str, str]) -> dict[str, str]:

@@ -1,15 +1,20 @@
 """Model directories on object storage, mirrored once per node into the local model cache.
 
-`mirror(url, cache_dir, storage_options)` copies a remote diffusers/transformers directory
-(s3://, gs://, anything fsspec knows) to `{cache_dir}/remote/{url key}/{listing key}` and returns
-that local path, which `from_pretrained` then reads like any other directory.
+`remote_source(url, part, storage_options)` resolves a remote diffusers/transformers directory
+(s3://, gs://, anything fsspec knows) into a `ResolvedSource`: its filesystem, root and listing, one
+LIST. The driver resolves each model source once (models.check_source); the stages' actors take that
+value, and `mirror(source, cache_dir, storage_options)` copies the listed files to
+`{cache_dir}/remote/{url key}/{listing key}` and returns that local path, which `from_pretrained`
+then reads like any other directory.
 
 - Safetensors only: configs, tokenizer/processor files and `*.safetensors` are copied; pickle
   weights are never copied, and a folder whose only weights are pickles is refused up front
   with a message naming it (better than a from_pretrained error inside an actor on the cluster).
-- Verified: the remote listing (path, size, ETag/checksum) is recorded in a manifest written
-  last; every use re-lists the remote (one LIST) and checks the local sizes, so a changed
-  remote or a truncated local file means a fresh download.
+- Verified: the listing (path, size, ETag/checksum) is recorded in a manifest written last; every
+  use checks the local copy against the resolved listing (manifest and sizes), so a truncated local
+  file means a fresh download, and a remote changed since the driver listed it is either not read
+  (the copy of the listed version is used: the version the run was fingerprinted with) or refused
+  when it must be downloaded (the files fetched no longer match the listing).
 - Atomic: files are fetched into a `.tmp-*` folder beside the target and renamed into place;
   a crash leaves only that folder, which is never trusted and is removed by the next download.
 - Once per node: a file lock per URL; concurrent actors wait for the first and reuse its copy.
@@ -26,8 +31,10 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+import fsspec
 
 from .storage import options_for, protocol, redact, redact_url, url_to_fs
 
@@ -47,6 +54,25 @@ LOCAL_PROTOCOLS = ("file", "local")
 class ModelSourceError(ValueError):
     """A remote model directory cannot be used; the message says why (credentials redacted).
     A ValueError, like the other configuration errors the CLI reports without a traceback."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """One model source (`model.prior`, `model.decoder`, `model.depth`) resolved once: what the driver's
+    checks, the run fingerprint and the stages' loaders take (models.check_source makes it). It travels
+    to the actors in their constructor arguments, as the job config (storage_options) does: the spec
+    and the filesystem (whose options hold credentials) stay out of its repr, and so out of logs."""
+
+    spec: str = field(repr=False)  # as configured (a hub id pinned to repo@commit)
+    part: str  # 'prior', 'decoder' or 'depth'
+    kind: str  # 'tiny', 'local', 'remote' or 'hub'
+    # remote: the root on `fs`; tiny and local: the folder; hub: its configs' snapshot on the driver's
+    # machine (a node reads its own: models.local_dir)
+    path: str
+    name: str  # the spec without credentials (storage.redact_url): for messages
+    digest: str = ""  # hex sha256 of the weights (identity.weights_digest): what the fingerprint records
+    listing: dict | None = field(default=None, repr=False)  # remote: {relative path: {size, version}}
+    fs: fsspec.AbstractFileSystem | None = field(default=None, repr=False, compare=False)  # remote only
 
 
 @dataclass
@@ -79,19 +105,41 @@ def _version(info: dict) -> str | None:
     return next((str(info[k]) for k in VERSION_FIELDS if info.get(k) not in (None, "")), None)
 
 
-def remote_listing(url: str, storage_options: dict | None = None, require_index: bool = True) -> dict[str, dict]:
-    """{relative path: {size, version}} of the files that would be copied; refuses unusable dirs.
-
-    `require_index`: a diffusers pipeline directory (prior, decoder) must have model_index.json.
-    """
+def remote_source(url: str, part: str, storage_options: dict | None = None) -> ResolvedSource:
+    """A remote model directory resolved (one LIST): its filesystem, root and listing of the files
+    that would be copied; unusable directories are refused. A diffusers pipeline directory (prior,
+    decoder) must have model_index.json; a depth estimator's need not. Not yet identified (digest)."""
     name = redact_url(url)
+    fs, root = _filesystem(url, name, storage_options)
+    listing = _listing(fs, root, name, storage_options, require_index=part != "depth")
+    return ResolvedSource(url, part, "remote", root, name, listing=listing, fs=fs)
+
+
+def remote_listing(url: str, storage_options: dict | None = None, require_index: bool = True) -> dict[str, dict]:
+    """{relative path: {size, version}} of the files that would be copied, as `remote_source` lists
+    them (stage-model selects and checks what it uploads with it)."""
+    name = redact_url(url)
+    return _listing(*_filesystem(url, name, storage_options), name, storage_options, require_index)
+
+
+def _filesystem(url: str, name: str, storage_options: dict | None):
     try:
-        fs, root = url_to_fs(url, storage_options)
+        return url_to_fs(url, storage_options)
+    except Exception as exc:  # bad options, an unknown protocol
+        raise _unlistable(name, exc, storage_options) from None
+
+
+def _unlistable(name: str, exc: Exception, storage_options: dict | None) -> ModelSourceError:
+    # permissions, endpoint, bad bucket name...
+    return ModelSourceError(redact(f"model {name}: cannot list ({type(exc).__name__}: {exc})", storage_options))
+
+
+def _listing(fs, root: str, name: str, storage_options: dict | None, require_index: bool) -> dict[str, dict]:
+    try:
         fs.invalidate_cache(root)  # filesystem instances are shared: never trust a cached listing here
         found = fs.find(root, detail=True)
-    except Exception as exc:  # permissions, endpoint, bad bucket name...
-        message = f"model {name}: cannot list ({type(exc).__name__}: {exc})"
-        raise ModelSourceError(redact(message, storage_options)) from None
+    except Exception as exc:
+        raise _unlistable(name, exc, storage_options) from None
     listing, pickles, weights = {}, set(), set()
     prefix = root.rstrip("/") + "/"
     for path, info in found.items():
@@ -152,12 +200,13 @@ def _complete(target: Path, listing: dict) -> bool:
                for rel, meta in listing.items())
 
 
-def mirror(url: str, cache_dir: str | os.PathLike, storage_options: dict | None = None,
-           require_index: bool = True) -> Mirror:
+def mirror(source: ResolvedSource, cache_dir: str | os.PathLike, storage_options: dict | None = None) -> Mirror:
+    """The local copy of the remote `source` at the version it was resolved with (its listing): a
+    verified hit lists nothing; a download fetches the listed files and lists once more to check them."""
     from filelock import FileLock, Timeout
 
-    listing = remote_listing(url, storage_options, require_index)
-    folder = url_folder(url, cache_dir, storage_options)
+    listing = source.listing
+    folder = url_folder(source.spec, cache_dir, storage_options)
     target = folder / _key(json.dumps(listing, sort_keys=True))
     if _complete(target, listing):
         return Mirror(str(target), 0)
@@ -166,20 +215,20 @@ def mirror(url: str, cache_dir: str | os.PathLike, storage_options: dict | None 
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("model %s: another process is downloading it; waiting", redact_url(url))
+        log.info("model %s: another process is downloading it; waiting", source.name)
         lock.acquire()  # flock: released by the OS if its holder dies
     try:
         if _complete(target, listing):  # the process we waited for fetched it
             return Mirror(str(target), 0)
-        return Mirror(str(target), _download(url, storage_options, listing, folder, target))
+        return Mirror(str(target), _download(source, storage_options, folder, target))
     finally:
         lock.release()
 
 
-def _download(url: str, storage_options: dict | None, listing: dict, folder: Path, target: Path) -> int:
+def _download(source: ResolvedSource, storage_options: dict | None, folder: Path, target: Path) -> int:
     """Fetch into a temporary folder, verify, write the manifest last, rename into place. Runs
     under the URL's lock, so any `.tmp-*` folder found here is a crashed download."""
-    name = redact_url(url)
+    name, listing, fs = source.name, source.listing, source.fs
     for stale in folder.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)  # incomplete or tampered: never trusted
@@ -188,14 +237,16 @@ def _download(url: str, storage_options: dict | None, listing: dict, folder: Pat
     total = sum(meta["size"] for meta in listing.values())
     log.info("model %s: downloading %d files (%.1f MB)", name, len(listing), total / 1e6)
     try:
-        fs, root = url_to_fs(url, storage_options)
         rels = sorted(listing)
         for rel in rels:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
             # Lists, not a loop: async filesystems (s3fs, gcsfs) fetch the files concurrently.
-            fs.get([f"{root.rstrip('/')}/{rel}" for rel in rels], [str(tmp / rel) for rel in rels])
-            after = remote_listing(url, storage_options, require_index=False)
+            fs.get([f"{source.path.rstrip('/')}/{rel}" for rel in rels], [str(tmp / rel) for rel in rels])
+            # Listed again, and needed: a GET names no version, so only a listing taken after the fetch
+            # tells that the bytes are the listed version's (an overwrite with equal sizes, during the
+            # download or since the driver resolved the source, changes the ETags).
+            after = _listing(fs, source.path, name, storage_options, require_index=False)
         except ModelSourceError:
             raise
         except Exception as exc:
@@ -205,7 +256,8 @@ def _download(url: str, storage_options: dict | None, listing: dict, folder: Pat
         if short:
             raise ModelSourceError(f"model {name}: downloaded files have the wrong size: {', '.join(short[:5])}")
         if after != listing:
-            raise ModelSourceError(f"model {name} changed while it was being downloaded; run again")
+            raise ModelSourceError(f"model {name} changed since the job listed it (before or while it was being "
+                                   "downloaded); run again")
         (tmp / MANIFEST).write_text(json.dumps({"url": name, "files": listing}, indent=1, sort_keys=True))
         os.rename(tmp, target)
     finally:

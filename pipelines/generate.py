@@ -133,9 +133,11 @@ def check_resources(config: JobConfig, manifest: Manifest, cluster: dict) -> Non
         raise ValueError(f"stage actors reserve {gpus:g} GPUs but the Ray cluster has {have_gpus:g}")
 
 
-def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan], progress=None) -> Dataset:
-    """The plan for the run's units (`plans`: per manifest file, which units, which rows). `progress`:
-    the run's CommitCounter actor (pipelines/progress.py), told which stages load and when each has."""
+def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan], sources: dict,
+                     progress=None) -> Dataset:
+    """The plan for the run's units (`plans`: per manifest file, which units, which rows). `sources`: the
+    model sources as the driver resolved them (models.resolve_sources), which every stage loads from.
+    `progress`: the run's CommitCounter actor (pipelines/progress.py), told which stages load and when each has."""
     source = ManifestUnits(plans, config.rows_per_block(), config.storage_options)
     ds = ray.data.read_datasource(source, num_cpus=IO_CPUS, override_num_blocks=len(source.get_read_tasks(-1)))
     # A unit must reach the writer whole (see ShardSink.write); Ray splits blocks above this size.
@@ -152,6 +154,7 @@ def build_generation(config: JobConfig, manifest: Manifest, plans: list[FilePlan
         progress.expect.remote([cls.__name__ for _, cls, _, _ in stages])
     # The MoVQ hands raw pixels on: they are encoded below, off the model actors.
     extra = lambda cls, kwargs: {**kwargs, "encode": False} if issubclass(cls, MovqStage) else kwargs  # noqa: E731
+    stages = [(name, cls, stage, {**kwargs, "sources": sources}) for name, cls, stage, kwargs in stages]
     if config.fuse_stages:
         fused = fused_config(config, stages)
         args = stage_args(None, config.decoder, fused)

@@ -66,8 +66,8 @@ def test_snapshot_stages_and_loads_as_an_s3_model(s3, tiny_root, tmp_path, optio
 
     url = f"s3://{PREFIX}/prior"
     cache = tmp_path / "cache"
-    check_source(url, "prior", str(cache), options)  # the driver's check
-    local = Path(mirror(url, str(cache), options).path)  # what an actor loads
+    resolved = check_source(url, "prior", str(cache), options)  # the driver's check
+    local = Path(mirror(resolved, str(cache), options).path)  # what an actor loads
     assert {rel: data for rel, data in files(local).items() if not rel.startswith(".")} == source
 
     from diffusers import PriorTransformer

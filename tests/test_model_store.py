@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kandinsky_engine.config import ModelConfig
-from kandinsky_engine.model_cache import MANIFEST, ModelSourceError, mirror, url_folder
+from kandinsky_engine.model_cache import MANIFEST, ModelSourceError, mirror, remote_source, url_folder
 from kandinsky_engine.identity import model_identity
 from kandinsky_engine.families import supported_tasks
 from kandinsky_engine.models import check_source, resolve_source
@@ -53,6 +53,11 @@ def server_gets():
 def copy_remote(fs, src: str, dst: str) -> str:
     fs.copy(f"{BUCKET}/{src}", f"{BUCKET}/{dst}", recursive=True)
     return f"s3://{BUCKET}/{dst}"
+
+
+def mirrored(url: str, cache, options):
+    """What an actor does with a decoder URL the driver resolved just now (one listing): its mirror."""
+    return mirror(remote_source(url, "decoder", options), cache, options)
 
 
 def local_files(root: str) -> dict[str, int]:
@@ -111,13 +116,49 @@ def test_driver_checks_remote_models_without_downloading(remote, tmp_path):
         check_source(f"s3://{BUCKET}/decoder/unet", "decoder", str(tmp_path), options)
 
 
+def test_each_remote_source_is_listed_once_by_the_driver_and_not_again_by_its_loaders(remote, tmp_path, server_gets,
+                                                                                        monkeypatch):
+    """The driver resolves each model source once (checks, family, fingerprint: one LIST each); the stages
+    load from that value: one more LIST when a node downloads (to check what it fetched), none on a hit."""
+    import kandinsky_engine.jobs.run as run
+    from kandinsky_engine.models import resolve_sources
+    from kandinsky_engine.stages.prior import PriorStage
+
+    fs, options, _ = remote
+    urls = {part: copy_remote(fs, part, f"{part}-once") for part in ("prior", "decoder")}  # listed by this test only
+    lists = lambda part: server_gets(rf"kandinsky\?list-type=2&prefix=models/{part}-once/&\S*")  # noqa: E731
+    copied = {part: lists(part) for part in urls}  # the copy's own
+    listings = lambda part: lists(part) - copied[part]  # noqa: E731
+    manifest = write_manifest(tmp_path / "manifest.parquet", [{"id": "a", "prompt": "a red cat"}])
+    config = make_config(str(tmp_path / "cache"), manifest, str(tmp_path / "out"), model=urls)
+    config = config.model_copy(update={"storage_options": options})
+
+    class RayStarts(Exception):
+        pass
+
+    def connect(*args, **kwargs):  # everything before Ray is the driver's own resolution
+        raise RayStarts
+
+    monkeypatch.setattr(run, "connect", connect)
+    with pytest.raises(RayStarts):
+        run.run_job(config)
+    assert (listings("prior"), listings("decoder")) == (1, 1)
+    assert not (tmp_path / "cache" / "remote").exists()  # listed, not downloaded
+
+    sources = resolve_sources(config.model, ("prior",), options)  # as the driver hands them to the stages
+    assert listings("prior") == 2
+    PriorStage(config, sources=sources)  # six components from one mirror: downloaded, then checked with one LIST
+    PriorStage(config, sources=sources)  # a verified hit: nothing listed
+    assert listings("prior") == 3
+
+
 # --- (b) concurrent processes on one node: one download, one path ---
 
 
 def _resolve_in_child(url, cache, options, barrier, results):
     barrier.wait()  # all start at once: without the lock each would find no mirror and download
     try:
-        m = mirror(url, cache, options)
+        m = mirrored(url, cache, options)
         results.put((m.path, m.fetched_bytes))
     except Exception as exc:  # reported, so that the test fails at once instead of waiting
         results.put((f"error: {exc!r}", -1))
@@ -152,29 +193,29 @@ def test_concurrent_processes_download_once(remote, tmp_path, server_gets):
 
 def test_truncated_local_file_is_downloaded_again(remote, tmp_path):
     fs, options, urls = remote
-    first = mirror(urls["decoder"], tmp_path, options)
+    first = mirrored(urls["decoder"], tmp_path, options)
     assert first.fetched_bytes > 0
-    assert mirror(urls["decoder"], tmp_path, options).fetched_bytes == 0  # a verified hit
+    assert mirrored(urls["decoder"], tmp_path, options).fetched_bytes == 0  # a verified hit
     weights = Path(first.path) / "unet" / "diffusion_pytorch_model.safetensors"
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
-    again = mirror(urls["decoder"], tmp_path, options)
+    again = mirrored(urls["decoder"], tmp_path, options)
     assert again.path == first.path and again.fetched_bytes > 0 and weights.stat().st_size == size
 
 
 def test_changed_remote_file_is_downloaded_again(remote, tmp_path):
     fs, options, _ = remote
     url = copy_remote(fs, "decoder", "decoder-changing")
-    first = mirror(url, tmp_path, options)
+    first = mirrored(url, tmp_path, options)
     config = json.loads(fs.cat(f"{BUCKET}/decoder-changing/scheduler/scheduler_config.json"))
     config["steps_offset"] = 0  # same file name, new content (and ETag)
     fs.pipe(f"{BUCKET}/decoder-changing/scheduler/scheduler_config.json", json.dumps(config).encode())
-    second = mirror(url, tmp_path, options)
+    second = mirrored(url, tmp_path, options)
     assert second.fetched_bytes > 0 and second.path != first.path
     assert json.loads((Path(second.path) / "scheduler" / "scheduler_config.json").read_text())["steps_offset"] == 0
     assert not Path(first.path).exists()  # the old version is pruned: a GPU node's disk is not free
-    assert mirror(url, tmp_path, options).fetched_bytes == 0
+    assert mirrored(url, tmp_path, options).fetched_bytes == 0
 
 
 def test_pickle_only_weights_are_refused_and_pickles_never_copied(remote, tmp_path):
@@ -254,11 +295,11 @@ def test_crashed_download_is_not_trusted(remote, tmp_path):
     crash.join(timeout=120)
     assert crash.exitcode == 1 and (folder / ".tmp-crashed").exists()
     # A version folder without its manifest (the manifest is written last) is not trusted either.
-    good = mirror(url, tmp_path / "elsewhere", options)
+    good = mirrored(url, tmp_path / "elsewhere", options)
     fake = folder / Path(good.path).name
     fake.mkdir()
     (fake / "model_index.json").write_text("{}")
-    m = mirror(url, tmp_path, options)  # the lock died with its holder: no wait, no hang
+    m = mirrored(url, tmp_path, options)  # the lock died with its holder: no wait, no hang
     assert m.fetched_bytes > 0 and Path(m.path) == fake
     assert local_files(m.path) == local_files(good.path)
     assert not list(folder.glob(".tmp-*"))  # the crashed download is cleaned up

@@ -1,7 +1,7 @@
 """The tiny offline models of every family, built once into the local cache.
 
 Sources named 'tiny' or 'tiny-<variant>' (model.prior, model.decoder, model.depth) resolve to
-`<cache>/tiny-v<N>/<part>` or `<part>-<variant>` (see models.resolve_source, which the family
+`<cache>/tiny-v<N>/<part>` or `<part>-<variant>` (see models.locate_source, which the family
 registry hands `ensure_tiny_model`: the ground floor never imports the families); each family's
 builder (kandinsky_engine/families/<family>/tiny.py) writes its directories there with
 `save_pretrained` (safetensors, diffusers layout), so jobs load them through the same

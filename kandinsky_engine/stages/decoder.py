@@ -8,7 +8,7 @@ from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import pack, unpack
-from ..models import load_asset, load_module, resolve_source
+from ..models import load_asset, load_module, model_dir
 from ..rows import check_columns, failed, group_rows, latent_size, mark_failed, strength_start, working_size
 from ..sampling import Schedule, count_draws, guide, make_scheduler, row_scales
 from ..transfer import NoisePrefetch, download, noise_spec, upload
@@ -62,21 +62,22 @@ class DecoderStage(GroupedUNet):
     its call (pipelines/chunked.py calls it for the next chunk; transfer.py).
     """
 
-    def __init__(self, config: JobConfig, components: dict | None = None):
+    def __init__(self, config: JobConfig, components: dict | None = None, sources: dict | None = None):
         """`components`: {unet, scheduler, movq} of `KandinskyV22Pipeline` (the MoVQ for its config
-        only), ready on the stage's device, instead of loading config.model.decoder."""
+        only), ready on the stage's device, instead of loading config.model.decoder. `sources`: the
+        model sources as the driver resolved them (models.model_dir; None: resolved here)."""
         import torch
         from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
         torch.set_num_threads(config.decoder.threads())
-        model, options = config.model, config.storage_options
+        model = config.model
         self.device = stage_device(model, config.decoder)
         self.noise = NoisePrefetch(self.device)
         if components is None:
-            self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options, self.device)
-            self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
-            movq_config = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options),
-                                              subfolder="movq")
+            folder = model_dir(config, "decoder", sources)
+            self.unet = load_module(UNet2DConditionModel, model, folder, "unet", self.device)
+            self.scheduler_config = load_asset(DDPMScheduler, folder, "scheduler").config
+            movq_config = VQModel.load_config(folder, subfolder="movq")
         else:
             self.unet, self.scheduler_config = components["unet"], components["scheduler"].config
             movq_config = components["movq"].config

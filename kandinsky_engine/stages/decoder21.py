@@ -15,7 +15,7 @@ import numpy as np
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import unpack
-from ..models import load_asset, load_module, resolve_source
+from ..models import load_asset, load_module, model_dir
 from ..rows import failed, group_rows, is_null, latent_size, mark_failed, strength_start
 from ..sampling import Schedule, guide, make_scheduler, row_scales
 from ..transfer import NoisePrefetch, upload
@@ -46,22 +46,22 @@ class Decoder21Stage(GroupedUNet):
     pass through.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
         from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
         from transformers import XLMRobertaTokenizer
 
         torch.set_num_threads(config.decoder.threads())
-        model, options = config.model, config.storage_options
+        model, folder = config.model, model_dir(config, "decoder", sources)
         self.device = stage_device(model, config.decoder)
         self.noise = NoisePrefetch(self.device)  # the next chunk's noise, drawn ahead (transfer.py)
-        load = lambda cls, subfolder: load_module(cls, model, "decoder", subfolder, options, self.device)
+        load = lambda cls, subfolder: load_module(cls, model, folder, subfolder, self.device)
         self.unet = load(UNet2DConditionModel, "unet")
         self.text_encoder = load(MultilingualCLIP, "text_encoder")
-        self.tokenizer = load_asset(XLMRobertaTokenizer, model, "decoder", "tokenizer", options)
-        self.scheduler_config = load_asset(DDIMScheduler, model, "decoder", "scheduler", options).config
-        movq = VQModel.load_config(resolve_source(model.decoder, "decoder", model.cache_dir, options), subfolder="movq")
+        self.tokenizer = load_asset(XLMRobertaTokenizer, folder, "tokenizer")
+        self.scheduler_config = load_asset(DDIMScheduler, folder, "scheduler").config
+        movq = VQModel.load_config(folder, subfolder="movq")
         self.scheduler = config.defaults.scheduler  # SCHEDULERS key; a fresh instance per group
         self.movq_scale_factor = 2 ** (len(movq["block_out_channels"]) - 1)
         self.channels = movq["latent_channels"]  # the inpainting U-Net takes 2C + 1

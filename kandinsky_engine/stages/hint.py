@@ -34,16 +34,16 @@ def hint_from_depth(depth) -> np.ndarray:
 class HintStage:
     """Adds `hint_pixels` (raw uint8 (H, W, 3) at the row's working size) for ControlNet rows."""
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
         from ..device import stage_device
-        from ..models import resolve_source
+        from ..models import model_dir
 
         torch.set_num_threads(config.hint.threads())
         self.device = stage_device(config.model, config.hint)
-        source = resolve_source(config.model.depth, "depth", config.model.cache_dir, config.storage_options)
+        source = model_dir(config, "depth", sources)
         # Always float32, whatever model.dtype: the depth model is small, transformers' depth
         # post-processing calls .numpy() (no bfloat16 there), and in float16 the depth range of a
         # flat image rounds to 0.

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import unpack
-from ..models import resolve_source, load_module
+from ..models import load_module, model_dir
 from ..rows import failed, generators, group_rows, latent_size, mark_failed
 from ..sampling import guide, row_scales
 from .decoder import denoise_groups
@@ -44,15 +44,14 @@ class Kandinsky20UNetStage:
     U-Net call per step, conditional half first as the original. The job's sampler is defaults.scheduler
     (ddpm = p_sampler, ddim, plms) with defaults.ddim_eta. Rows failed upstream pass through."""
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         torch.set_num_threads(config.decoder.threads())
-        model, options = config.model, config.storage_options
+        model, source = config.model, model_dir(config, "decoder", sources)
         self.device = stage_device(model, config.decoder)
-        self.unet = load_module(UNet2DConditionModel, model, "decoder", "unet", options, self.device)
-        source = resolve_source(model.decoder, "decoder", model.cache_dir, options)
+        self.unet = load_module(UNet2DConditionModel, model, source, "unet", self.device)
         schedule, vae = DDPMScheduler.load_config(source, subfolder="scheduler"), AutoencoderKL.load_config(source, subfolder="vae")
         self.betas = linear_betas(schedule["beta_start"], schedule["beta_end"], schedule["num_train_timesteps"])
         self.scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)

@@ -11,7 +11,7 @@ import numpy as np
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import pack
-from ..models import load_asset, load_module
+from ..models import load_asset, load_module, model_dir
 from ..rows import check_columns, failed, is_null
 
 REQUIRED = ("id", "prompt", "negative_prompt", "guidance_scale")
@@ -25,7 +25,7 @@ class Kandinsky20TextStage:
     No attention mask leaves this stage: the original's U-Net attends to all 154 positions, padding included.
     Rows failed upstream pass through."""
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
         from transformers import AutoTokenizer, MT5EncoderModel
@@ -33,10 +33,10 @@ class Kandinsky20TextStage:
         from ..families.kandinsky20.text_head import Kandinsky20TextHead
 
         torch.set_num_threads(config.text_encoder.threads())
-        model, options = config.model, config.storage_options
+        model, folder = config.model, model_dir(config, "decoder", sources)
         self.device = stage_device(model, config.text_encoder)
-        load = lambda cls, sub: load_module(cls, model, "decoder", sub, options, self.device)  # noqa: E731
-        self.tokenizers = [load_asset(AutoTokenizer, model, "decoder", sub, options) for sub in ("tokenizer", "tokenizer_2")]
+        load = lambda cls, sub: load_module(cls, model, folder, sub, self.device)  # noqa: E731
+        self.tokenizers = [load_asset(AutoTokenizer, folder, sub) for sub in ("tokenizer", "tokenizer_2")]
         self.encoder1, self.encoder2 = load(MultilingualCLIP, "text_encoder"), load(MT5EncoderModel, "text_encoder_2")
         self.head = load(Kandinsky20TextHead, "text_head")
         with torch.inference_mode():

@@ -8,7 +8,7 @@ import numpy as np
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import unpack
-from ..models import load_asset, load_module
+from ..models import load_asset, load_module, model_dir
 from ..rows import failed, group_rows, latent_size, mark_failed, strength_start
 from ..sampling import Schedule, make_scheduler, row_scales
 from ..transfer import NoisePrefetch, upload
@@ -44,16 +44,16 @@ class Kandinsky3UNetStage(GroupedUNet):
     instead of a Python list the graph would be specialised to).
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from diffusers import DDPMScheduler, Kandinsky3UNet
 
         torch.set_num_threads(config.decoder.threads())
-        model, options = config.model, config.storage_options
+        model, folder = config.model, model_dir(config, "decoder", sources)
         self.device = stage_device(model, config.decoder)
         self.noise = NoisePrefetch(self.device)  # the next chunk's noise, drawn ahead (transfer.py)
-        self.unet = load_module(Kandinsky3UNet, model, "decoder", "unet", options, self.device)
-        self.scheduler_config = load_asset(DDPMScheduler, model, "decoder", "scheduler", options).config
+        self.unet = load_module(Kandinsky3UNet, model, folder, "unet", self.device)
+        self.scheduler_config = load_asset(DDPMScheduler, folder, "scheduler").config
         self.scheduler = config.defaults.scheduler  # SCHEDULERS key; a fresh instance per group
         self.channels = self.unet.config.in_channels  # 4: the MoVQ's latent channels
         self.text_dim = self.unet.config.encoder_hid_dim  # T5's d_model

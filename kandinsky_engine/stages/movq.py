@@ -12,7 +12,7 @@ from ..config import JobConfig, OutputConfig
 from ..device import stage_device
 from ..images import centre_offsets
 from ..inputs import unpack
-from ..models import load_module
+from ..models import load_module, model_dir
 from ..rows import ERROR_COLUMNS, failed, group_rows, latent_size, object_column
 from ..transfer import download, upload
 
@@ -117,15 +117,17 @@ class MovqStage:
     to_uint8 = staticmethod(to_uint8)
     device_uint8 = staticmethod(device_uint8)
 
-    def __init__(self, config: JobConfig, components: dict | None = None, encode: bool = True):
-        """`components`: {movq}, ready on the stage's device, instead of loading config.model.decoder's."""
+    def __init__(self, config: JobConfig, components: dict | None = None, encode: bool = True,
+                 sources: dict | None = None):
+        """`components`: {movq}, ready on the stage's device, instead of loading config.model.decoder's.
+        `sources`: the model sources as the driver resolved them (models.model_dir; None: resolved here)."""
         import torch
         from diffusers import VQModel
 
         torch.set_num_threads(config.movq.threads())
         self.device = stage_device(config.model, config.movq)
         if components is None:
-            self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options, self.device)
+            self.movq = load_module(VQModel, config.model, model_dir(config, "decoder", sources), "movq", self.device)
         else:
             self.movq = components["movq"]
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)

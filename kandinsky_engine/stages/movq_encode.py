@@ -12,7 +12,7 @@ from ..config import JobConfig
 from ..device import stage_device
 from ..images import ImageInputError, decode_input, fit_and_pad
 from ..inputs import IMAGE_TASKS, pack
-from ..models import load_module
+from ..models import load_module, model_dir
 from ..rows import failed, mark_failed, working_size
 from .inpaint import image_tensor, keep_mask
 
@@ -41,14 +41,14 @@ class MovqEncodeStage:
     encoded with the MoVQ encoder, each task with its diffusers pipeline's preprocessing.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from diffusers import VQModel
         from diffusers.image_processor import VaeImageProcessor
 
         torch.set_num_threads(config.encode.threads())
         self.device = stage_device(config.model, config.encode)
-        self.movq = load_module(VQModel, config.model, "decoder", "movq", config.storage_options, self.device)
+        self.movq = load_module(VQModel, config.model, model_dir(config, "decoder", sources), "movq", self.device)
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         # diffusers' img2img processor: bicubic, reducing_gap=1, output in [-1, 1].
         self.processor = VaeImageProcessor(

@@ -9,7 +9,7 @@ import numpy as np
 from ..compiled import Bucketed, buckets
 from ..config import JobConfig
 from ..images import decode_input
-from ..models import load_asset, load_module
+from ..models import load_asset, load_module, model_dir
 from ..device import stage_device
 from ..rows import failed, generators, group_rows, is_null, mark_failed
 from ..sampling import Schedule, draw_noise, guide, row_scales
@@ -27,15 +27,16 @@ class PriorStage:
     every call. The image encoder is then freed if the job's tasks (config.tasks) need no other image.
     """
 
-    def __init__(self, config: JobConfig, components: dict | None = None):
+    def __init__(self, config: JobConfig, components: dict | None = None, sources: dict | None = None):
         """`components`: the modules of `KandinskyV22PriorPipeline` (prior, image_encoder, text_encoder,
         tokenizer, scheduler, image_processor), ready on the stage's device, instead of loading
-        config.model.prior (jobs/bench_gpu.py passes randomly initialised full-size ones)."""
+        config.model.prior (jobs/bench_gpu.py passes randomly initialised full-size ones). `sources`: the
+        model sources as the driver resolved them (models.model_dir; None: resolved here)."""
         import torch
 
         torch.set_num_threads(config.prior.threads())
         self.device = stage_device(config.model, config.prior)
-        parts = components or self._load(config)
+        parts = components or self._load(config, sources)
         self.tokenizer, self.text_encoder, self.prior = parts["tokenizer"], parts["text_encoder"], parts["prior"]
         self.scheduler_config = parts["scheduler"].config
         self.image_encoder, self.image_processor = parts["image_encoder"], parts["image_processor"]
@@ -78,14 +79,14 @@ class PriorStage:
             "proj": to(torch.randn(n, d, generator=g)), "hidden": to(torch.randn(n, tokens, width, generator=g)),
             "mask": mask.to(self.device)}
 
-    def _load(self, config: JobConfig) -> dict:
+    def _load(self, config: JobConfig, sources: dict | None) -> dict:
         from diffusers import PriorTransformer, UnCLIPScheduler
         from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
                                   CLIPVisionModelWithProjection)
 
-        model, options = config.model, config.storage_options
-        load = lambda cls, subfolder: load_module(cls, model, "prior", subfolder, options, self.device)
-        asset = lambda cls, subfolder: load_asset(cls, model, "prior", subfolder, options)
+        folder = model_dir(config, "prior", sources)
+        load = lambda cls, subfolder: load_module(cls, config.model, folder, subfolder, self.device)
+        asset = lambda cls, subfolder: load_asset(cls, folder, subfolder)
         return {"tokenizer": asset(CLIPTokenizer, "tokenizer"), "text_encoder": load(CLIPTextModelWithProjection, "text_encoder"),
                 "prior": load(PriorTransformer, "prior"), "scheduler": asset(UnCLIPScheduler, "scheduler"),
                 "image_encoder": load(CLIPVisionModelWithProjection, "image_encoder"),

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import JobConfig
 from ..device import stage_device
-from ..models import load_asset, load_module
+from ..models import load_asset, load_module, model_dir
 from ..rows import failed
 
 REQUIRED = ("id", "prompt", "pixels", "image_height", "image_width")
@@ -28,19 +28,18 @@ REQUIRED = ("id", "prompt", "pixels", "image_height", "image_width")
 class ClipScoreStage:
     """Adds `clip_score` (float32; NaN for rows failed upstream, which go to errors/)."""
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
                                   CLIPVisionModelWithProjection)
 
         torch.set_num_threads(config.score.threads())
         self.device = stage_device(config.model, config.score)
-        model, options = config.model, config.storage_options
-        self.tokenizer = load_asset(CLIPTokenizer, model, "prior", "tokenizer", options)
-        self.text_encoder = load_module(CLIPTextModelWithProjection, model, "prior", "text_encoder", options, self.device)
-        self.image_processor = load_asset(CLIPImageProcessor, model, "prior", "image_processor", options)
-        self.image_encoder = load_module(CLIPVisionModelWithProjection, model, "prior", "image_encoder", options,
-                                         self.device)
+        model, folder = config.model, model_dir(config, "prior", sources)
+        self.tokenizer = load_asset(CLIPTokenizer, folder, "tokenizer")
+        self.text_encoder = load_module(CLIPTextModelWithProjection, model, folder, "text_encoder", self.device)
+        self.image_processor = load_asset(CLIPImageProcessor, folder, "image_processor")
+        self.image_encoder = load_module(CLIPVisionModelWithProjection, model, folder, "image_encoder", self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -9,7 +9,7 @@ import numpy as np
 from ..config import JobConfig
 from ..device import stage_device
 from ..inputs import pack
-from ..models import load_asset, load_module
+from ..models import load_asset, load_module, model_dir
 from ..rows import check_columns, failed, is_null
 
 REQUIRED = ("id", "prompt", "negative_prompt", "guidance_scale")
@@ -34,15 +34,15 @@ class T5EncoderStage:
     (guidance_scale <= 1) encode no negative. Rows failed upstream pass through.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from transformers import T5EncoderModel, T5Tokenizer
 
         torch.set_num_threads(config.text_encoder.threads())
-        model, options = config.model, config.storage_options
-        self.device = stage_device(model, config.text_encoder)
-        self.tokenizer = load_asset(T5Tokenizer, model, "decoder", "tokenizer", options)
-        self.encoder = load_module(T5EncoderModel, model, "decoder", "text_encoder", options, self.device)
+        folder = model_dir(config, "decoder", sources)
+        self.device = stage_device(config.model, config.text_encoder)
+        self.tokenizer = load_asset(T5Tokenizer, folder, "tokenizer")
+        self.encoder = load_module(T5EncoderModel, config.model, folder, "text_encoder", self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_columns(batch, REQUIRED, "T5EncoderStage")

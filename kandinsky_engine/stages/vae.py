@@ -17,7 +17,7 @@ from ..config import JobConfig
 from ..device import stage_device
 from ..images import decode_input, fit_and_pad
 from ..inputs import pack
-from ..models import load_module
+from ..models import load_module, model_dir
 from ..rows import working_size
 from .inpaint import image_tensor, keep_mask
 from .movq import MovqStage
@@ -30,13 +30,13 @@ class KLEncodeStage:
     (packed (1, H/8, W/8)) for inpaint rows; drops the input bytes. The sample itself is drawn by the U-Net
     stage from the row's own noise stream, where the original draws it (first, from the global generator)."""
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, sources: dict | None = None):
         import torch
         from diffusers import AutoencoderKL
 
         torch.set_num_threads(config.encode.threads())
         self.device = stage_device(config.model, config.encode)
-        self.vae = load_module(AutoencoderKL, config.model, "decoder", "vae", config.storage_options, self.device)
+        self.vae = load_module(AutoencoderKL, config.model, model_dir(config, "decoder", sources), "vae", self.device)
         self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.max_pixels = config.input.max_image_pixels
         self.pad = config.output.size_policy == "crop"
@@ -104,14 +104,14 @@ class KLDecodeStage(MovqStage):
     to_uint8 = staticmethod(original_uint8)
     device_uint8 = staticmethod(original_device_uint8)
 
-    def __init__(self, config: JobConfig, encode: bool = True):
+    def __init__(self, config: JobConfig, encode: bool = True, sources: dict | None = None):
         import torch
         from diffusers import AutoencoderKL
 
         torch.set_num_threads(config.movq.threads())
         self.device = stage_device(config.model, config.movq)
         # `movq`: the module MovqStage.__call__ decodes with (here the KL VAE).
-        self.movq = load_module(AutoencoderKL, config.model, "decoder", "vae", config.storage_options, self.device)
+        self.movq = load_module(AutoencoderKL, config.model, model_dir(config, "decoder", sources), "vae", self.device)
         self.scale_factor = 2 ** (len(self.movq.config.block_out_channels) - 1)
         self.output, self.encode = config.output, encode
         self.keep = set()
