@@ -157,8 +157,11 @@ def test_rayjob_entrypoint_runs_and_resumes_through_ray_job_submit(ray_head, mod
     assert main(["verify", str(out)]) == 0
 
     # A retried submitter pod (same submission id) follows the job: it does not submit it again.
+    # (The head is the module's: the other tests' jobs may be listed too, in any test order.)
+    submitted = sorted(j.submission_id for j in JobSubmissionClient(address).list_jobs())
+    assert "kandinsky-first" in submitted
     run_submitter(address, env, "kandinsky-first", entrypoint)
-    assert [j.submission_id for j in JobSubmissionClient(address).list_jobs()] == ["kandinsky-first"]
+    assert sorted(j.submission_id for j in JobSubmissionClient(address).list_jobs()) == submitted
     assert len(list((out / "_runs").glob("*.json"))) == 1  # one run's report (and its shard records beside it)
 
     # A RayJob retry or the next scheduled run: the same entrypoint, a new submission, resumes.
