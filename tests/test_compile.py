@@ -53,6 +53,7 @@ def test_kandinsky21_and_3_unets_compile_per_bucket_and_match_eager(model_cache,
     assert diff < 1e-4  # padding rows and, for 3, padded contexts: float rounding only
 
 
+@pytest.mark.slow  # 40 s of C++ compilation: in `make test`, not in the quick `make check`
 def test_real_inductor_compiles_the_tiny_movq_once_per_node(model_cache, tmp_path, monkeypatch):
     """inductor's C++ backend on the CPU, one bucket (a decode batch of 1); a second actor on the node
     (dynamo reset: a new process as far as compiling goes) finds the first one's code in the cache."""
