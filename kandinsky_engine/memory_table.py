@@ -6,7 +6,8 @@ tests/test_docs.py checks that the README holds it as printed.
 
 from __future__ import annotations
 
-GIB = 2**30
+from .memory import GIB
+
 HEADER = ("| family (defaults) | stage (section) | models it loads | parameters | bf16 weights | "
           "estimated peak, 1 row |\n|---|---|---|---|---|---|")
 

@@ -93,7 +93,8 @@ def prepared_batch(rows: list[dict], defaults: GenerationDefaults, unit: str = "
     from kandinsky_engine.columns import passthrough_fields
     from kandinsky_engine.rows import numpy_batch
 
-    table = pa.Table.from_pylist(rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist alone takes the first row's keys
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
     n = table.num_rows
     for name, value in ((UNIT, unit), (ATTEMPT, 1), (DIGEST, "0" * 16), (UNIT_ROWS, n)):
         table = table.append_column(name, pa.array([value] * n))

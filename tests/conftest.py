@@ -118,17 +118,9 @@ def make_config(model_cache: str, manifest: str, out: str, fuse_stages: bool = T
 def batch_of(rows: list[dict], config: JobConfig) -> dict[str, np.ndarray]:
     """A resolved numpy batch, as Ray Data hands it to the first stage: the pipeline's own prepare
     step on the rows as one unit, then Arrow -> numpy as Ray converts it."""
-    from kandinsky_engine.columns import passthrough_fields
-    from kandinsky_engine.rows import numpy_batch
-    from kandinsky_engine.pipelines.prepare import prepare_unit
+    from kandinsky_engine.pipelines.prepare import prepared_batch
 
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-    n = table.num_rows  # one unit, tagged as the read tags it (pipelines/read.py)
-    for name, value in (("_unit", "test/0"), ("_attempt", 1), ("_digest", "0" * 16), ("_unit_rows", n)):
-        table = table.append_column(name, pa.array([value] * n))
-    prepared = prepare_unit(table, row_errors={}, defaults=config.defaults, passthrough=passthrough_fields(table.schema))
-    return numpy_batch(prepared)
+    return prepared_batch(rows, config.defaults, unit="test/0")
 
 
 def run_chain(stages, rows: list[dict], until: int | None = None) -> dict[str, np.ndarray]:
